@@ -70,6 +70,8 @@ class TurnResult:
     """Named session-level reward components, set on the last turn only."""
     outcome: Outcome | None = None
     """How the session ended, set on the last turn only."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Environment-specific details of this turn (e.g. the compliance violations found), for logs."""
 
     def __post_init__(self) -> None:
         _check_finite_components("turn_rewards", self.turn_rewards)
@@ -97,9 +99,7 @@ class DialogueEnv(Protocol):
     async def astep(self, agent_message: str) -> TurnResult: ...
 
 
-async def step_many(
-    envs: Sequence[DialogueEnv], messages: Sequence[str]
-) -> list[TurnResult | BaseException]:
+async def step_many(envs: Sequence[DialogueEnv], messages: Sequence[str]) -> list[TurnResult | BaseException]:
     """Advance many sessions concurrently; a session that raises yields its exception, the others go on."""
     if len(envs) != len(messages):
         raise ValueError(f"step_many: got {len(envs)} envs but {len(messages)} messages")
