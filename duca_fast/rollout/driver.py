@@ -1,0 +1,384 @@
+"""Multi-turn rollout driver: advance every live session of a batch together, pack the result for the ops.
+
+Each round sends one request per live session to the engine (prefix caching makes the growing history
+cheap), then steps all environments concurrently. The conversation is tokenized incrementally: every
+new message appends the chat-template tokens of that message only, so the tokens an agent turn was
+conditioned on are exactly a prefix of the final sequence. Only the agent's sampled tokens carry loss;
+system, customer and template tokens are marked ``token_turn == -1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from duca_fast.env.base import DialogueEnv, Outcome, TurnResult, step_many
+from duca_fast.rollout.engine import Completion, RolloutEngine, SamplingConfig
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """One session to roll out."""
+
+    scenario: Any
+    """What ``env.reset`` receives."""
+    group: int
+    """Rollout group (sessions of one scenario whose rewards are normalized together)."""
+    seed: int
+    """Seed passed to ``env.reset``."""
+
+
+def make_session_specs(scenarios: Sequence[Any], group_size: int, seed: int = 0) -> list[SessionSpec]:
+    """B scenarios x G sessions: group b holds G sessions of scenario b with seeds ``seed + b*G + g``."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    return [
+        SessionSpec(scenario, group, seed + group * group_size + member)
+        for group, scenario in enumerate(scenarios)
+        for member in range(group_size)
+    ]
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How sessions are rolled out."""
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Sampling of each agent turn."""
+    max_turns: int = 8
+    """Agent turns after which a session is cut (reason "max_turns") if the environment has not ended it."""
+    max_context_tokens: int | None = None
+    """Token budget of one conversation (None = engine ``max_model_len``); reaching it ends the session."""
+    seed: int = 0
+    """Base of the per-request sampling seeds (distinct per session and turn)."""
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1:
+            raise ValueError(f"RolloutConfig.max_turns must be >= 1, got {self.max_turns}")
+
+
+@dataclass
+class RolloutBatch:
+    """Packed (padding-free) rollouts of S sessions with T agent turns and N tokens in all."""
+
+    input_ids: torch.Tensor
+    """[N] int64: the token ids of all sessions, concatenated (failed sessions contribute none)."""
+    position_ids: torch.Tensor
+    """[N] int64: position within its session, restarting at 0."""
+    seq_ids: torch.Tensor
+    """[N] int64: session index of each token."""
+    cu_seqlens: torch.Tensor
+    """[S+1] int64: session s occupies ``input_ids[cu_seqlens[s]:cu_seqlens[s+1]]``."""
+    token_turn: torch.Tensor
+    """[N] int64: global agent-turn index of each token, -1 for tokens without loss."""
+    behavior_logprobs: torch.Tensor
+    """[N] float32: the sampler's log-prob of each agent token, 0 where there is no loss."""
+    turn_rewards: torch.Tensor
+    """[T, Kt] float32: turn reward components, columns in ``turn_reward_names`` order."""
+    turn_session: torch.Tensor
+    """[T] int64: session of each agent turn."""
+    turn_index: torch.Tensor
+    """[T] int64: position of the turn within its session (0, 1, ...)."""
+    turn_spans: torch.Tensor
+    """[T, 2] int64: [start, end) of the turn's sampled tokens in packed coordinates."""
+    session_rewards: torch.Tensor
+    """[S, Ks] float32: session reward components; NaN when the environment gave none (cut or failed)."""
+    session_group: torch.Tensor
+    """[S] int64: group of each session."""
+    failed: torch.Tensor
+    """[S] bool: the session raised (environment error, first prompt over budget) and has no tokens."""
+    truncated: torch.Tensor
+    """[S] bool: the session was cut by ``max_turns`` or the context budget (NaN session rewards)."""
+    turn_reward_names: tuple[str, ...]
+    """Names of the turn reward columns."""
+    session_reward_names: tuple[str, ...]
+    """Names of the session reward columns."""
+    transcripts: list[list[dict[str, str]]]
+    """Per session, the chat messages (system, user = customer, assistant = agent)."""
+    outcomes: list[Outcome]
+    """Per session, how it ended (reason "error: ..." when failed)."""
+    errors: list[str | None]
+    """Per session, the error that failed it, or None."""
+    weight_version: int
+    """Engine weight version the rollouts were sampled with."""
+    num_generated_tokens: int
+    """Tokens sampled by the engine (including those of failed sessions)."""
+    generate_seconds: float
+    """Wall time spent in the engine."""
+    env_seconds: float
+    """Wall time spent in the environments."""
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """[N] bool: tokens that carry loss (the agent's sampled tokens)."""
+        return self.token_turn >= 0
+
+
+class IncrementalChat:
+    """A conversation tokenized message by message with the tokenizer's chat template, append-only."""
+
+    _MARKER = "\u2063DUCA_MARKER\u2063"
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.messages: list[dict[str, str]] = []
+        self._rendered = ""
+        rendered = self._render(
+            [{"role": "user", "content": "u"}, {"role": "assistant", "content": self._MARKER}]
+        )
+        self._assistant_suffix = self._encode(rendered.split(self._MARKER, 1)[1])
+
+    def append(self, role: str, content: str) -> list[int]:
+        """Add a message; return the tokens it appends to the conversation."""
+        messages = [*self.messages, {"role": role, "content": content}]
+        piece = self._extend(self._render(messages))
+        self.messages = messages
+        return self._encode(piece)
+
+    def generation_prompt(self) -> list[int]:
+        """Tokens that open the agent's turn (e.g. ``<|im_start|>assistant\\n``); not yet appended."""
+        text = self._render(self.messages, add_generation_prompt=True)
+        if not text.startswith(self._rendered):
+            raise ValueError("the chat template is not append-only: the generation prompt rewrites history")
+        return self._encode(text[len(self._rendered) :])
+
+    def append_agent(self, completion: Sequence[int]) -> tuple[str, list[int]]:
+        """Add the agent's message made of ``completion``; return its text and the closing template tokens.
+
+        The sampled tokens themselves are kept as they are (never re-tokenized); what follows them is the
+        template's end of an assistant message, minus the end-of-turn token when the agent sampled it.
+        """
+        text = self.tokenizer.decode(list(completion), skip_special_tokens=True)
+        self.messages = [*self.messages, {"role": "assistant", "content": text}]
+        self._rendered = self._render(self.messages)
+        suffix = self._assistant_suffix
+        if completion and suffix and completion[-1] == suffix[0]:
+            suffix = suffix[1:]
+        return text, list(suffix)
+
+    def _extend(self, text: str) -> str:
+        if not text.startswith(self._rendered):
+            raise ValueError("the chat template is not append-only: a new message rewrites earlier ones")
+        piece, self._rendered = text[len(self._rendered) :], text
+        return piece
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass
+class _Session:
+    """Mutable state of one session while it is rolled out."""
+
+    index: int
+    spec: SessionSpec
+    env: DialogueEnv
+    chat: IncrementalChat
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    local_turn: list[int] = field(default_factory=list)
+    turn_spans: list[tuple[int, int]] = field(default_factory=list)
+    turn_rewards: list[list[float]] = field(default_factory=list)
+    session_rewards: list[float] | None = None
+    outcome: Outcome | None = None
+    error: str | None = None
+    live: bool = True
+
+    def extend(self, ids: Sequence[int], turn: int = -1, logprobs: Sequence[float] | None = None) -> None:
+        self.ids.extend(ids)
+        self.local_turn.extend([turn] * len(ids))
+        self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
+
+    def end(self, outcome: Outcome, error: str | None = None) -> None:
+        self.outcome, self.error, self.live = outcome, error, False
+
+    def cut(self, reason: str) -> None:
+        self.end(Outcome(converted=False, flagged_bot=False, num_turns=len(self.turn_spans), reason=reason))
+
+    def fail(self, error: BaseException | str) -> None:
+        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        outcome = Outcome(False, False, len(self.turn_spans), reason=f"error: {message}")
+        self.end(outcome, message)
+
+
+def rollout(
+    engine: RolloutEngine,
+    env_factory: Callable[[], DialogueEnv],
+    sessions: Sequence[SessionSpec],
+    config: RolloutConfig | None = None,
+) -> RolloutBatch:
+    """Roll out ``sessions`` (one fresh environment each) until every one has ended; pack the result."""
+    config = config or RolloutConfig()
+    if not sessions:
+        raise ValueError("rollout: no sessions given")
+    budget = min(config.max_context_tokens or engine.max_model_len, engine.max_model_len)
+    states = [
+        _Session(i, spec, env_factory(), IncrementalChat(engine.tokenizer)) for i, spec in enumerate(sessions)
+    ]
+    turn_names = tuple(states[0].env.turn_reward_names)
+    session_names = tuple(states[0].env.session_reward_names)
+    clock = {"generate": 0.0, "env": 0.0, "tokens": 0}
+    for state in states:
+        _start(state, turn_names, session_names)
+    for turn in range(config.max_turns):
+        live = [s for s in states if s.live and _open_turn(s, budget)]
+        if not live:
+            break
+        completions = _generate(engine, live, turn, budget, config, clock)
+        messages = [_close_turn(s, c) for s, c in zip(live, completions, strict=True)]
+        start = time.perf_counter()
+        results = asyncio.run(step_many([s.env for s in live], messages))
+        clock["env"] += time.perf_counter() - start
+        for state, result in zip(live, results, strict=True):
+            _apply(state, result, turn_names, session_names, budget)
+    for state in states:
+        if state.live:
+            state.cut("max_turns")
+    return _pack(states, turn_names, session_names, engine.weight_version, clock)
+
+
+def _start(state: _Session, turn_names: tuple[str, ...], session_names: tuple[str, ...]) -> None:
+    env = state.env
+    if tuple(env.turn_reward_names) != turn_names or tuple(env.session_reward_names) != session_names:
+        state.fail("environment reward names differ from the first session's")
+        return
+    try:
+        observation = env.reset(state.spec.scenario, state.spec.seed)
+        state.extend(state.chat.append("system", observation.system_prompt))
+        if observation.customer_message is not None:
+            state.extend(state.chat.append("user", observation.customer_message))
+    except Exception as error:
+        state.fail(error)
+
+
+def _open_turn(state: _Session, budget: int) -> bool:
+    """Append the generation prompt if at least one token fits the budget; otherwise end the session."""
+    opening = state.chat.generation_prompt()
+    length = len(state.ids) + len(opening)
+    if length < budget:
+        state.extend(opening)
+        return True
+    if state.turn_spans:
+        state.cut("context_budget")
+    else:
+        state.fail(
+            f"prompt too long: {length} tokens leave no room to generate within the {budget}-token budget"
+        )
+    return False
+
+
+def _generate(
+    engine: RolloutEngine, live: list[_Session], turn: int, budget: int, config: RolloutConfig, clock: dict
+) -> list[Completion]:
+    prompts = [tuple(s.ids) for s in live]
+    seeds = [(config.seed * 1_000_003 + s.index * 1009 + turn) % 2**31 for s in live]
+    limits = [min(config.sampling.max_new_tokens, budget - len(p)) for p in prompts]
+    start = time.perf_counter()
+    completions = engine.generate(prompts, config.sampling, seeds, max_new_tokens=limits)
+    clock["generate"] += time.perf_counter() - start
+    clock["tokens"] += sum(len(c.token_ids) for c in completions)
+    return completions
+
+
+def _close_turn(state: _Session, completion: Completion) -> str:
+    start = len(state.ids)
+    state.extend(completion.token_ids, turn=len(state.turn_spans), logprobs=completion.logprobs)
+    state.turn_spans.append((start, len(state.ids)))
+    text, closing = state.chat.append_agent(completion.token_ids)
+    state.extend(closing)
+    return text
+
+
+def _apply(
+    state: _Session,
+    result: TurnResult | BaseException,
+    turn_names: tuple[str, ...],
+    session_names: tuple[str, ...],
+    budget: int,
+) -> None:
+    if isinstance(result, BaseException):
+        state.fail(result)
+        return
+    if set(result.turn_rewards) != set(turn_names):
+        state.fail(f"turn rewards {sorted(result.turn_rewards)} differ from {list(turn_names)}")
+        return
+    state.turn_rewards.append([float(result.turn_rewards[name]) for name in turn_names])
+    if result.done:
+        if set(result.session_rewards) != set(session_names):
+            state.fail(f"session rewards {sorted(result.session_rewards)} differ from {list(session_names)}")
+            return
+        state.session_rewards = [float(result.session_rewards[name]) for name in session_names]
+        state.end(result.outcome)
+        return
+    if result.customer_message is not None:
+        reply = state.chat.append("user", result.customer_message)
+        if len(state.ids) + len(reply) >= budget:
+            state.cut("context_budget")
+            return
+        state.extend(reply)
+
+
+def _pack(
+    states: list[_Session],
+    turn_names: tuple[str, ...],
+    session_names: tuple[str, ...],
+    weight_version: int,
+    clock: dict,
+) -> RolloutBatch:
+    input_ids, positions, seq_ids, token_turn, logprobs = [], [], [], [], []
+    cu_seqlens = [0]
+    turn_rewards, turn_session, turn_index, turn_spans = [], [], [], []
+    nan_row = [math.nan] * len(session_names)
+    for state in states:
+        if state.error is None:
+            offset, first_turn = len(input_ids), len(turn_session)
+            input_ids += state.ids
+            positions += range(len(state.ids))
+            seq_ids += [state.index] * len(state.ids)
+            token_turn += [t if t < 0 else first_turn + t for t in state.local_turn]
+            logprobs += state.logprobs
+            for local, (start, end) in enumerate(state.turn_spans):
+                turn_session.append(state.index)
+                turn_index.append(local)
+                turn_spans.append((offset + start, offset + end))
+            turn_rewards += state.turn_rewards
+        cu_seqlens.append(len(input_ids))
+    return RolloutBatch(
+        input_ids=torch.tensor(input_ids, dtype=torch.int64),
+        position_ids=torch.tensor(positions, dtype=torch.int64),
+        seq_ids=torch.tensor(seq_ids, dtype=torch.int64),
+        cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int64),
+        token_turn=torch.tensor(token_turn, dtype=torch.int64),
+        behavior_logprobs=torch.tensor(logprobs, dtype=torch.float32),
+        turn_rewards=torch.tensor(turn_rewards, dtype=torch.float32).reshape(-1, len(turn_names)),
+        turn_session=torch.tensor(turn_session, dtype=torch.int64),
+        turn_index=torch.tensor(turn_index, dtype=torch.int64),
+        turn_spans=torch.tensor(turn_spans, dtype=torch.int64).reshape(-1, 2),
+        session_rewards=torch.tensor(
+            [s.session_rewards if s.session_rewards is not None else nan_row for s in states],
+            dtype=torch.float32,
+        ).reshape(len(states), len(session_names)),
+        session_group=torch.tensor([s.spec.group for s in states], dtype=torch.int64),
+        failed=torch.tensor([s.error is not None for s in states]),
+        truncated=torch.tensor([s.error is None and s.session_rewards is None for s in states]),
+        turn_reward_names=turn_names,
+        session_reward_names=session_names,
+        transcripts=[list(s.chat.messages) for s in states],
+        outcomes=[s.outcome for s in states],
+        errors=[s.error for s in states],
+        weight_version=weight_version,
+        num_generated_tokens=clock["tokens"],
+        generate_seconds=clock["generate"],
+        env_seconds=clock["env"],
+    )

