@@ -1,0 +1,105 @@
+"""Environments for two-horizon dialogue RL: the sales task in free text and its dialogue-act twin.
+
+Nothing here imports torch. ``make_env("sales")`` / ``make_env("sales-acts")`` build the two environments;
+both follow the ``DialogueEnv`` contract of ``duca_fast.env.base``.
+"""
+
+from duca_fast.env.acts import ACTS, OBSERVATION_SIZE, SalesActsEnv, render_act
+from duca_fast.env.base import DialogueEnv, Observation, Outcome, TurnResult, step_many
+from duca_fast.env.customer import CUSTOMER_INTENTS, Customer, CustomerReply, CustomerState, ScriptedCustomer
+from duca_fast.env.llm_customer import (
+    CustomerDecision,
+    CustomerEndpointError,
+    LLMCustomer,
+    LLMCustomerConfig,
+    LLMCustomerFactory,
+    LLMCustomerStats,
+    parse_decision,
+)
+from duca_fast.env.metrics import SalesMetrics, compute_metrics
+from duca_fast.env.rewards import (
+    SESSION_REWARD_NAMES,
+    TURN_REWARD_NAMES,
+    VIOLATION_WEIGHTS,
+    compliance_reward,
+    compliance_violations,
+    fluency_reward,
+    heuristic_fluency,
+    margin_reward,
+    naturalness_reward,
+    repetition_reward,
+)
+from duca_fast.env.sales import SalesEnv, check_agent_message
+from duca_fast.env.scenarios import (
+    ComplianceRules,
+    Feature,
+    Persona,
+    Product,
+    Scenario,
+    generate_scenarios,
+    load_scenarios,
+    save_scenarios,
+)
+from duca_fast.env.text import AgentTurnReading, read_agent_message
+
+ENV_NAMES: tuple[str, ...] = ("sales", "sales-acts")
+
+
+def make_env(name: str, **kwargs: object) -> DialogueEnv:
+    """Build an environment by name ("sales" or "sales-acts"); kwargs go to its constructor."""
+    if name == "sales":
+        return SalesEnv(**kwargs)
+    if name == "sales-acts":
+        return SalesActsEnv(**kwargs)
+    raise ValueError(f"unknown environment {name!r}; expected one of {ENV_NAMES}")
+
+
+__all__ = [
+    "ACTS",
+    "CUSTOMER_INTENTS",
+    "ENV_NAMES",
+    "OBSERVATION_SIZE",
+    "SESSION_REWARD_NAMES",
+    "TURN_REWARD_NAMES",
+    "VIOLATION_WEIGHTS",
+    "AgentTurnReading",
+    "ComplianceRules",
+    "Customer",
+    "CustomerDecision",
+    "CustomerEndpointError",
+    "CustomerReply",
+    "CustomerState",
+    "DialogueEnv",
+    "Feature",
+    "LLMCustomer",
+    "LLMCustomerConfig",
+    "LLMCustomerFactory",
+    "LLMCustomerStats",
+    "Observation",
+    "Outcome",
+    "Persona",
+    "Product",
+    "SalesActsEnv",
+    "SalesEnv",
+    "SalesMetrics",
+    "Scenario",
+    "ScriptedCustomer",
+    "TurnResult",
+    "check_agent_message",
+    "compliance_reward",
+    "compliance_violations",
+    "compute_metrics",
+    "fluency_reward",
+    "generate_scenarios",
+    "heuristic_fluency",
+    "load_scenarios",
+    "make_env",
+    "margin_reward",
+    "naturalness_reward",
+    "parse_decision",
+    "read_agent_message",
+    "render_act",
+    "repetition_reward",
+    "save_scenarios",
+    "step_many",
+]
