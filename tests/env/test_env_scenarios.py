@@ -1,0 +1,70 @@
+"""Scenario generation and the JSONL round trip, including malformed files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from duca_fast.env import Scenario, generate_scenarios, load_scenarios, save_scenarios
+
+
+def test_generator_is_seeded_and_diverse():
+    scenarios = generate_scenarios()
+    assert len(scenarios) == 300
+    assert generate_scenarios(20, seed=5) == generate_scenarios(20, seed=5)
+    assert generate_scenarios(20, seed=5) != generate_scenarios(20, seed=6)
+    assert len({s.product.category for s in scenarios}) == 8
+    assert len({s.rules.max_discount_percent for s in scenarios}) >= 4
+    below_floor_budgets = sum(s.persona.budget < s.min_allowed_price for s in scenarios)
+    assert 0 < below_floor_budgets < len(scenarios) / 2, (
+        "some, not most, customers need a rule-breaking price"
+    )
+
+
+def test_jsonl_round_trip(tmp_path):
+    scenarios = generate_scenarios(25, seed=2)
+    path = tmp_path / "scenarios.jsonl"
+    save_scenarios(path, scenarios)
+    assert load_scenarios(path) == scenarios
+
+
+def _write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    good = json.dumps(generate_scenarios(1)[0].to_dict())
+    path = tmp_path / "bad.jsonl"
+
+    _write_lines(path, [good, "", "{not json"])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: invalid scenario"):
+        load_scenarios(path)
+
+    missing = json.loads(good)
+    del missing["persona"]
+    _write_lines(path, [good, json.dumps(missing)])
+    with pytest.raises(ValueError, match=r":2: .*missing the field 'persona'"):
+        load_scenarios(path)
+
+    broken = json.loads(good)
+    broken["product"]["floor_price"] = broken["product"]["list_price"] * 2
+    _write_lines(path, [json.dumps(broken)])
+    with pytest.raises(ValueError, match=r":1: .*floor_price <= list_price"):
+        load_scenarios(path)
+
+    _write_lines(path, ["[1, 2]"])
+    with pytest.raises(ValueError, match=r":1: .*must be a JSON object"):
+        load_scenarios(path)
+
+    path.write_bytes(good.encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        load_scenarios(path)
+
+
+def test_scenario_invariants():
+    scenario = generate_scenarios(1)[0]
+    data = scenario.to_dict()
+    data["persona"]["needs"] = ["teleportation"]
+    with pytest.raises(ValueError, match="not product features"):
+        Scenario.from_dict(data)
