@@ -243,7 +243,11 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
 _CATALOG: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
     "laptop": (
         ("battery life", ("battery", "all-day", "unplugged"), "Its battery lasts about fourteen hours."),
-        ("light weight", ("weight", "light", "lightweight", "portable"), "It weighs just over a kilogram."),
+        (
+            "light weight",
+            ("weight", "light", "lightweight", "portable"),
+            "It is light: just over a kilogram.",
+        ),
         ("fast processor", ("processor", "cpu", "performance", "fast"), "The processor handles heavy work."),
         ("bright screen", ("screen", "display", "bright"), "The display is bright enough to use outdoors."),
         (
@@ -259,7 +263,11 @@ _CATALOG: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
             ("suction", "powerful", "deep clean"),
             "The suction pulls dirt out of deep carpet.",
         ),
-        ("quiet operation", ("quiet", "noise", "silent"), "It runs about as loud as a normal conversation."),
+        (
+            "quiet operation",
+            ("quiet", "noise", "silent"),
+            "It is quiet, about as loud as a normal conversation.",
+        ),
         ("pet hair", ("pet", "hair", "fur"), "A tangle-free brush picks up pet hair."),
         ("cordless", ("cordless", "cord", "wireless"), "It is cordless, so you can move from room to room."),
         ("easy emptying", ("empty", "bin", "dustbin"), "The bin empties with one click."),
@@ -272,8 +280,12 @@ _CATALOG: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
     "coffee machine": (
         ("espresso quality", ("espresso", "crema", "pressure"), "It brews espresso at real café pressure."),
         ("milk frother", ("milk", "froth", "frother", "latte"), "The frother makes silky milk for lattes."),
-        ("fast heat-up", ("heat", "heats", "warm up", "seconds"), "It is ready to brew in under a minute."),
-        ("easy cleaning", ("clean", "cleaning", "descale"), "It rinses and descales itself."),
+        ("fast heat-up", ("heat", "heats", "warm up", "seconds"), "It heats up and brews in under a minute."),
+        (
+            "easy cleaning",
+            ("clean", "cleaning", "descale"),
+            "Cleaning is easy: it rinses and descales itself.",
+        ),
         ("compact size", ("compact", "small", "counter", "space"), "It fits on a narrow kitchen counter."),
         ("built-in grinder", ("grinder", "grind", "beans"), "A built-in grinder grinds fresh beans per cup."),
     ),
@@ -285,7 +297,7 @@ _CATALOG: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
         (
             "storage space",
             ("storage", "gigabytes", "memory"),
-            "It has plenty of storage for photos and apps.",
+            "It has plenty of storage for all your apps.",
         ),
         ("long updates", ("update", "updates", "security"), "It gets security updates for seven years."),
     ),
@@ -328,7 +340,7 @@ _CATALOG: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
         (
             "comfort",
             ("comfort", "comfortable", "ear", "cushion"),
-            "Soft cushions stay comfortable for hours.",
+            "Soft cushions stay comfortable all day.",
         ),
         ("microphone", ("mic", "microphone", "calls"), "Clear microphones make calls easy."),
         ("foldable", ("fold", "foldable", "case", "travel"), "They fold flat into a travel case."),

@@ -68,3 +68,14 @@ def test_scenario_invariants():
     data["persona"]["needs"] = ["teleportation"]
     with pytest.raises(ValueError, match="not product features"):
         Scenario.from_dict(data)
+
+
+def test_every_feature_pitch_reads_as_that_feature_only():
+    """Scripted sellers and the act twin say these sentences: the text reading must recognise them."""
+    from duca_fast.env import read_agent_message
+
+    for scenario in generate_scenarios(300):
+        for feature in scenario.product.features:
+            reading = read_agent_message(feature.pitch, scenario, set())
+            assert reading.features_pitched == {feature.name}, (scenario.product.category, feature.pitch)
+            assert not reading.close_attempt and reading.offered_price is None
