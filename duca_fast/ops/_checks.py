@@ -26,7 +26,7 @@ def check_tensor(
     ndims: Sequence[int],
     kind: str,
 ) -> torch.Tensor:
-    """Check that ``value`` is a tensor of one of ``ndims`` and of ``kind`` "float" or "int"."""
+    """Check that ``value`` is a tensor of one of ``ndims`` and of ``kind`` "float", "int" or "any"."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() not in ndims:

@@ -86,6 +86,53 @@ KERNELS = [
 ]
 
 
+_PL = "duca_fast.ops.policy_loss_triton"
+_LOGPROB_POINTERS = {
+    "hidden_ptr": "*bf16",
+    "weight_ptr": "*bf16",
+    "bias_ptr": "*bf16",
+    "target_ptr": "*i64",
+    "lse_ptr": "*fp32",
+    "logprob_ptr": "*fp32",
+    "entropy_ptr": "*fp32",
+    "grad_logp_ptr": "*fp32",
+    "grad_entropy_ptr": "*fp32",
+    "grad_logits_ptr": "*bf16",
+    "inv_temperature": "fp32",
+}
+_TILES = dict(BLOCK_N=[64], BLOCK_V=[128], BLOCK_H=[64], DOT_PRECISION=["tf32"])
+_FP32_TILES = dict(BLOCK_N=[64], BLOCK_V=[128], BLOCK_H=[32], DOT_PRECISION=["ieee"])
+_FP32_POINTERS = {
+    **_LOGPROB_POINTERS,
+    **{k: "*fp32" for k in ("hidden_ptr", "weight_ptr", "bias_ptr", "grad_logits_ptr")},
+}
+_LOGITS_POINTERS = {**_LOGPROB_POINTERS, "logits_ptr": "*bf16"}
+
+KERNELS += [
+    KernelSpec(_PL, "_logprob_fwd_kernel", _LOGPROB_POINTERS, dict(_TILES, HAS_BIAS=[False, True])),
+    KernelSpec(_PL, "_logprob_fwd_kernel", _FP32_POINTERS, dict(_FP32_TILES, HAS_BIAS=[True])),
+    KernelSpec(
+        _PL,
+        "_logprob_grad_logits_kernel",
+        _LOGPROB_POINTERS,
+        dict(_TILES, HAS_BIAS=[False, True], HAS_ENTROPY_GRAD=[False, True]),
+    ),
+    KernelSpec(
+        _PL,
+        "_logprob_grad_logits_kernel",
+        _FP32_POINTERS,
+        dict(_FP32_TILES, HAS_BIAS=[True], HAS_ENTROPY_GRAD=[True]),
+    ),
+    KernelSpec(_PL, "_logits_fwd_kernel", _LOGITS_POINTERS, dict(BLOCK_N=[16], BLOCK_V=[512])),
+    KernelSpec(
+        _PL,
+        "_logits_grad_kernel",
+        _LOGITS_POINTERS,
+        dict(BLOCK_N=[16], BLOCK_V=[512], HAS_ENTROPY_GRAD=[False, True]),
+    ),
+]
+
+
 def compile_all(arch: int = 90, warp_size: int = 32) -> list[str]:
     """Compile every variant of every kernel; return one line per kernel. Raises on the first error."""
     import importlib
