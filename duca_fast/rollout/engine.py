@@ -362,6 +362,8 @@ class VLLMEngine(RolloutEngine):
         self._asleep = not self._llm.wake_up(None if tags is None else list(tags))
 
     def _release(self) -> None:
+        # In-process vLLM keeps its parallel groups in process-global state and shutdown destroys them:
+        # run one VLLMEngine per process and close it only when done with vLLM.
         engine_core = self._llm.llm_engine.engine_core
         engine_core.shutdown()
         del self._llm

@@ -78,23 +78,6 @@ def test_hf_engine_that_died_or_closed_raises(tiny_model_dir, monkeypatch):
         closed.generate([[1, 2]], GREEDY)
 
 
-def test_vllm_engine_that_died_raises(tiny_model_dir):
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    second = VLLMEngine(tiny_model_dir, max_model_len=128, kv_cache_bytes=16 * 2**20)
-    assert second.generate([[1, 2, 3]], GREEDY)[0].token_ids
-
-    def dead(*args, **kwargs):
-        raise EngineDeadError()
-
-    second._llm.generate = dead
-    with pytest.raises(RuntimeError, match="VLLMEngine failed while generating 1 requests"):
-        second.generate([[1, 2, 3]], GREEDY)
-    with pytest.raises(RuntimeError, match="VLLMEngine is dead"):
-        second.update_weights([])
-    second.close()
-
-
 def test_missing_vllm_gives_install_hint(tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match=r"pip install 'duca-fast\[cpu\]'"):

@@ -119,7 +119,7 @@ def test_architecture_mismatch_is_refused(engine):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128))
-    with pytest.raises(ValueError, match="architecture mismatch: the trainer model is 'gpt2'.*'llama'"):
+    with pytest.raises(ValueError, match=r"architecture mismatch: the trainer model is 'gpt2'.*'llama'"):
         WeightSync(engine).push(gpt2)
 
 
@@ -135,7 +135,7 @@ def test_push_failing_midway_marks_engine_inconsistent_until_a_full_push(engine,
         return real(self, spec, device)
 
     monkeypatch.setattr(sync_module._Source, "materialize", flaky)
-    with pytest.raises(RuntimeError, match="failed after 4 tensors.*mix of old and new weights"):
+    with pytest.raises(RuntimeError, match=r"failed after 4 tensors.*mix of old and new weights"):
         WeightSync(engine, bucket_bytes=1).push(_perturb(trainer_model))
     assert not engine.weights_consistent
     with pytest.raises(RuntimeError, match="inconsistent weights"):

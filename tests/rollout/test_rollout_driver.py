@@ -1,0 +1,149 @@
+import math
+
+import pytest
+import torch
+
+from duca_fast.rollout import (
+    HFEngine,
+    IncrementalChat,
+    RolloutConfig,
+    SamplingConfig,
+    SessionSpec,
+    make_session_specs,
+    rollout,
+)
+from tests.rollout.envs import EchoCustomer
+
+CONFIG = RolloutConfig(sampling=SamplingConfig(max_new_tokens=6, temperature=1.0), max_turns=5)
+
+
+@pytest.fixture
+def spied(engine, monkeypatch):
+    """The engine, recording every prompt it is asked to continue."""
+    prompts = []
+    real = engine.generate
+
+    def generate(batch, *args, **kwargs):
+        prompts.extend(list(p) for p in batch)
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    return engine, prompts
+
+
+def test_multi_turn_spans_masks_and_packing(spied, tokenizer):
+    engine, prompts = spied
+    specs = make_session_specs([{"turns": 3}, {"turns": 2}], group_size=2, seed=10)
+    batch = rollout(engine, EchoCustomer, specs, CONFIG)
+
+    assert batch.turn_reward_names == ("length",) and batch.session_reward_names == ("conversion",)
+    assert batch.session_group.tolist() == [0, 0, 1, 1]
+    assert batch.turn_session.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    assert batch.turn_index.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 0, 1]
+    assert batch.turn_rewards.shape == (10, 1) and batch.session_rewards.shape == (4, 1)
+    assert batch.session_rewards[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0]  # seeds 10, 11, 12, 13
+    assert not batch.failed.any() and not batch.truncated.any()
+    assert [o.reason for o in batch.outcomes] == ["done"] * 4
+    n = batch.input_ids.numel()
+    for name in ("position_ids", "seq_ids", "token_turn", "behavior_logprobs"):
+        assert getattr(batch, name).shape == (n,)
+    assert batch.num_generated_tokens == int(batch.loss_mask.sum()) == 10 * 6
+
+    for session in range(4):
+        lo, hi = batch.cu_seqlens[session].item(), batch.cu_seqlens[session + 1].item()
+        assert (batch.seq_ids[lo:hi] == session).all()
+        assert batch.position_ids[lo:hi].tolist() == list(range(hi - lo))
+        ids = batch.input_ids[lo:hi].tolist()
+        first = tokenizer.apply_chat_template(
+            batch.transcripts[session][:2], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        assert ids[: len(first)] == first
+        assert "Tell me more." in tokenizer.decode(ids)
+
+    assert len(prompts) == 10
+    for turn, (start, end) in enumerate(batch.turn_spans.tolist()):
+        session_start = batch.cu_seqlens[batch.turn_session[turn]].item()
+        assert batch.input_ids[session_start:start].tolist() in prompts  # exactly what the agent saw
+        assert (batch.token_turn[start:end] == turn).all()
+        assert (batch.behavior_logprobs[start:end] < 0).all()
+        text = tokenizer.decode(batch.input_ids[start:end].tolist(), skip_special_tokens=True)
+        session = batch.turn_session[turn].item()
+        agent_messages = [m["content"] for m in batch.transcripts[session] if m["role"] == "assistant"]
+        assert agent_messages[batch.turn_index[turn].item()] == text
+        assert batch.turn_rewards[turn, 0].item() == len(text)
+    no_loss = batch.token_turn == -1
+    assert (batch.behavior_logprobs[no_loss] == 0).all()
+    assert int(no_loss.sum()) + 60 == n
+
+
+def test_rollouts_are_reproducible(engine):
+    specs = make_session_specs([{"turns": 2}], group_size=2)
+    first, second = rollout(engine, EchoCustomer, specs, CONFIG), rollout(engine, EchoCustomer, specs, CONFIG)
+    assert torch.equal(first.input_ids, second.input_ids)
+    assert torch.equal(first.behavior_logprobs, second.behavior_logprobs)
+    lo, hi = first.turn_spans[0].tolist()
+    lo2, hi2 = first.turn_spans[2].tolist()
+    assert first.input_ids[lo:hi].tolist() != first.input_ids[lo2:hi2].tolist()  # group members differ
+
+
+def test_failing_session_is_recorded_without_losing_the_others(engine):
+    specs = [SessionSpec({"turns": 3}, group=0, seed=s) for s in (0, 1, 2)]
+    batch = rollout(engine, lambda: EchoCustomer(fail_seed=1, fail_on_turn=2), specs, CONFIG)
+    assert batch.failed.tolist() == [False, True, False]
+    assert "customer crashed for seed 1 on turn 2" in batch.errors[1]
+    assert batch.outcomes[1].reason.startswith("error: RuntimeError")
+    assert batch.cu_seqlens[1] == batch.cu_seqlens[2]  # no tokens from the failed session
+    assert math.isnan(batch.session_rewards[1, 0].item())
+    assert batch.turn_session.tolist() == [0, 0, 0, 2, 2, 2]
+    assert batch.token_turn.max().item() == 5
+
+    reset_fails = rollout(engine, lambda: EchoCustomer(fail_seed=2, fail_on_turn=0), specs, CONFIG)
+    assert reset_fails.failed.tolist() == [False, False, True]
+    assert "reset failed for seed 2" in reset_fails.errors[2]
+
+
+def test_max_turns_cuts_sessions(engine):
+    specs = make_session_specs([{"turns": 10}, {"turns": 1}], group_size=1)
+    batch = rollout(engine, EchoCustomer, specs, RolloutConfig(sampling=CONFIG.sampling, max_turns=2))
+    assert batch.truncated.tolist() == [True, False]
+    assert [o.reason for o in batch.outcomes] == ["max_turns", "done"]
+    assert batch.turn_session.tolist() == [0, 0, 1]
+    assert math.isnan(batch.session_rewards[0, 0].item()) and batch.session_rewards[1, 0].item() == 0.0
+
+
+def test_context_budget_ends_sessions_and_too_long_prompts_fail(engine):
+    specs = [
+        SessionSpec({"turns": 10}, group=0, seed=0),
+        SessionSpec({"turns": 10, "system": "tea " * 200}, group=0, seed=1),
+    ]
+    config = RolloutConfig(sampling=CONFIG.sampling, max_turns=10, max_context_tokens=80)
+    batch = rollout(engine, EchoCustomer, specs, config)
+    assert batch.outcomes[0].reason == "context_budget" and batch.truncated[0]
+    assert batch.cu_seqlens[1].item() <= 80
+    assert batch.failed.tolist() == [False, True]
+    assert "prompt too long" in batch.errors[1]
+
+
+def test_agent_speaking_first(engine):
+    batch = rollout(engine, EchoCustomer, [SessionSpec({"turns": 1, "agent_first": True}, 0, 0)], CONFIG)
+    assert [m["role"] for m in batch.transcripts[0]] == ["system", "assistant"]
+    assert batch.turn_spans.shape == (1, 2)
+
+
+def test_incremental_chat_matches_the_full_template_for_whole_messages(tokenizer):
+    chat = IncrementalChat(tokenizer)
+    ids = chat.append("system", "You sell tea.") + chat.append("user", "Hi there")
+    ids += chat.generation_prompt()
+    full = tokenizer.apply_chat_template(
+        chat.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert ids == full
+
+
+def test_driver_runs_on_the_hf_backend(tiny_model_dir):
+    hf = HFEngine(tiny_model_dir, max_model_len=256)
+    specs = make_session_specs([{"turns": 2}], group_size=2)
+    batch = rollout(hf, EchoCustomer, specs, RolloutConfig(sampling=SamplingConfig(max_new_tokens=4)))
+    assert batch.turn_session.tolist() == [0, 0, 1, 1]
+    assert int(batch.loss_mask.sum()) == 16
+    assert (batch.behavior_logprobs[batch.loss_mask] < 0).all()
