@@ -1,0 +1,267 @@
+"""Policy loss from hidden states: duca_fast vs naive torch vs Liger's fused linear GRPO loss.
+
+Time (median) and peak extra memory of forward and forward+backward, same settings for everyone:
+token-level PPO clip 0.2/0.2, token-mean aggregation, no KL, per-sequence advantages (what Liger's
+chunked loss accepts; ours takes them per token). On CUDA also Liger's logits-level triton_grpo_loss
+(after a cuBLAS lm_head) and the bare lm_head GEMMs forward+backward, the floor.
+
+CPU memory is the peak RSS above the level before the call, sampled every millisecond in a fresh
+process per variant; on CUDA it is torch.cuda.max_memory_allocated above the inputs.
+
+Usage: python bench/bench_policy_loss.py [--tokens 4096 --hidden 576 --vocab 49152 --dtype float32]
+       (CUDA defaults: 8192 x 4096 x 151936 bfloat16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import markdown_table, run_identity, time_call, write_results  # noqa: E402
+
+VARIANTS_CPU = ["duca_fast", "liger_chunked", "naive_torch"]
+VARIANTS_CUDA = ["duca_fast", "liger_chunked", "liger_triton_logits", "naive_torch", "lm_head_gemms"]
+
+
+def make_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: str, seqs: int):
+    gen = torch.Generator().manual_seed(0)
+    h = (torch.randn(tokens, hidden, generator=gen) * 0.5).to(device=device, dtype=dtype)
+    w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(device=device, dtype=dtype)
+    target = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
+    seq_adv = torch.randn(seqs, generator=gen).to(device)
+    old = (-torch.rand(tokens, generator=gen) * 5 - 8).to(device)
+    return h, w, target, seq_adv, old
+
+
+def build(variant: str, h, w, target, seq_adv, old, seqs: int):
+    """Return a closure running forward (and backward when ``backward``) of one variant."""
+    tokens = h.shape[0]
+    seq_len = tokens // seqs
+    token_adv = seq_adv.repeat_interleave(seq_len)
+    from duca_fast import ops
+
+    if variant == "duca_fast":
+
+        def run(backward: bool):
+            hh, ww = h.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
+            loss, _ = ops.fused_policy_loss(hh, ww, target, token_adv, old)
+            if backward:
+                loss.backward()
+
+        return run
+    if variant == "naive_torch":
+
+        def run(backward: bool):
+            hh, ww = h.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
+            logp = torch.log_softmax((hh @ ww.T).float(), -1).gather(1, target[:, None])[:, 0]
+            ratio = torch.exp(logp - old)
+            loss = torch.maximum(-token_adv * ratio, -token_adv * ratio.clamp(0.8, 1.2)).mean()
+            if backward:
+                loss.backward()
+
+        return run
+    if variant == "liger_chunked":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        compiled = h.device.type == "cuda"
+        module = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo", compiled=compiled)
+        mask = torch.ones(seqs, seq_len, device=h.device)
+
+        def run(backward: bool):
+            hh, ww = h.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
+            out = module(
+                hh.view(seqs, seq_len, -1),
+                ww,
+                target.view(seqs, seq_len),
+                mask,
+                seq_adv,
+                old_per_token_logps=old.view(seqs, seq_len),
+            )
+            loss = out[0] if isinstance(out, tuple) else out
+            if backward:
+                loss.backward()
+
+        return run
+    if variant == "liger_triton_logits":
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+        mask = torch.ones(seqs, seq_len, device=h.device)
+        ids = target.view(seqs, seq_len).contiguous()
+        old_logp = old.view(seqs, seq_len).contiguous()
+
+        def run(backward: bool):
+            hh, ww = h.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
+            # Liger's kernel reads logits for positions 0..L-1 of a [B, L+1, V] tensor.
+            logits = (hh @ ww.T).view(seqs, seq_len, -1)
+            logits = torch.cat([logits, logits[:, -1:]], dim=1).contiguous()
+            out = triton_grpo_loss(
+                logits,
+                old_logp,
+                None,
+                ids,
+                seq_adv,
+                mask,
+                temperature=1.0,
+                beta=0.0,
+                eps_low=0.2,
+                eps_high=0.2,
+                inplace=True,
+                loss_type="dapo",
+                reduce=True,
+            )
+            loss = out[0] if isinstance(out, tuple) else out
+            if backward:
+                loss.backward()
+
+        return run
+    if variant == "lm_head_gemms":
+
+        def run(backward: bool):
+            logits = h @ w.T
+            if backward:
+                grad = torch.ones_like(logits)
+                _ = grad @ w, grad.T @ h
+
+        return run
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+class RssPeak:
+    """Peak resident set size of this process while active, sampled every millisecond."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        self.start = self.rss()
+        self.peak = self.start
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def peak_extra_mib(call, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with RssPeak() as meter:
+        call()
+    return (meter.peak - meter.start) / 2**20
+
+
+def measure_one(args) -> dict[str, object]:
+    """Run one variant in this process: times and peak extra memory."""
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    dtype = getattr(torch, args.dtype)
+    inputs = make_inputs(args.tokens, args.hidden, args.vocab, dtype, device, args.seqs)
+    run = build(args.variant, *inputs, seqs=args.seqs)
+    row: dict[str, object] = {"variant": args.variant}
+    # Memory first, in this fresh process: after a warm-up the allocator reuses pages it already holds
+    # and the resident-set peak would hide the variant's real footprint.
+    for backward in (False, True):
+        label = "fwd_bwd" if backward else "fwd"
+        try:
+            row[f"{label}_peak_MiB"] = peak_extra_mib(lambda: run(backward), device)
+        except Exception as error:  # a baseline that cannot run is reported, not fatal
+            row[f"{label}_peak_MiB"] = f"failed: {type(error).__name__}: {str(error)[:80]}"
+    for backward in (False, True):
+        label = "fwd_bwd" if backward else "fwd"
+        if isinstance(row[f"{label}_peak_MiB"], str):
+            row[f"{label}_ms"] = ""
+            continue
+        row[f"{label}_ms"] = (
+            time_call(lambda: run(backward), device=device, repeats=args.repeats, warmup=1) * 1e3
+        )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--tokens", type=int, default=8192 if cuda else 4096)
+    parser.add_argument("--hidden", type=int, default=4096 if cuda else 576)
+    parser.add_argument("--vocab", type=int, default=151936 if cuda else 49152)
+    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    parser.add_argument("--seqs", type=int, default=4, help="sequences (Liger takes [seqs, len, H])")
+    parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
+    parser.add_argument("--cpu", action="store_true", help="force CPU even when CUDA is present")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.variant:
+        print(json.dumps(measure_one(args)))
+        return
+    device = "cuda" if cuda and not args.cpu else "cpu"
+    rows = []
+    for variant in VARIANTS_CUDA if device == "cuda" else VARIANTS_CPU:
+        # A fresh process per variant: peak memory of one cannot hide in another's freed pages.
+        command = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        if result.returncode != 0:
+            rows.append({"variant": variant, "fwd_ms": f"crashed: {result.stderr.strip()[-120:]}"})
+            continue
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(markdown_table(rows[-1:]), flush=True)
+    columns = ["variant", "fwd_ms", "fwd_peak_MiB", "fwd_bwd_ms", "fwd_bwd_peak_MiB"]
+    rows = [{c: row.get(c, "") for c in columns} for row in rows]
+    ours = next(r for r in rows if r["variant"] == "duca_fast")
+    for row in rows:
+        for key in ("fwd_bwd_ms", "fwd_bwd_peak_MiB"):
+            if isinstance(row[key], float) and isinstance(ours[key], float) and ours[key] > 0:
+                row[f"{key}_vs_ours"] = row[key] / ours[key]
+            else:
+                row[f"{key}_vs_ours"] = ""
+    notes = (
+        f"N={args.tokens} tokens in {args.seqs} sequences, H={args.hidden}, V={args.vocab}, {args.dtype} "
+        f"on {device}; median of {args.repeats}. *_vs_ours > 1 means that variant is slower / larger."
+    )
+    if device == "cuda":
+        floor = next(r for r in rows if r["variant"] == "lm_head_gemms")
+        flops = 6 * args.tokens * args.hidden * args.vocab
+        if isinstance(ours["fwd_bwd_ms"], float):
+            tflops = flops / ours["fwd_bwd_ms"] / 1e9
+            notes += (
+                f" 6NHV = {flops / 1e12:.2f} TFLOP; ours runs at {tflops:.0f} TFLOP/s, "
+                f"{floor['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.0%} of the bare-GEMM floor measured here."
+            )
+    name = f"policy_loss_{device}"
+    path = write_results(name, rows, run_identity(device), notes=notes)
+    print(markdown_table(rows))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""`duca-fast`: train, eval, compare, bench.
+
+    duca-fast train   [--config FILE] [--resume] [key=value ...]
+    duca-fast eval    [--config FILE] [--checkpoint DIR|latest] [--sessions N] [--seed S] [key=value ...]
+    duca-fast compare [--config FILE] --algos duca,grpo,gdpo --seeds 3 [--out DIR] [key=value ...]
+    duca-fast bench   [--only advantages,policy_loss,rollout]
+
+Overrides use the config's dotted keys (``optim.lr=1e-4 rollout.group_size=8``); see
+``duca_fast/train/config.py`` for every key and its meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHES = ("advantages", "policy_loss", "rollout")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="duca-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a policy (the run directory is run_dir)")
+    train.add_argument("--config", help="YAML config (configs/demo.yaml, configs/acts.yaml, ...)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
+    train.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+    evaluate = commands.add_parser("eval", help="run sessions with a checkpoint and print the metrics table")
+    evaluate.add_argument("--config", help="YAML config of the run")
+    evaluate.add_argument(
+        "--checkpoint", default="latest", help="checkpoint dir, 'latest' (of run_dir) or 'none'"
+    )
+    evaluate.add_argument("--sessions", type=int, help="sessions to run (default: eval_sessions)")
+    evaluate.add_argument("--seed", type=int, default=12345, help="seed of the evaluation sessions")
+    evaluate.add_argument("--out", help="also write the metrics as JSON here")
+    evaluate.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+    compare = commands.add_parser(
+        "compare", help="same seed and budget for several algorithms; Markdown table"
+    )
+    compare.add_argument("--config", help="YAML config shared by all runs")
+    compare.add_argument("--algos", default="duca,grpo,gdpo", help="comma-separated algorithms")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (0, 1, ...)")
+    compare.add_argument("--out", default="runs/compare", help="output directory")
+    compare.add_argument("--sessions", type=int, help="evaluation sessions per run (default: eval_sessions)")
+    compare.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+    bench = commands.add_parser("bench", help="run the benchmark suite (results in bench/results/)")
+    bench.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {BENCHES}")
+    return parser
+
+
+def _train_eval_functions(config):
+    if config.env.name == "sales-acts":
+        from duca_fast.train.acts_trainer import evaluate_acts, train_acts
+
+        return train_acts, evaluate_acts
+    from duca_fast.train.trainer import evaluate, train
+
+    return train, evaluate
+
+
+def _resolve_checkpoint(spec: str, run_dir: str) -> Path | None:
+    from duca_fast.train.checkpoint import CheckpointError, latest_checkpoint
+
+    if spec == "none":
+        return None
+    if spec == "latest":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise CheckpointError(
+                f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}; pass --checkpoint"
+            )
+        return found
+    path = Path(spec)
+    if not path.is_dir():
+        raise CheckpointError(f"--checkpoint {spec!r} is not a directory")
+    return path
+
+
+def _print_table(metrics: dict[str, float]) -> None:
+    width = max(len(k) for k in metrics)
+    print(f"| {'metric'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
+    for key, value in metrics.items():
+        print(f"| {key.ljust(width)} | {value:.4g} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from duca_fast.train.checkpoint import CheckpointError
+    from duca_fast.train.config import ConfigError, load_config
+
+    try:
+        if args.command == "bench":
+            return _bench(args.only)
+        config = load_config(args.config, args.overrides)
+        train_fn, eval_fn = _train_eval_functions(config)
+        if args.command == "train":
+            run_dir = train_fn(config, resume=args.resume)
+            print(f"run directory: {run_dir}")
+        elif args.command == "eval":
+            checkpoint = _resolve_checkpoint(args.checkpoint, config.run_dir)
+            metrics = eval_fn(config, checkpoint, args.sessions or config.eval_sessions, args.seed)
+            _print_table(metrics)
+            if args.out:
+                Path(args.out).write_text(json.dumps(metrics, indent=2))
+        elif args.command == "compare":
+            from duca_fast.train.compare import compare
+
+            algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+            if args.seeds < 1:
+                raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+            table = compare(
+                config,
+                algos,
+                list(range(args.seeds)),
+                Path(args.out),
+                train_fn,
+                eval_fn,
+                args.sessions or config.eval_sessions,
+            )
+            print(table)
+    except (ConfigError, CheckpointError) as error:
+        print(f"duca-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _bench(only: str) -> int:
+    chosen = [b.strip() for b in only.split(",") if b.strip()]
+    unknown = sorted(set(chosen) - set(BENCHES))
+    if unknown:
+        print(f"duca-fast bench: error: unknown benchmarks {unknown}; choose from {BENCHES}", file=sys.stderr)
+        return 2
+    root = Path(__file__).resolve().parent.parent / "bench"
+    if not root.is_dir():
+        print(
+            "duca-fast bench: error: bench/ is not next to the package (run from a source checkout)",
+            file=sys.stderr,
+        )
+        return 2
+    status = 0
+    for name in chosen:
+        print(f"== bench_{name}.py", flush=True)
+        status |= subprocess.run([sys.executable, str(root / f"bench_{name}.py")], check=False).returncode
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
