@@ -1,0 +1,153 @@
+"""The act-twin trainer: run outputs, resume equality, learning on a small budget, evaluation, bad configs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from duca_fast.train.acts_trainer import evaluate_acts, train_acts
+from duca_fast.train.checkpoint import list_checkpoints
+from duca_fast.train.config import ConfigError, load_config
+
+from .acts_configs import ACTS_CONFIG, tiny_acts_config
+
+EXPECTED_KEYS = {
+    "step",
+    "reward/turn/compliance",
+    "reward/turn/repetition",
+    "reward/turn/naturalness",
+    "reward/turn/fluency",
+    "reward/session/conversion",
+    "reward/session/margin",
+    "reward/turn_total/mean",
+    "reward/session_total/mean",
+    "advantage/turn_horizon/std",
+    "advantage/session_horizon/std",
+    "advantage/fused/std",
+    "task/conversion_rate",
+    "task/repetition_rate",
+    "task/identity_detection_rate",
+    "task/compliance_violation_rate",
+    "task/mean_turns",
+    "loss/total",
+    "loss/clip_frac",
+    "loss/approx_kl",
+    "loss/entropy",
+    "loss/tis_frac_capped",
+    "grad_norm",
+    "optim/lr",
+    "time/rollout",
+    "time/advantage",
+    "time/train",
+    "time/sync",
+}
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_step_run_writes_every_output(tmp_path):
+    config = tiny_acts_config(tmp_path / "run", "samples_per_step=3")
+    run_dir = train_acts(config)
+    rows = read_metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        assert set(row) >= EXPECTED_KEYS, sorted(EXPECTED_KEYS - set(row))
+        assert all(value is None or math.isfinite(value) for value in row.values())
+        assert row["time/sync"] == 0.0
+    assert load_config(run_dir / "config.yaml").env.name == "sales-acts"
+    assert {p.name for p in (run_dir / "plots").glob("*.png")} >= {
+        "rewards_per_horizon.png",
+        "task_metrics.png",
+        "loss.png",
+        "time_split.png",
+    }
+    samples = [json.loads(line) for line in (run_dir / "samples" / "step_2.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and samples[0]["acts"] and samples[0]["dialogue"][0].startswith("customer:")
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_1", "step_2"]
+    assert list(run_dir.glob("events/*")), "TensorBoard events"
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    straight = train_acts(tiny_acts_config(tmp_path / "a", "steps=4", "checkpoint_every=2"))
+    interrupted = tiny_acts_config(tmp_path / "b", "steps=4", "checkpoint_every=2")
+    train_acts(tiny_acts_config(tmp_path / "b", "steps=2", "checkpoint_every=2"))
+    resumed = train_acts(interrupted, resume=True)
+
+    def untimed(rows):
+        return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+    straight_rows, resumed_rows = untimed(read_metrics(straight)), untimed(read_metrics(resumed))
+    assert [row["step"] for row in resumed_rows] == [1, 2, 3, 4]
+    assert resumed_rows[2:] == straight_rows[2:]
+    assert resumed_rows == straight_rows
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train_acts(tiny_acts_config(tmp_path / "run"), resume=True)
+
+
+def test_policy_improves_on_a_small_budget(tmp_path):
+    """Turn penalties of a random policy are large; a few dozen steps remove most of them."""
+    config = tiny_acts_config(
+        tmp_path / "run",
+        "steps=30",
+        "rollout.groups_per_step=4",
+        "rollout.group_size=6",
+        "checkpoint_every=0",
+        "env.max_turns=6",
+    )
+    rows = read_metrics(train_acts(config))
+    start = sum(row["reward/turn_total/mean"] for row in rows[:5]) / 5
+    end = sum(row["reward/turn_total/mean"] for row in rows[-5:]) / 5
+    assert end > start + 0.1, (start, end)
+    assert rows[-1]["loss/entropy"] < rows[0]["loss/entropy"]
+
+
+def test_evaluation_returns_the_papers_metrics(tmp_path):
+    config = tiny_acts_config(tmp_path / "run")
+    checkpoint = list_checkpoints(train_acts(config))[-1]
+    greedy = evaluate_acts(config, None, 12, seed=3)
+    assert greedy == evaluate_acts(config, checkpoint, 12, seed=3), "greedy evaluation is deterministic"
+    sampled = evaluate_acts(config, checkpoint, 12, seed=3, greedy=False)
+    for metrics in (greedy, sampled):
+        assert set(metrics) == {
+            "conversion_rate",
+            "repetition_rate",
+            "identity_detection_rate",
+            "compliance_violation_rate",
+            "mean_turns",
+            "mean_turn_reward",
+            "mean_session_reward",
+            "num_sessions",
+        }
+        assert 0 <= metrics["conversion_rate"] <= 1 and 1 <= metrics["mean_turns"] <= config.env.max_turns
+        assert -4 <= metrics["mean_turn_reward"] <= 0 and metrics["num_sessions"] == 12
+
+
+def test_evaluation_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        evaluate_acts(tiny_acts_config(tmp_path / "run"), None, 4, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["rollout.group_size=1"], "group_size must be >= 2"),
+        (["env.name=sales-act"], "env.name must be one of"),
+        (["rollout.groups_per_step=0"], "groups_per_step must be >= 1"),
+        (["model.hiden_size=8"], "did you mean 'model.hidden_size'"),
+    ],
+)
+def test_bad_configs_are_rejected_by_load_config(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(ACTS_CONFIG, overrides)
+
+
+def test_the_acts_trainer_refuses_other_envs(tmp_path):
+    with pytest.raises(ConfigError, match=r"env\.name=sales-acts"):
+        train_acts(tiny_acts_config(tmp_path / "run", "env.name=sales"))
