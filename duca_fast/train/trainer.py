@@ -12,6 +12,7 @@ One step, top to bottom (``Trainer.step``):
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 import time
@@ -188,6 +189,33 @@ def micro_batches(cu_seqlens: torch.Tensor, budget: int) -> list[MicroBatch]:
     if bounds[-1] > start:
         batches.append(MicroBatch(slice(start, bounds[-1]), count))
     return batches
+
+
+def decoder_hidden_states(base: torch.nn.Module, batch, rows: slice, device) -> torch.Tensor:
+    """``[tokens, H]`` final hidden states of the whole sessions in ``rows`` of the packed batch.
+
+    With flash_attention_2 the micro-batch is one padding-free sequence whose position_ids restart
+    per session. Otherwise each session runs on its own: a packed sequence would need a block-diagonal
+    mask, which sends sdpa to its math kernel and stores [heads, L, L] attention weights per layer
+    (7 GB at 2.7k tokens on SmolLM2-135M, measured), while a lone causal sequence takes sdpa's
+    flash kernel with no mask at all.
+    """
+    decoder = base.get_decoder()
+    ids, positions = batch.input_ids, batch.position_ids
+    if getattr(base.config, "_attn_implementation", None) == "flash_attention_2":
+        out = decoder(
+            input_ids=ids[rows][None].to(device),
+            position_ids=positions[rows][None].to(device),
+            use_cache=False,
+        )
+        return out.last_hidden_state[0]
+    bounds = [b for b in batch.cu_seqlens.tolist() if rows.start <= b <= rows.stop]
+    pieces = []
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            out = decoder(input_ids=ids[start:end][None].to(device), use_cache=False)
+            pieces.append(out.last_hidden_state[0])
+    return torch.cat(pieces)
 
 
 class Trainer:
@@ -428,14 +456,9 @@ class Trainer:
         return agg, sessions_here / num_loss_sessions, {}
 
     def _hidden_states(self, batch, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final hidden states of the packed micro-batch (padding-free: position_ids restart per session)."""
+        """Final hidden states of the micro-batch's tokens and the lm_head weight."""
         base = unwrap(self.model)
-        out = base.get_decoder()(
-            input_ids=batch.input_ids[rows][None].to(device),
-            position_ids=batch.position_ids[rows][None].to(device),
-            use_cache=False,
-        )
-        return out.last_hidden_state[0], base.get_output_embeddings().weight
+        return decoder_hidden_states(base, batch, rows, device), base.get_output_embeddings().weight
 
     @torch.no_grad()
     def _ref_logprobs(self, batch, rows: slice, target: torch.Tensor, device) -> torch.Tensor:
@@ -447,11 +470,7 @@ class Trainer:
             base = unwrap(self.model)
             context = self.model.disable_adapter()
         with context:
-            hidden = base.get_decoder()(
-                input_ids=batch.input_ids[rows][None].to(device),
-                position_ids=batch.position_ids[rows][None].to(device),
-                use_cache=False,
-            ).last_hidden_state[0]
+            hidden = decoder_hidden_states(base, batch, rows, device)
             return ops.token_logprobs(
                 hidden,
                 base.get_output_embeddings().weight,
