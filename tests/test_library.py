@@ -1,0 +1,347 @@
+"""torch.ops.duca.*: opcheck (schema, fake kernels, autograd registration), the same numbers and
+gradients as the plain ops, and torch.compile(fullgraph=True) over them."""
+
+import pytest
+import torch
+
+from duca_fast import ops
+from duca_fast.ops.library import METRIC_KEYS, fused_policy_loss_op, token_logprobs_op
+from tests.conftest import KERNEL_DEVICE
+from tests.test_advantages import make_batch
+from tests.test_policy_loss import make_problem
+
+HIAN = torch.ops.duca.hian_advantages.default
+LOSS = torch.ops.duca.fused_policy_loss.default
+LOGPROBS = torch.ops.duca.token_logprobs.default
+
+
+def hian_args(dtype=torch.float32, components=(1, 1)):
+    batch = make_batch([4, 1, 3], [3, 1, 4, 2, 2, 5, 1, 2], components=components, seed=11)
+    num_turns = batch["turn_session"].numel()
+    token_turn = torch.tensor([-1, *range(num_turns), -1, 3, 3])
+    return dict(
+        turn_rewards=batch["turn_rewards"].to(dtype),
+        turn_session=batch["turn_session"],
+        session_rewards=batch["session_rewards"].to(dtype),
+        session_group=batch["session_group"],
+        turn_index=batch["turn_index"],
+        token_turn=token_turn,
+    )
+
+
+HIAN_CASES = {
+    "per-turn": dict(token_turn=None),
+    "tokens": dict(),
+    "group_turn-batch": dict(turn_scope="group_turn", scale="batch", turn_weight=0.5, session_weight=2.0),
+    "none-float64": dict(scale="none", dtype=torch.float64),
+    "components": dict(components=(3, 2), turn_component_weights=[1.0, -0.5, 2.0]),
+}
+
+
+def split_hian_case(case):
+    case = dict(case)
+    tensors = hian_args(case.pop("dtype", torch.float32), case.pop("components", (1, 1)))
+    if "token_turn" in case:
+        tensors["token_turn"] = case.pop("token_turn")
+    if "turn_component_weights" in case:
+        case["turn_component_weights"] = torch.tensor(case["turn_component_weights"], dtype=torch.float64)
+    return tensors, case
+
+
+def call_hian_op(tensors, options):
+    return torch.ops.duca.hian_advantages(
+        tensors["turn_rewards"],
+        tensors["turn_session"],
+        tensors["session_rewards"],
+        tensors["session_group"],
+        3,
+        turn_index=tensors["turn_index"],
+        token_turn=tensors["token_turn"],
+        **options,
+    )
+
+
+@pytest.mark.parametrize("case", HIAN_CASES.values(), ids=HIAN_CASES.keys())
+def test_hian_opcheck_and_same_numbers(case):
+    tensors, options = split_hian_case(case)
+    args = tuple(tensors[k] for k in ("turn_rewards", "turn_session", "session_rewards", "session_group"))
+    kwargs = dict(turn_index=tensors["turn_index"], token_turn=tensors["token_turn"], **options)
+    torch.library.opcheck(HIAN, (*args, 3), kwargs)
+    expected = ops.hian_advantages(*args, num_groups=3, **kwargs)
+    got = call_hian_op(tensors, options)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+
+def test_hian_output_is_a_constant():
+    tensors, options = split_hian_case(HIAN_CASES["tokens"])
+    tensors["turn_rewards"].requires_grad_()
+    tensors["session_rewards"].requires_grad_()
+    got = call_hian_op(tensors, options)
+    assert not got.requires_grad
+
+
+def test_hian_validates_values_in_the_real_kernel():
+    tensors, options = split_hian_case(HIAN_CASES["per-turn"])
+    tensors["session_group"] = tensors["session_group"].clone()
+    tensors["session_group"][2] = 7
+    with pytest.raises(ValueError, match=r"session_group\[2\] = 7 must be in \[0, 3\)"):
+        call_hian_op(tensors, options)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        call_hian_op(split_hian_case(HIAN_CASES["per-turn"])[0], dict(scale="std"))
+
+
+LOSS_CASES = {
+    "default": dict(),
+    "kl-entropy-temperature": dict(kl_coef=0.1, kl_type="k2", entropy_coef=0.01, temperature=0.7),
+    "dual-tis-seq": dict(dual_clip=3.0, tis_cap=2.0, loss_agg="seq_mean_token_mean", clip_high=0.28),
+    "no-bias-on-policy": dict(use_bias=False, no_old=True, loss_agg="token_sum_norm", max_tokens=64),
+    "float64-chunked": dict(dtype=torch.float64, chunk_size=5, entropy_coef=0.02),
+}
+
+
+def loss_inputs(case, device="cpu"):
+    case = dict(case)
+    problem = make_problem(dtype=case.pop("dtype", torch.float32))
+    use_bias = case.pop("use_bias", True)
+    no_old = case.pop("no_old", False)
+    leaves = {
+        name: problem[name].clone().to(device).requires_grad_() for name in ("hidden", "weight", "bias")
+    }
+    if not use_bias:
+        leaves["bias"] = None
+    rest = {
+        name: problem[name].to(device)
+        for name in ("target", "advantages", "old_logprobs", "mask", "seq_ids", "ref_logprobs")
+    }
+    if no_old:
+        rest["old_logprobs"] = None
+    if case.get("tis_cap") is not None:
+        rest["behavior_logprobs"] = problem["behavior_logprobs"].to(device)
+    return leaves, rest, case
+
+
+def plain_and_op(case, backend="auto", device="cpu"):
+    results = []
+    for fn in (ops.fused_policy_loss, fused_policy_loss_op):
+        leaves, rest, options = loss_inputs(case, device)
+        loss, metrics = fn(
+            leaves["hidden"],
+            leaves["weight"],
+            rest.pop("target"),
+            rest.pop("advantages"),
+            rest.pop("old_logprobs"),
+            bias=leaves["bias"],
+            backend=backend,
+            **rest,
+            **options,
+        )
+        loss.backward()
+        grads = {name: leaf.grad for name, leaf in leaves.items() if leaf is not None}
+        results.append((loss.detach(), metrics, grads))
+    return results
+
+
+@pytest.mark.parametrize("case", LOSS_CASES.values(), ids=LOSS_CASES.keys())
+def test_fused_policy_loss_same_loss_metrics_and_gradients(case):
+    (loss, metrics, grads), (op_loss, op_metrics, op_grads) = plain_and_op(case)
+    assert op_loss.dtype == loss.dtype
+    assert torch.equal(op_loss, loss)
+    assert op_metrics.keys() == metrics.keys()
+    for key in metrics:
+        assert torch.equal(op_metrics[key], metrics[key]), key
+    assert op_grads.keys() == grads.keys()
+    for name in grads:
+        assert op_grads[name].dtype == grads[name].dtype
+        assert torch.equal(op_grads[name], grads[name]), name
+
+
+@pytest.mark.parametrize("case", LOSS_CASES.values(), ids=LOSS_CASES.keys())
+def test_fused_policy_loss_opcheck(case):
+    leaves, rest, options = loss_inputs(case)
+    args = (leaves["hidden"], leaves["weight"], rest.pop("target"), rest.pop("advantages"))
+    kwargs = dict(old_logprobs=rest.pop("old_logprobs"), bias=leaves["bias"], **rest, **options)
+    torch.library.opcheck(LOSS, args, kwargs)
+    # Also with only some gradients asked for (e.g. a frozen lm_head).
+    leaves["weight"].requires_grad_(False)
+    torch.library.opcheck(LOSS, args, dict(kwargs, needs_weight_grad=False))
+
+
+def test_fused_policy_loss_metrics_tensor_order():
+    leaves, rest, options = loss_inputs(LOSS_CASES["dual-tis-seq"])
+    loss, metrics_tensor, grad_hidden, grad_weight, grad_bias = torch.ops.duca.fused_policy_loss(
+        leaves["hidden"],
+        leaves["weight"],
+        rest["target"],
+        rest["advantages"],
+        rest["old_logprobs"],
+        leaves["bias"],
+        seq_ids=rest["seq_ids"],
+        behavior_logprobs=rest["behavior_logprobs"],
+        needs_weight_grad=False,
+        **options,
+    )
+    _, metrics = fused_policy_loss_op(
+        leaves["hidden"],
+        leaves["weight"],
+        rest["target"],
+        rest["advantages"],
+        rest["old_logprobs"],
+        bias=leaves["bias"],
+        seq_ids=rest["seq_ids"],
+        behavior_logprobs=rest["behavior_logprobs"],
+        **options,
+    )
+    assert metrics_tensor.shape == (len(METRIC_KEYS),) and metrics_tensor.dtype == torch.float32
+    assert metrics_tensor[METRIC_KEYS.index("kl_ref")] == 0 and "kl_ref" not in metrics
+    for key, value in metrics.items():
+        assert torch.equal(metrics_tensor[METRIC_KEYS.index(key)], value), key
+    assert grad_hidden.shape == leaves["hidden"].shape and grad_bias.shape == leaves["bias"].shape
+    assert grad_weight.shape == (0,)
+    with pytest.raises(RuntimeError, match="needs_weight_grad=False but weight needs a gradient"):
+        loss.backward()
+
+
+def test_fused_policy_loss_validates():
+    leaves, rest, _ = loss_inputs(LOSS_CASES["default"])
+    target = rest["target"].clone()
+    target[4] = 10_000
+    with pytest.raises(ValueError, match=r"target\[4\] = 10000 is outside \[0, 101\)"):
+        fused_policy_loss_op(leaves["hidden"], leaves["weight"], target, rest["advantages"])
+    with pytest.raises(ValueError, match="kl_coef != 0 needs ref_logprobs"):
+        fused_policy_loss_op(
+            leaves["hidden"], leaves["weight"], rest["target"], rest["advantages"], kl_coef=0.1
+        )
+    with pytest.raises(ValueError, match="hidden width 24 != weight width 23"):
+        fused_policy_loss_op(leaves["hidden"], leaves["weight"][:, :23], rest["target"], rest["advantages"])
+
+
+def test_fused_policy_loss_triton_dispatch():
+    """backend='triton' through the op: the Triton kernels (interpreted without a GPU)."""
+    case = dict(kl_coef=0.05, entropy_coef=0.01)
+    (loss, metrics, grads), (op_loss, op_metrics, op_grads) = plain_and_op(case, "triton", KERNEL_DEVICE)
+    assert torch.equal(op_loss, loss)
+    for key in metrics:
+        assert torch.equal(op_metrics[key], metrics[key]), key
+    for name in grads:
+        assert torch.equal(op_grads[name], grads[name]), name
+
+
+@pytest.mark.parametrize("backend,device", [("auto", "cpu"), ("triton", KERNEL_DEVICE)])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_token_logprobs_same_values_and_gradients(backend, device, use_bias):
+    problem = make_problem(num_tokens=13, vocab=37)
+    results = []
+    for fn in (ops.token_logprobs, token_logprobs_op):
+        leaves = {n: problem[n].clone().to(device).requires_grad_() for n in ("hidden", "weight", "bias")}
+        bias = leaves["bias"] if use_bias else None
+        logprobs, entropy = fn(
+            leaves["hidden"],
+            leaves["weight"],
+            problem["target"].to(device),
+            bias=bias,
+            temperature=0.8,
+            return_entropy=True,
+            chunk_size=4,
+            backend=backend,
+        )
+        (logprobs * torch.linspace(-1, 1, 13, device=device)).sum().add(0.3 * entropy.sum()).backward()
+        grads = [leaves["hidden"].grad, leaves["weight"].grad, leaves["bias"].grad]
+        results.append((logprobs.detach(), entropy.detach(), grads))
+    (logprobs, entropy, grads), (op_logprobs, op_entropy, op_grads) = results
+    assert torch.equal(op_logprobs, logprobs) and torch.equal(op_entropy, entropy)
+    for got, expected in zip(op_grads, grads):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            assert torch.equal(got, expected)
+
+
+def test_token_logprobs_opcheck():
+    problem = make_problem(num_tokens=11, vocab=29)
+    leaves = {n: problem[n].clone().requires_grad_() for n in ("hidden", "weight", "bias")}
+    args = (leaves["hidden"], leaves["weight"], problem["target"])
+    torch.library.opcheck(LOGPROBS, args, dict(bias=leaves["bias"], temperature=0.9, chunk_size=4))
+    torch.library.opcheck(LOGPROBS, args)
+    float64 = make_problem(num_tokens=5, vocab=29, dtype=torch.float64)
+    torch.library.opcheck(
+        LOGPROBS, (float64["hidden"].requires_grad_(), float64["weight"], float64["target"])
+    )
+
+
+def train_step(
+    turn_rewards, turn_session, session_rewards, session_group, token_turn, hidden, weight, bias, target, old
+):
+    """Advantages -> per-token loss, as a trainer would write it with the custom ops."""
+    advantages = torch.ops.duca.hian_advantages(
+        turn_rewards, turn_session, session_rewards, session_group, 3, token_turn=token_turn
+    )
+    loss, metrics = fused_policy_loss_op(
+        hidden,
+        weight,
+        target,
+        advantages,
+        old,
+        bias=bias,
+        mask=token_turn >= 0,
+        kl_coef=0.0,
+        entropy_coef=0.01,
+    )
+    return loss, advantages, metrics["clip_frac"]
+
+
+def step_inputs():
+    tensors = hian_args()
+    problem = make_problem(num_tokens=tensors["token_turn"].numel(), vocab=53)
+    leaves = {name: problem[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")}
+    args = (
+        tensors["turn_rewards"],
+        tensors["turn_session"],
+        tensors["session_rewards"],
+        tensors["session_group"],
+        tensors["token_turn"],
+        leaves["hidden"],
+        leaves["weight"],
+        leaves["bias"],
+        problem["target"],
+        problem["old_logprobs"],
+    )
+    return args, leaves
+
+
+def eager_step():
+    args, leaves = step_inputs()
+    (
+        turn_rewards,
+        turn_session,
+        session_rewards,
+        session_group,
+        token_turn,
+        hidden,
+        weight,
+        bias,
+        target,
+        old,
+    ) = args
+    advantages = ops.hian_advantages(
+        turn_rewards, turn_session, session_rewards, session_group, token_turn=token_turn, num_groups=3
+    )
+    loss, metrics = ops.fused_policy_loss(
+        hidden, weight, target, advantages, old, bias=bias, mask=token_turn >= 0, entropy_coef=0.01
+    )
+    loss.backward()
+    return loss.detach(), advantages, metrics["clip_frac"], {n: leaf.grad for n, leaf in leaves.items()}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_forward_and_backward(backend):
+    torch._dynamo.reset()
+    compiled = torch.compile(train_step, fullgraph=True, backend=backend)
+    expected_loss, expected_advantages, expected_clip, expected_grads = eager_step()
+    args, leaves = step_inputs()
+    loss, advantages, clip_frac = compiled(*args)
+    loss.backward()
+    assert torch.equal(advantages, expected_advantages)
+    torch.testing.assert_close(loss.detach(), expected_loss, rtol=0, atol=0)
+    assert torch.equal(clip_frac, expected_clip)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(leaves[name].grad, grad, rtol=0, atol=0)
