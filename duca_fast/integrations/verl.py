@@ -1,0 +1,365 @@
+"""verl adapter: HIAN as advantage estimator ``"duca_hian"``, our clipped loss as policy loss "duca_fused".
+
+Importing this module registers both in verl's registries (``verl.trainer.ppo.core_algos``). verl must
+import it in every process that looks them up: the driver (advantages) and the actor workers (loss).
+Either of
+- ``VERL_USE_EXTERNAL_MODULES=duca_fast.integrations.verl`` in the environment (read by ``import verl``;
+  a local Ray cluster started by the driver inherits it, a ``ray start`` cluster needs it set there), or
+- the ``verl.plugins`` entry point ``duca_fast = "duca_fast.integrations.verl"`` in duca_fast's package
+  metadata (``import verl`` loads every such entry point unless ``VERL_USE_EXTERNAL_PLUGINS=none``).
+
+Then ``algorithm.adv_estimator=duca_hian`` and ``actor_rollout_ref.actor.policy_loss.loss_mode=duca_fused``.
+
+**Where the two reward horizons come from.** verl 0.9.1 calls a registered estimator with
+``token_level_rewards``, ``response_mask``, ``config`` and ``index`` (the group uid) only (it hands the
+whole batch to its own ``gdpo`` estimator alone, and the v1 trainer fetches only those fields). So the
+estimator reads both horizons out of ``token_level_rewards``, one row per session (a whole multi-turn
+trajectory; user/tool tokens have ``response_mask`` 0):
+- an **agent turn** is a maximal run of ``response_mask == 1`` tokens in the row;
+- the **turn reward** of a turn is ``token_level_rewards`` at the turn's *first* token;
+- the **session reward** is the sum of every other entry of the row. verl's reward managers write the
+  score at the last response token, so a stock reward function becomes the session horizon; write turn
+  rewards at turn starts. (A final agent turn of a single token cannot carry both: give it none.)
+- ``algorithm.use_kl_in_reward`` must be False (a per-token KL in the rewards would land in the session
+  horizon); use the actor's ``use_kl_loss`` instead.
+
+Callers that pass ``batch=`` (a mapping of tensors, e.g. ``data.batch``) may set the horizons explicitly:
+``duca_turn_rewards`` ``[B, max_turns]`` float (NaN past a row's last turn), ``duca_session_rewards``
+``[B]`` or ``[B, Ks]`` float and ``duca_token_turn`` ``[B, L]`` int (turn of each response token within
+its row, -1 = no loss). Stock verl 0.9.1 does not pass ``batch`` to a registered estimator.
+
+HIAN options: a ``duca_hian`` mapping in ``config`` when it is a dict/DictConfig (keys ``turn_weight``,
+``session_weight``, ``turn_scope``, ``eps``), else the environment variables ``DUCA_HIAN_TURN_WEIGHT``,
+``DUCA_HIAN_SESSION_WEIGHT``, ``DUCA_HIAN_TURN_SCOPE`` (verl's ``AlgoConfig`` dataclass takes no
+extra keys). ``algorithm.norm_adv_by_std_in_grpo=False`` centers without scaling (``scale="none"``).
+
+**What "duca_fused" fuses here.** verl's actor computes ``log_prob`` from its own logits, so the
+hidden-state fusion of ``ops.fused_policy_loss`` (no ``[N, V]`` logits) does not apply. The loss runs
+duca_fast's per-token objective (``ops.policy_loss.policy_head``: ratio, asymmetric clip, dual clip,
+analytic gradient) in one no-grad pass and hands verl the gradient w.r.t. ``log_prob`` directly, with
+the numbers of verl's ``vanilla`` loss (clip_ratio_low/high, clip_ratio_c dual clip, rollout IS weights,
+every ``loss_agg_mode`` with ``global_batch_info``). For the logits-free path use
+``ops.fused_policy_loss`` in a custom actor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from duca_fast import ops
+from duca_fast.ops.policy_loss import PolicyLossOptions, TokenInputs, policy_head
+
+try:
+    from verl.trainer.ppo.core_algos import (
+        ADV_ESTIMATOR_REGISTRY,
+        POLICY_LOSS_REGISTRY,
+        register_adv_est,
+        register_policy_loss,
+    )
+except ImportError as error:  # pragma: no cover - exercised only without verl
+    raise ImportError(
+        "duca_fast.integrations.verl needs verl (its core_algos module); "
+        "see duca_fast/integrations/INSTALL.txt for the install lines"
+    ) from error
+
+ADV_ESTIMATOR_NAME = "duca_hian"
+POLICY_LOSS_NAME = "duca_fused"
+ENV_PREFIX = "DUCA_HIAN_"
+VERL_LOSS_AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "seq-mean-token-mean",
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# advantage estimator
+
+
+def group_ids(index: Any) -> torch.Tensor:
+    """Map verl's group uids (strings or any hashable objects) to ints 0..G-1 in order of appearance."""
+    if index is None:
+        raise ValueError(
+            "duca_hian needs the group uid of each row (verl passes non_tensor_batch['uid'] as index)"
+        )
+    seen: dict[Any, int] = {}
+    return torch.tensor(
+        [seen.setdefault(uid, len(seen)) for uid in np.asarray(index).tolist()], dtype=torch.long
+    )
+
+
+def turn_layout(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn of each response token within its row (-1 where masked) and the first token of every turn.
+
+    A turn is a maximal run of ``response_mask == 1``; returns ``(token_turn [B, L] int64, starts [B, L]
+    bool)``.
+    """
+    mask = response_mask.bool()
+    before = torch.zeros_like(mask)
+    before[:, 1:] = mask[:, :-1]
+    starts = mask & ~before
+    local = starts.long().cumsum(dim=1) - 1
+    return torch.where(mask, local, torch.full_like(local, -1)), starts
+
+
+def hian_options(config: Any) -> dict[str, Any]:
+    """HIAN keyword options from ``config['duca_hian']`` (dict/DictConfig) or ``DUCA_HIAN_*`` variables."""
+    scale = "group"
+    section = None
+    if config is not None:
+        if not config.get("norm_adv_by_std_in_grpo", True):
+            scale = "none"
+        try:
+            section = config.get("duca_hian", None)
+        except (AttributeError, KeyError):
+            section = None
+    options: dict[str, Any] = {"scale": scale}
+    for key, cast in (("turn_weight", float), ("session_weight", float), ("turn_scope", str), ("eps", float)):
+        value = section.get(key, None) if hasattr(section, "get") else None
+        if value is None:
+            value = os.environ.get(ENV_PREFIX + key.upper())
+        if value is not None:
+            try:
+                options[key] = cast(value)
+            except ValueError as error:
+                raise ValueError(
+                    f"duca_hian option {key} must be a {cast.__name__}, got {value!r}"
+                ) from error
+    return options
+
+
+def _explicit(batch: Any, key: str) -> torch.Tensor | None:
+    if batch is None:
+        return None
+    try:
+        # TensorDict refuses ``key in td``; ``keys()`` works for it and for plain mappings.
+        return batch[key] if key in batch.keys() else None  # noqa: SIM118
+    except (KeyError, AttributeError):
+        return None
+
+
+def compute_duca_hian_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any = None,
+    config: Any = None,
+    batch: Any = None,
+    **unused: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HIAN advantages for verl: ``(advantages, returns)``, both ``[B, L]`` and 0 where the mask is 0.
+
+    Each row is one session, ``index`` its group uid; turns and rewards as in the module docstring.
+    Extra keyword arguments verl may pass (``reward_baselines``, ...) are ignored.
+    """
+    if token_level_rewards.dim() != 2 or token_level_rewards.shape != response_mask.shape:
+        raise ValueError(
+            f"token_level_rewards {tuple(token_level_rewards.shape)} and response_mask "
+            f"{tuple(response_mask.shape)} must both be [batch, response_length]"
+        )
+    num_rows = token_level_rewards.shape[0]
+    session_group = group_ids(index).to(token_level_rewards.device)
+    if session_group.numel() != num_rows:
+        raise ValueError(f"index has {session_group.numel()} uids but the batch has {num_rows} rows")
+
+    rewards = token_level_rewards.float()
+    token_turn = _explicit(batch, "duca_token_turn")
+    derived_turn, starts = turn_layout(response_mask)
+    if token_turn is None:
+        token_turn = derived_turn
+        turns_per_row = starts.sum(dim=1)
+    else:
+        token_turn = token_turn.long().to(rewards.device)
+        if token_turn.shape != rewards.shape:
+            raise ValueError(f"duca_token_turn must be {tuple(rewards.shape)}, got {tuple(token_turn.shape)}")
+        token_turn = torch.where(response_mask.bool(), token_turn, torch.full_like(token_turn, -1))
+        turns_per_row = token_turn.max(dim=1).values.clamp_min(-1) + 1
+
+    explicit_turn_rewards = _explicit(batch, "duca_turn_rewards")
+    if explicit_turn_rewards is None:
+        if _explicit(batch, "duca_token_turn") is not None:
+            raise ValueError("duca_token_turn needs duca_turn_rewards (turn starts are not defined by it)")
+        turn_rewards = rewards[starts]
+    else:
+        explicit_turn_rewards = explicit_turn_rewards.float().to(rewards.device)
+        if explicit_turn_rewards.dim() != 2 or explicit_turn_rewards.shape[0] != num_rows:
+            raise ValueError(
+                f"duca_turn_rewards must be [{num_rows}, max_turns], got {tuple(explicit_turn_rewards.shape)}"
+            )
+        too_few = turns_per_row > explicit_turn_rewards.shape[1]
+        if too_few.any():
+            row = int(too_few.nonzero()[0])
+            raise ValueError(
+                f"row {row} has {int(turns_per_row[row])} agent turns but duca_turn_rewards has only "
+                f"{explicit_turn_rewards.shape[1]} columns"
+            )
+        columns = torch.arange(explicit_turn_rewards.shape[1], device=rewards.device)
+        turn_rewards = explicit_turn_rewards[columns[None, :] < turns_per_row[:, None]]
+
+    session_rewards = _explicit(batch, "duca_session_rewards")
+    if session_rewards is None:
+        # Everything that is not a turn reward is the session's: verl writes its score at the last token.
+        at_starts = starts if explicit_turn_rewards is None else torch.zeros_like(starts)
+        session_rewards = torch.where(at_starts, 0.0, rewards).sum(dim=1)
+    else:
+        session_rewards = session_rewards.float().to(rewards.device)
+
+    turn_session = torch.repeat_interleave(torch.arange(num_rows, device=rewards.device), turns_per_row)
+    turn_offsets = turns_per_row.cumsum(0) - turns_per_row
+    global_turn = torch.where(token_turn >= 0, token_turn + turn_offsets[:, None], token_turn)
+    local_turn_index = torch.arange(turn_session.numel(), device=rewards.device) - turn_offsets[turn_session]
+    advantages = ops.hian_advantages(
+        turn_rewards,
+        turn_session,
+        session_rewards,
+        session_group,
+        turn_index=local_turn_index,
+        token_turn=global_turn.reshape(-1),
+        num_groups=int(session_group.max()) + 1 if num_rows else 0,
+        **hian_options(config),
+    ).reshape(rewards.shape)
+    advantages = advantages * response_mask.to(advantages.dtype)
+    return advantages, advantages
+
+
+# ---------------------------------------------------------------------------------------------------
+# policy loss
+
+
+def aggregation_weights(
+    response_mask: torch.Tensor,
+    loss_agg_mode: str,
+    global_batch_info: Mapping[str, Any] | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-token weights ``w`` with ``sum(w * loss_mat) == verl's agg_loss(loss_mat, ...)`` (it is linear)."""
+    if loss_agg_mode not in VERL_LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {VERL_LOSS_AGG_MODES}, got {loss_agg_mode!r}")
+    info = dict(global_batch_info or {})
+    dp_size = info.get("dp_size", 1)
+    mask = response_mask.to(dtype)
+    if loss_agg_mode == "token-mean":
+        num_tokens = info.get("batch_num_tokens")
+        if num_tokens is None:
+            if dp_size > 1:
+                raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+            num_tokens = mask.sum()
+        return mask / num_tokens * dp_size
+    if loss_agg_mode == "token-sum":
+        return mask * dp_size
+    token_counts = mask.sum(dim=-1, keepdim=True)
+    num_sequences = info.get("global_batch_size")
+    if num_sequences is None:
+        if dp_size > 1:
+            raise ValueError("global_batch_size is required when dp_size > 1")
+        num_sequences = (token_counts > 0).float().sum()
+    if loss_agg_mode == "seq-mean-token-mean":
+        return mask / (token_counts + 1e-8) / num_sequences * dp_size
+    weights = mask / num_sequences * dp_size
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        scale = info.get("loss_scale_factor")
+        weights = weights / (mask.shape[-1] if scale is None else scale)
+    return weights
+
+
+class _LogprobPolicyLoss(torch.autograd.Function):
+    """Loss from given log-probs: ``policy_head`` gives the value and d loss / d logp in one pass."""
+
+    @staticmethod
+    def forward(ctx, log_prob, inputs, options, metrics_out):
+        compute = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
+        flat = log_prob.detach().reshape(-1).to(compute)
+        head = policy_head(flat, torch.zeros_like(flat), inputs, options)
+        metrics_out.update(head.metrics)
+        ctx.save_for_backward(head.grad_logprobs)
+        ctx.shape_dtype = (log_prob.shape, log_prob.dtype)
+        return head.loss.to(compute)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_logprobs,) = ctx.saved_tensors
+        shape, dtype = ctx.shape_dtype
+        return (grad_logprobs * grad_loss).reshape(shape).to(dtype), None, None, None
+
+
+def compute_policy_loss_duca_fused(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    **unused: Any,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """verl policy loss ``"duca_fused"``: duca_fast's clipped objective on log-probs ``[B, L]``.
+
+    Same numbers and metric names as verl's ``vanilla`` (``actor/pg_clipfrac``, ``actor/ppo_kl``,
+    ``actor/pg_clipfrac_lower``); the gradient w.r.t. ``log_prob`` is analytic (``policy_head``).
+    """
+    if config is None:
+        raise ValueError("duca_fused needs the actor config (clip_ratio, clip_ratio_low/high, clip_ratio_c)")
+    for name, tensor in (
+        ("old_log_prob", old_log_prob),
+        ("advantages", advantages),
+        ("response_mask", response_mask),
+    ):
+        if tensor.shape != log_prob.shape:
+            raise ValueError(f"{name} is {tuple(tensor.shape)} but log_prob is {tuple(log_prob.shape)}")
+    clip_ratio = config.clip_ratio
+    clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
+    clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
+    options = PolicyLossOptions(
+        clip_low=clip_low, clip_high=clip_high, dual_clip=config.get("clip_ratio_c", 3.0)
+    )
+
+    compute = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
+    active = response_mask.bool().reshape(-1)
+    weights = aggregation_weights(
+        response_mask, loss_agg_mode, config.get("global_batch_info", None), compute
+    )
+    if rollout_is_weights is not None:
+        weights = weights * rollout_is_weights.detach()
+    zero = torch.zeros((), dtype=compute, device=log_prob.device)
+
+    def masked(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(active, values.detach().reshape(-1).to(compute), zero)
+
+    inputs = TokenInputs(
+        target=torch.zeros(active.shape, dtype=torch.long, device=log_prob.device),
+        advantages=masked(advantages),
+        old_logprobs=masked(old_log_prob),
+        ref_logprobs=None,
+        behavior_logprobs=None,
+        token_weights=masked(weights),
+        active=active,
+    )
+    head_metrics: dict[str, torch.Tensor] = {}
+    loss = _LogprobPolicyLoss.apply(log_prob, inputs, options, head_metrics)
+    with torch.no_grad():
+        log_ratio = (log_prob.detach() - old_log_prob).reshape(-1).clamp(-20.0, 20.0)
+        ppo_kl = torch.where(active, -log_ratio, 0.0).sum() / active.sum().clamp_min(1)
+    metrics = {
+        "actor/pg_clipfrac": head_metrics["clip_frac"].item(),
+        "actor/ppo_kl": ppo_kl.item(),
+        "actor/pg_clipfrac_lower": head_metrics["dual_clip_frac"].item(),
+    }
+    return loss, metrics
+
+
+def _register() -> None:
+    # Idempotent: the same function may be imported twice (env var and entry point both set).
+    if ADV_ESTIMATOR_REGISTRY.get(ADV_ESTIMATOR_NAME) is not compute_duca_hian_advantage:
+        ADV_ESTIMATOR_REGISTRY.pop(ADV_ESTIMATOR_NAME, None)
+        register_adv_est(ADV_ESTIMATOR_NAME)(compute_duca_hian_advantage)
+    if POLICY_LOSS_REGISTRY.get(POLICY_LOSS_NAME) is not compute_policy_loss_duca_fused:
+        register_policy_loss(POLICY_LOSS_NAME)(compute_policy_loss_duca_fused)
+
+
+_register()
