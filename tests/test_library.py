@@ -268,6 +268,57 @@ def test_token_logprobs_opcheck():
     )
 
 
+def test_token_logprobs_backward_opcheck():
+    problem = make_problem(num_tokens=7, vocab=19)
+    hidden, weight, bias, target = (problem[n] for n in ("hidden", "weight", "bias", "target"))
+    _, entropy, lse = torch.ops.duca.token_logprobs(hidden, weight, target, bias)
+    grad_logprobs, grad_entropy = torch.randn(7), torch.randn(7)
+    for grad_entropy_arg, needs in ((grad_entropy, (True, True, True)), (None, (False, True, False))):
+        args = (hidden, weight, bias, target, lse, entropy, grad_logprobs, grad_entropy_arg, 0.9, 3, "auto")
+        torch.library.opcheck(torch.ops.duca.token_logprobs_backward.default, (*args, *needs))
+
+
+def test_fake_kernels_check_shapes_and_options():
+    """Under FakeTensorMode (what torch.compile traces) bad shapes and options fail with the op's message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    leaves, rest, _ = loss_inputs(LOSS_CASES["default"])
+    tensors, _ = split_hian_case(HIAN_CASES["tokens"])
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(ValueError, match="advantages has 28 entries but target has 29 tokens"):
+            torch.ops.duca.fused_policy_loss(
+                leaves["hidden"], leaves["weight"], rest["target"], rest["advantages"][:-1]
+            )
+        with pytest.raises(ValueError, match="needs seq_ids"):
+            torch.ops.duca.fused_policy_loss(
+                leaves["hidden"],
+                leaves["weight"],
+                rest["target"],
+                rest["advantages"],
+                loss_agg="seq_mean_token_sum",
+            )
+        with pytest.raises(ValueError, match="turn_session has 19 rows but turn_rewards has 20"):
+            torch.ops.duca.hian_advantages(
+                tensors["turn_rewards"],
+                tensors["turn_session"][:-1],
+                tensors["session_rewards"],
+                tensors["session_group"],
+                3,
+            )
+        with pytest.raises(ValueError, match="hidden width 24 != weight width 23"):
+            torch.ops.duca.token_logprobs(leaves["hidden"], leaves["weight"][:, :23], rest["target"])
+        # Shapes and dtypes of the fake results.
+        out = torch.ops.duca.hian_advantages(
+            tensors["turn_rewards"],
+            tensors["turn_session"],
+            tensors["session_rewards"],
+            tensors["session_group"],
+            3,
+            token_turn=tensors["token_turn"],
+        )
+        assert out.shape == tensors["token_turn"].shape and out.dtype == torch.float32
+
+
 def train_step(
     turn_rewards, turn_session, session_rewards, session_group, token_turn, hidden, weight, bias, target, old
 ):
@@ -332,10 +383,10 @@ def eager_step():
     return loss.detach(), advantages, metrics["clip_frac"], {n: leaf.grad for n, leaf in leaves.items()}
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph_forward_and_backward(backend):
+@pytest.mark.parametrize("backend,dynamic", [("aot_eager", True), ("inductor", False)])
+def test_torch_compile_fullgraph_forward_and_backward(backend, dynamic):
     torch._dynamo.reset()
-    compiled = torch.compile(train_step, fullgraph=True, backend=backend)
+    compiled = torch.compile(train_step, fullgraph=True, backend=backend, dynamic=dynamic)
     expected_loss, expected_advantages, expected_clip, expected_grads = eager_step()
     args, leaves = step_inputs()
     loss, advantages, clip_frac = compiled(*args)

@@ -58,6 +58,21 @@ METRIC_KEYS = (
 """Order of ``duca::fused_policy_loss``'s metrics tensor; the last four are 0 when they do not apply."""
 
 
+def _custom_op(name: str):
+    """``torch.library.custom_op`` with the inferred schema, but ``int`` where it would say ``SymInt``.
+
+    The integer options (num_groups, max_tokens, chunk_size, ...) are checked with ``isinstance(int)``
+    by the shared validators; as ``int`` in the schema, a symbolic size passed there is specialized
+    by the tracer instead of reaching the kernels as a ``SymInt``.
+    """
+
+    def register(fn):
+        schema = torch.library.infer_schema(fn, mutates_args=()).replace("SymInt", "int")
+        return torch.library.custom_op(name, fn, mutates_args=(), schema=schema)
+
+    return register
+
+
 def _compute_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
@@ -76,7 +91,7 @@ def _custom_backend(backend: str, tensor: Tensor) -> str:
 # duca::hian_advantages
 
 
-@torch.library.custom_op("duca::hian_advantages", mutates_args=())
+@_custom_op("duca::hian_advantages")
 def _hian_advantages(
     turn_rewards: Tensor,
     turn_session: Tensor,
@@ -186,23 +201,6 @@ _hian_advantages.register_autograd(_hian_backward, setup_context=_hian_setup_con
 # duca::fused_policy_loss
 
 
-def _loss_options(
-    clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, temperature, loss_agg, max_tokens, tis_cap
-) -> PolicyLossOptions:
-    return PolicyLossOptions(
-        clip_low,
-        clip_high,
-        dual_clip,
-        kl_coef,
-        kl_type,
-        entropy_coef,
-        temperature,
-        loss_agg,
-        max_tokens,
-        tis_cap,
-    )
-
-
 def _check_loss_shapes(
     hidden, weight, target, advantages, old_logprobs, bias, mask, seq_ids, ref_logprobs, behavior_logprobs
 ) -> None:
@@ -239,7 +237,7 @@ def _check_loss_shapes(
     )
 
 
-@torch.library.custom_op("duca::fused_policy_loss", mutates_args=())
+@_custom_op("duca::fused_policy_loss")
 def _fused_policy_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -268,7 +266,7 @@ def _fused_policy_loss(
     needs_bias_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss, metrics and the (unscaled) gradients of hidden, weight and bias in the compute dtype."""
-    options = _loss_options(
+    options = PolicyLossOptions(
         clip_low,
         clip_high,
         dual_clip,
@@ -345,7 +343,7 @@ def _fused_policy_loss_fake(
     needs_weight_grad=True,
     needs_bias_grad=True,
 ):
-    options = _loss_options(
+    options = PolicyLossOptions(
         clip_low,
         clip_high,
         dual_clip,
@@ -502,7 +500,7 @@ def _check_logprob_args(hidden, weight, target, bias, temperature) -> None:
     check_same_device({"hidden": hidden, "weight": weight, "target": target, "bias": bias})
 
 
-@torch.library.custom_op("duca::token_logprobs", mutates_args=())
+@_custom_op("duca::token_logprobs")
 def _token_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -539,7 +537,7 @@ def _token_logprobs_fake(hidden, weight, target, bias=None, temperature=1.0, chu
     return tuple(hidden.new_empty(hidden.shape[0], dtype=_compute_dtype(hidden)) for _ in range(3))
 
 
-@torch.library.custom_op("duca::token_logprobs_backward", mutates_args=())
+@_custom_op("duca::token_logprobs_backward")
 def _token_logprobs_backward(
     hidden: Tensor,
     weight: Tensor,
