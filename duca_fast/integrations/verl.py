@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from duca_fast import ops
+from duca_fast.integrations._layout import turn_layout
 from duca_fast.ops.policy_loss import PolicyLossOptions, TokenInputs, policy_head
 
 try:
@@ -93,20 +94,6 @@ def group_ids(index: Any) -> torch.Tensor:
     return torch.tensor(
         [seen.setdefault(uid, len(seen)) for uid in np.asarray(index).tolist()], dtype=torch.long
     )
-
-
-def turn_layout(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn of each response token within its row (-1 where masked) and the first token of every turn.
-
-    A turn is a maximal run of ``response_mask == 1``; returns ``(token_turn [B, L] int64, starts [B, L]
-    bool)``.
-    """
-    mask = response_mask.bool()
-    before = torch.zeros_like(mask)
-    before[:, 1:] = mask[:, :-1]
-    starts = mask & ~before
-    local = starts.long().cumsum(dim=1) - 1
-    return torch.where(mask, local, torch.full_like(local, -1)), starts
 
 
 def hian_options(config: Any) -> dict[str, Any]:

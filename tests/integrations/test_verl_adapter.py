@@ -16,6 +16,7 @@ from verl.trainer.ppo import core_algos
 
 from duca_fast import ops
 from duca_fast.integrations import verl as duca_verl
+from duca_fast.integrations._layout import turn_layout
 
 LENGTH = 12
 # One row per session: (uid, [(gap before turn, turn length, turn reward), ...], session reward).
@@ -119,7 +120,7 @@ def test_explicit_batch_keys_and_options(monkeypatch):
     batch = {
         "duca_turn_rewards": turn_table,
         "duca_session_rewards": packed["session_rewards"],
-        "duca_token_turn": duca_verl.turn_layout(mask)[0],
+        "duca_token_turn": turn_layout(mask)[0],
     }
     monkeypatch.setenv("DUCA_HIAN_TURN_WEIGHT", "0.5")
     monkeypatch.setenv("DUCA_HIAN_TURN_SCOPE", "group_turn")
