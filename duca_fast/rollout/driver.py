@@ -282,7 +282,9 @@ def _generate(
     engine: RolloutEngine, live: list[_Session], turn: int, budget: int, config: RolloutConfig, clock: dict
 ) -> list[Completion]:
     prompts = [tuple(s.ids) for s in live]
-    seeds = [(config.seed * 1_000_003 + s.index * 1009 + turn) % 2**31 for s in live]
+    # Seeded by the session spec (global), not its slot in this call: sharding sessions over ranks
+    # must not change what each session samples.
+    seeds = [(config.seed * 1_000_003 + s.spec.seed * 1009 + turn) % 2**31 for s in live]
     limits = [min(config.sampling.max_new_tokens, budget - len(p)) for p in prompts]
     start = time.perf_counter()
     completions = engine.generate(prompts, config.sampling, seeds, max_new_tokens=limits)

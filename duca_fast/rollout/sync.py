@@ -76,15 +76,42 @@ class _Source:
         self.lora_layer = lora_layer
 
     def materialize(self, spec: ParamSpec, device: torch.device) -> torch.Tensor:
-        tensor = self.tensor.detach()
+        tensor = _full_tensor(self.tensor.detach())
         layer = self.lora_layer
         if layer is not None and not layer.merged and not layer.disable_adapters:
             # Merged without touching the live model: W + sum of the active adapters' deltas.
             tensor = tensor.float()
             for adapter in layer.active_adapters:
                 if adapter in layer.lora_A:
-                    tensor = tensor + layer.get_delta_weight(adapter).float()
+                    tensor = tensor + _lora_delta(layer, adapter)
         return tensor.to(device=device, dtype=spec.dtype).contiguous()
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded parameter (a collective: every rank pushes in one order)."""
+    return tensor.full_tensor() if _is_sharded(tensor) else tensor
+
+
+def _lora_delta(layer, adapter: str) -> torch.Tensor:
+    """``scaling * B @ A`` of one adapter in float32, gathering FSDP2 shards one tensor at a time."""
+    lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if not (_is_sharded(lora_a) or _is_sharded(lora_b)):
+        return layer.get_delta_weight(adapter).float()
+    if getattr(layer, "fan_in_fan_out", False):
+        raise ValueError(
+            "sharded LoRA with fan_in_fan_out (Conv1D layers) is not supported by the weight sync"
+        )
+    a = _full_tensor(lora_a.detach()).float()
+    b = _full_tensor(lora_b.detach()).float()
+    return (b @ a) * layer.scaling[adapter]
 
 
 def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -18,9 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 DONE_MARKER = "COMPLETE"
+SHARDED_DIR = "sharded"
+"""Directory of a torch.distributed.checkpoint (multi-rank runs) inside a checkpoint."""
 
 
 class CheckpointError(RuntimeError):
@@ -63,46 +66,104 @@ def save_checkpoint(
     data_cursor: Mapping[str, Any],
     keep: int,
     export: Any = None,
+    sharded: bool = False,
 ) -> Path:
     """Write ``checkpoints/step_<step>`` atomically and delete all but the newest ``keep``.
 
     ``export(path)`` may write a user-facing copy of the model (e.g. peft ``save_pretrained``) inside.
-    On any failure (a full disk included) the partial directory is removed, earlier checkpoints are
-    untouched, and a CheckpointError explains what happened.
+    With ``sharded=True`` (an FSDP2 model under torch.distributed; every rank calls this) the trainable
+    parameters and the optimizer go through torch.distributed.checkpoint, which can be loaded at any
+    world size, 1 included. On any failure (a full disk included) the partial directory is removed,
+    earlier checkpoints are untouched, and a CheckpointError explains what happened.
     """
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
-    tmp = root / f".tmp-step_{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    main = not sharded or dist.get_rank() == 0
+    # Ranks share the temporary directory, so its name must not depend on the process.
+    tmp = root / (f".tmp-step_{step}" if sharded else f".tmp-step_{step}-{os.getpid()}")
+    error: OSError | None = None
     try:
-        tmp.mkdir()
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": capture_rng(),
-            },
-            tmp / "trainer_state.pt",
-        )
-        (tmp / "cursor.json").write_text(json.dumps({"step": step, **data_cursor}))
-        if export is not None:
-            export(tmp / "model")
-        (tmp / DONE_MARKER).write_text("ok\n")
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except OSError as error:
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        if sharded:
+            dist.barrier()
+            _save_sharded(tmp / SHARDED_DIR, model, optimizer)
+            dist.barrier()
+        else:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        if main:
+            torch.save(
+                {
+                    "optimizer": None if sharded else optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "rng": capture_rng(),
+                },
+                tmp / "trainer_state.pt",
+            )
+            (tmp / "cursor.json").write_text(json.dumps({"step": step, **data_cursor}))
+            if export is not None:
+                export(tmp / "model")
+            (tmp / DONE_MARKER).write_text("ok\n")
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+    except OSError as caught:
+        error = caught
         shutil.rmtree(tmp, ignore_errors=True)
+    if sharded:
+        dist.barrier()
+    if error is not None:
         raise CheckpointError(
             f"could not write checkpoint step_{step} in {root} ({error.strerror or error}); "
             "earlier checkpoints are intact. Free disk space or point run_dir elsewhere, then resume."
         ) from error
-    prune_checkpoints(run_dir, keep)
+    if main:
+        prune_checkpoints(run_dir, keep)
     return final
+
+
+def _state_options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Trainable parameters only (LoRA adapters, or everything in a full fine-tune).
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def _save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_state_options())
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+
+
+def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a torch.distributed.checkpoint at this world size (resharded as needed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if optimizer is None:
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        with_optimizer = False
+    else:
+        with_optimizer = True
+    model_state, optim_state = get_state_dict(model, optimizer, options=_state_options())
+    state = {"model": model_state}
+    if with_optimizer:
+        state["optim"] = optim_state
+    dcp.load(state, checkpoint_id=str(path))
+    # dcp.load already failed on any trainable key the checkpoint lacks; frozen weights are not in it.
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"] if with_optimizer else {},
+        options=_state_options(strict=False),
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -138,13 +199,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer=None, scheduler=None
-) -> dict[str, Any]:
-    """Load trainable parameters (and optimizer, scheduler, RNG states); return the data cursor."""
-    path = Path(path)
-    if not (path / DONE_MARKER).exists():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {DONE_MARKER} marker)")
+def _load_trainable(path: Path, model: torch.nn.Module) -> None:
     state = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = sorted(k for k, p in params.items() if p.requires_grad and k not in state)
@@ -161,8 +216,21 @@ def load_checkpoint(
                     f"{path}: {name} has shape {tuple(tensor.shape)}, model has {tuple(params[name].shape)}"
                 )
             params[name].copy_(tensor)
+
+
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer=None, scheduler=None
+) -> dict[str, Any]:
+    """Load trainable parameters (and optimizer, scheduler, RNG states); return the data cursor."""
+    path = Path(path)
+    if not (path / DONE_MARKER).exists():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {DONE_MARKER} marker)")
+    if (path / SHARDED_DIR).is_dir():
+        _load_sharded(path / SHARDED_DIR, model, optimizer)
+    else:
+        _load_trainable(path, model)
     trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
-    if optimizer is not None:
+    if optimizer is not None and trainer_state["optimizer"] is not None:
         optimizer.load_state_dict(trainer_state["optimizer"])
     if scheduler is not None and trainer_state["scheduler"] is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])

@@ -166,6 +166,8 @@ class TrainConfig:
     """Sessions run by `duca-fast eval`."""
     progress: bool = True
     """Show a progress bar."""
+    distributed_timeout_s: int = 600
+    """Multi-rank runs: a collective waiting longer than this (a rank died or hung) fails the run."""
 
 
 def _walk_keys(node: Any, prefix: str = "") -> list[str]:

@@ -16,7 +16,6 @@ import itertools
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,15 @@ from duca_fast.env import SalesEnv, compute_metrics, generate_scenarios, load_sc
 from duca_fast.train.algorithms import compute_advantages
 from duca_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from duca_fast.train.config import ConfigError, TrainConfig, to_yaml
+from duca_fast.train.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    check_same_config,
+    init_distributed,
+    shard_policy,
+    shutdown,
+)
 from duca_fast.train.records import RunRecords
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -218,23 +226,71 @@ def decoder_hidden_states(base: torch.nn.Module, batch, rows: slice, device) -> 
     return torch.cat(pieces)
 
 
+class PolicyObjective(torch.nn.Module):
+    """The policy's forward and its loss in one module call.
+
+    Under FSDP2 the root unit gathers embeddings, final norm and the (tied) lm_head only inside its own
+    forward; computing the fused loss there gives the op the full head weight and lets the backward
+    hooks reduce-scatter its gradient.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, batch, rows: slice, loss_inputs: dict[str, Any] | None = None, temperature: float = 1.0
+    ):
+        """``(loss, metrics)`` of the micro-batch when ``loss_inputs`` is given, else its log-probs."""
+        base = unwrap(self.model)
+        device = next(self.model.parameters()).device
+        hidden = decoder_hidden_states(base, batch, rows, device)
+        weight = base.get_output_embeddings().weight
+        if loss_inputs is None:
+            target = torch.roll(batch.input_ids, -1)[rows].to(device)
+            return ops.token_logprobs(hidden, weight, target, temperature=temperature)
+        return ops.fused_policy_loss(hidden, weight, **loss_inputs)
+
+
 class Trainer:
-    """Owns the policy, the engine, the optimizer and the run directory; ``run()`` trains."""
+    """Owns the policy, the engine, the optimizer and the run directory; ``run()`` trains.
+
+    Launched by torchrun with K > 1 ranks it shards the policy with FSDP2 and splits every step's
+    groups over the ranks (see ``duca_fast.train.distributed``).
+    """
 
     def __init__(self, config: TrainConfig, *, resume: bool = False) -> None:
         self.config = config
+        self.dist = init_distributed(config.distributed_timeout_s)
+        if config.rollout.groups_per_step % self.dist.world_size:
+            raise ConfigError(
+                f"rollout.groups_per_step={config.rollout.groups_per_step} is not divisible by the world "
+                f"size {self.dist.world_size}; every rank rolls out the same number of groups"
+            )
+        check_same_config(self.dist, to_yaml(config))
         self.run_dir = Path(config.run_dir)
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if resume and checkpoint is None:
             raise ConfigError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(config))
+        if self.dist.enabled and config.algo.kl_coef > 0 and config.model.lora_rank == 0:
+            raise ConfigError(
+                "algo.kl_coef > 0 with a full fine-tune is single-rank only "
+                "(use LoRA: the base model is then the reference)"
+            )
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(config))
         seed_everything(config.seed)
-        self.model_dir = resolve_model_dir(config)
+        self.model_dir = resolve_model_dir(config) if self.dist.is_main else None
+        barrier(self.dist)
+        self.model_dir = self.model_dir or resolve_model_dir(config)
         self.model = build_policy(config, self.model_dir)
         self.reference = None
         if config.algo.kl_coef > 0 and config.model.lora_rank == 0:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.objective = PolicyObjective(self.model)
+        if self.dist.enabled:
+            shard_policy(self.objective, list(unwrap(self.model).get_decoder().layers))
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params,
@@ -253,7 +309,9 @@ class Trainer:
             state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
             self.cursor.epoch, self.cursor.position = state["epoch"], state["position"]
             self.start_step = state["step"] + 1
-        self.records = RunRecords(self.run_dir, resume_step=self.start_step - 1 if checkpoint else None)
+        self.records = None
+        if self.dist.is_main:
+            self.records = RunRecords(self.run_dir, resume_step=self.start_step - 1 if checkpoint else None)
         self.engine = build_engine(config, self.model_dir)
         from duca_fast.rollout import WeightSync
 
@@ -264,20 +322,29 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------------
 
-    def step(self, step: int) -> dict[str, float]:
-        from duca_fast.rollout import RolloutConfig, SamplingConfig, make_session_specs, rollout
+    def local_specs(self, step: int):
+        """This rank's sessions: its share of the step's groups (same seeds as on a single rank)."""
+        from duca_fast.rollout import make_session_specs
 
         config = self.config
-        metrics: dict[str, float] = {}
-        started = time.perf_counter()
-
-        # 1. rollout
         picked = self.cursor.take(config.rollout.groups_per_step)
         specs = make_session_specs(
             [self.scenarios[i] for i in picked],
             config.rollout.group_size,
             seed=config.seed * 1_000_003 + step * 10_007,
         )
+        per_rank = config.rollout.groups_per_step // self.dist.world_size
+        mine = range(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
+        return [spec for spec in specs if spec.group in mine]
+
+    def step(self, step: int) -> dict[str, float]:
+        from duca_fast.rollout import RolloutConfig, SamplingConfig, rollout
+
+        config = self.config
+        metrics: dict[str, float] = {}
+        started = time.perf_counter()
+
+        # 1. rollout
         sampling = SamplingConfig(
             max_new_tokens=config.rollout.max_new_tokens,
             temperature=config.rollout.temperature,
@@ -286,39 +353,54 @@ class Trainer:
         rollout_config = RolloutConfig(
             sampling=sampling, max_turns=config.env.max_turns, seed=config.seed * 7919 + step
         )
-        batch = rollout(self.engine, env_factory(config), specs, rollout_config)
+        batch = rollout(self.engine, env_factory(config), self.local_specs(step), rollout_config)
         metrics["time/rollout"] = time.perf_counter() - started
         metrics["rollout/generated_tokens_per_s"] = batch.num_generated_tokens / max(
             batch.generate_seconds, 1e-9
         )
-        metrics["rollout/failed_sessions"] = float(batch.failed.sum())
-        metrics["rollout/truncated_sessions"] = float(batch.truncated.sum())
-        metrics["rollout/tokens"] = float(batch.input_ids.numel())
-        ok = [o for o, failed in zip(batch.outcomes, batch.failed.tolist()) if not failed]
-        if ok:
-            task = compute_metrics(ok)
-            metrics.update({f"task/{k}": float(v) for k, v in task.__dict__.items()})
+        everyone = all_gather_objects(
+            self.dist,
+            {
+                "outcomes": [o for o, bad in zip(batch.outcomes, batch.failed.tolist()) if not bad],
+                "failed": int(batch.failed.sum()),
+                "truncated": int(batch.truncated.sum()),
+                "tokens": int(batch.input_ids.numel()),
+                "rewards": (
+                    batch.turn_rewards,
+                    batch.turn_session,
+                    batch.turn_index,
+                    batch.session_rewards,
+                    batch.session_group,
+                ),
+            },
+        )
+        metrics["rollout/failed_sessions"] = float(sum(r["failed"] for r in everyone))
+        metrics["rollout/truncated_sessions"] = float(sum(r["truncated"] for r in everyone))
+        metrics["rollout/tokens"] = float(sum(r["tokens"] for r in everyone))
+        outcomes = [o for r in everyone for o in r["outcomes"]]
+        if outcomes:
+            metrics.update({f"task/{k}": float(v) for k, v in compute_metrics(outcomes).__dict__.items()})
 
-        # 2. advantages
+        # 2. advantages, over the global batch on every rank
         phase = time.perf_counter()
+        rewards, first_turn = self._global_rewards([r["rewards"] for r in everyone], self.dist.rank)
         advantages = compute_advantages(
             config.algo,
-            turn_rewards=batch.turn_rewards,
-            turn_session=batch.turn_session,
-            turn_index=batch.turn_index,
-            session_rewards=batch.session_rewards,
-            session_group=batch.session_group,
+            **rewards,
             turn_reward_names=batch.turn_reward_names,
             session_reward_names=batch.session_reward_names,
-            token_turn=batch.token_turn,
         )
         metrics.update(advantages.metrics)
+        per_turn = advantages.per_turn[first_turn : first_turn + batch.turn_rewards.shape[0]]
+        per_token = torch.zeros(batch.token_turn.shape, dtype=per_turn.dtype)
+        if per_turn.numel():
+            per_token = torch.where(batch.token_turn >= 0, per_turn[batch.token_turn.clamp_min(0)], per_token)
         metrics["time/advantage"] = time.perf_counter() - phase
 
         # 3. update
         phase = time.perf_counter()
         self.sync.sleep_for_training()
-        metrics.update(self.update(batch, advantages.per_token))
+        metrics.update(self.update(batch, per_token))
         metrics["time/train"] = time.perf_counter() - phase
 
         # 4. sync
@@ -337,9 +419,36 @@ class Trainer:
         metrics["tokens_per_s"] = metrics["rollout/tokens"] / metrics["time/step"]
 
         # 5. log
-        self.records.log(step, metrics)
-        self.records.write_samples(step, self._samples(batch, advantages.per_turn))
+        if self.records is not None:
+            self.records.log(step, metrics)
+            self.records.write_samples(step, self._samples(batch, per_turn))
         return metrics
+
+    @staticmethod
+    def _global_rewards(parts, rank: int) -> tuple[dict[str, torch.Tensor], int]:
+        """Concatenate the ranks' rewards (session ids offset); also this rank's first global turn."""
+        turn_rewards, turn_session, turn_index, session_rewards, session_group = [], [], [], [], []
+        sessions = turns = 0
+        offsets = []
+        for t_rewards, t_session, t_index, s_rewards, s_group in parts:
+            offsets.append(turns)
+            turn_rewards.append(t_rewards)
+            turn_session.append(t_session + sessions)
+            turn_index.append(t_index)
+            session_rewards.append(s_rewards)
+            session_group.append(s_group)
+            sessions += s_rewards.shape[0]
+            turns += t_rewards.shape[0]
+        return (
+            {
+                "turn_rewards": torch.cat(turn_rewards),
+                "turn_session": torch.cat(turn_session),
+                "turn_index": torch.cat(turn_index),
+                "session_rewards": torch.cat(session_rewards),
+                "session_group": torch.cat(session_group),
+            },
+            offsets[rank],
+        )
 
     def _check_prompts(self, batch) -> list[list[int]]:
         bounds = batch.cu_seqlens.tolist()
@@ -371,22 +480,23 @@ class Trainer:
         config = self.config
         device = next(self.model.parameters()).device
         # Token p predicts token p + 1 of the same session; the last token of a session predicts nothing.
-        ids = batch.input_ids
-        target = torch.roll(ids, -1)
+        target = torch.roll(batch.input_ids, -1)
         same_session = torch.roll(batch.seq_ids, -1) == batch.seq_ids
         same_session[-1:] = False
         loss_mask = same_session & (torch.roll(batch.token_turn, -1) >= 0)
         advantages = torch.roll(token_advantages, -1).float()
         behavior = torch.roll(batch.behavior_logprobs, -1).float()
-        num_loss_tokens = int(loss_mask.sum())
-        if num_loss_tokens == 0:
-            return {"loss/skipped_empty_batch": 1.0}
         session_has_loss = torch.zeros(len(batch.outcomes), dtype=torch.bool)
         session_has_loss[batch.seq_ids[loss_mask].unique()] = True
-        num_loss_sessions = int(session_has_loss.sum())
+        # Aggregation is over the global batch: counts are summed over ranks.
+        num_loss_tokens = int(all_reduce_sum(self.dist, float(loss_mask.sum())))
+        num_loss_sessions = int(all_reduce_sum(self.dist, float(session_has_loss.sum())))
+        if num_loss_tokens == 0:
+            return {"loss/skipped_empty_batch": 1.0}
         chunks = micro_batches(batch.cu_seqlens, config.optim.micro_batch_tokens)
-        inputs = dict(ids=ids, target=target, mask=loss_mask, adv=advantages, behavior=behavior)
-        old = self._old_logprobs(batch, chunks, inputs) if config.algo.ppo_epochs > 1 else None
+        old = self._old_logprobs(batch, chunks) if config.algo.ppo_epochs > 1 else None
+        # FSDP2 averages gradients over ranks; the losses are sums over the global batch.
+        rank_scale = float(self.dist.world_size)
 
         totals: dict[str, float] = {}
         for _ in range(config.algo.ppo_epochs):
@@ -396,19 +506,16 @@ class Trainer:
                 mask = loss_mask[rows]
                 if not mask.any():
                     continue
-                hidden, weight = self._hidden_states(batch, rows, device)
                 agg, scale, extra = self._aggregation(
                     mask, batch.seq_ids[rows], num_loss_tokens, num_loss_sessions
                 )
                 ref = (
                     self._ref_logprobs(batch, rows, target[rows], device) if config.algo.kl_coef > 0 else None
                 )
-                loss, op_metrics = ops.fused_policy_loss(
-                    hidden,
-                    weight,
-                    target[rows].to(device),
-                    advantages[rows].to(device),
-                    None if old is None else old[rows].to(device),
+                loss_inputs = dict(
+                    target=target[rows].to(device),
+                    advantages=advantages[rows].to(device),
+                    old_logprobs=None if old is None else old[rows].to(device),
                     mask=mask.to(device),
                     seq_ids=(batch.seq_ids[rows] - batch.seq_ids[rows][0]).to(device),
                     ref_logprobs=ref,
@@ -424,7 +531,8 @@ class Trainer:
                     tis_cap=config.algo.tis_cap,
                     **extra,
                 )
-                (loss * scale).backward()
+                loss, op_metrics = self.objective(batch, rows, loss_inputs)
+                (loss * scale * rank_scale).backward()
                 share = float(mask.sum()) / num_loss_tokens / config.algo.ppo_epochs
                 totals["loss/total"] = (
                     totals.get("loss/total", 0.0) + float(loss.detach()) * scale / config.algo.ppo_epochs
@@ -434,6 +542,7 @@ class Trainer:
             params = [p for p in self.model.parameters() if p.requires_grad]
             clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(
                     f"gradient norm is {float(grad_norm)}; lower optim.lr or check the data"
@@ -441,6 +550,14 @@ class Trainer:
             self.optimizer.step()
             totals["grad_norm"] = float(grad_norm)
         self.scheduler.step()
+        # Per-rank sums of the loss and of the token-weighted diagnostics add up to the global values
+        # (one gather of the whole dict: a rank without loss tokens has fewer keys).
+        local_sums = {k: v for k, v in totals.items() if k.startswith("loss/")}
+        for key in local_sums:
+            totals.pop(key)
+        for part in all_gather_objects(self.dist, local_sums):
+            for key, value in part.items():
+                totals[key] = totals.get(key, 0.0) + value
         totals["lr"] = self.scheduler.get_last_lr()[0]
         totals["train/loss_tokens"] = float(num_loss_tokens)
         if "loss/behavior_logprob_gap" in totals:
@@ -455,41 +572,22 @@ class Trainer:
         sessions_here = int(seq_ids[mask].unique().numel())
         return agg, sessions_here / num_loss_sessions, {}
 
-    def _hidden_states(self, batch, rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final hidden states of the micro-batch's tokens and the lm_head weight."""
-        base = unwrap(self.model)
-        return decoder_hidden_states(base, batch, rows, device), base.get_output_embeddings().weight
-
     @torch.no_grad()
     def _ref_logprobs(self, batch, rows: slice, target: torch.Tensor, device) -> torch.Tensor:
         """Log-probs under the frozen reference: the base model (adapters off) or a frozen copy."""
+        temperature = self.config.rollout.temperature
         if self.reference is not None:
-            base = unwrap(self.reference)
-            context = nullcontext()
-        else:
-            base = unwrap(self.model)
-            context = self.model.disable_adapter()
-        with context:
-            hidden = decoder_hidden_states(base, batch, rows, device)
-            return ops.token_logprobs(
-                hidden,
-                base.get_output_embeddings().weight,
-                target.to(device),
-                temperature=self.config.rollout.temperature,
-            )
+            return PolicyObjective(self.reference)(batch, rows, temperature=temperature)
+        with self.model.disable_adapter():
+            return self.objective(batch, rows, temperature=temperature)
 
     @torch.no_grad()
-    def _old_logprobs(self, batch, chunks, inputs) -> torch.Tensor:
+    def _old_logprobs(self, batch, chunks) -> torch.Tensor:
         """Current-policy log-probs before the first epoch (the PPO "old" policy for later epochs)."""
-        device = next(self.model.parameters()).device
-        old = torch.zeros(inputs["ids"].shape[0])
+        old = torch.zeros(batch.input_ids.shape[0])
         for chunk in chunks:
-            hidden, weight = self._hidden_states(batch, chunk.rows, device)
-            old[chunk.rows] = ops.token_logprobs(
-                hidden,
-                weight,
-                inputs["target"][chunk.rows].to(device),
-                temperature=self.config.rollout.temperature,
+            old[chunk.rows] = self.objective(
+                batch, chunk.rows, temperature=self.config.rollout.temperature
             ).cpu()
         return old
 
@@ -504,7 +602,8 @@ class Trainer:
             scheduler=self.scheduler,
             data_cursor=self.cursor.state(),
             keep=self.config.keep_checkpoints,
-            export=lambda path: self.model.save_pretrained(path),
+            export=None if self.dist.enabled else (lambda path: self.model.save_pretrained(path)),
+            sharded=self.dist.enabled,
         )
 
     def run(self) -> Path:
@@ -512,7 +611,9 @@ class Trainer:
 
         config = self.config
         steps = range(self.start_step, config.steps + 1)
-        bar = tqdm(steps, desc="train", disable=not config.progress, dynamic_ncols=True)
+        bar = tqdm(
+            steps, desc="train", disable=not (config.progress and self.dist.is_main), dynamic_ncols=True
+        )
         try:
             for step in bar:
                 metrics = self.step(step)
@@ -523,15 +624,18 @@ class Trainer:
                 )
                 if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps:
                     self.checkpoint(step)
-                    self.records.plot()
+                    if self.records is not None:
+                        self.records.plot()
         finally:
             bar.close()
-            self.records.plot()
-            self.records.close()
+            if self.records is not None:
+                self.records.plot()
+                self.records.close()
         return self.run_dir
 
     def close(self) -> None:
         self.engine.close()
+        shutdown(self.dist)
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:

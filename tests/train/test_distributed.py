@@ -1,0 +1,124 @@
+"""Two gloo ranks under torchrun (FSDP2) against one process, and resuming their checkpoint on one rank."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def overrides(run_dir: Path, cache: Path, steps: int) -> list[str]:
+    return [
+        "model.path=tiny",
+        f"model.cache_dir={cache}",
+        "model.lora_rank=4",
+        "rollout.engine=hf",
+        "rollout.groups_per_step=2",
+        "rollout.group_size=2",
+        "rollout.max_new_tokens=8",
+        "env.max_turns=2",
+        "env.num_scenarios=8",
+        "optim.lr=1e-2",
+        "checkpoint_every=1",
+        f"steps={steps}",
+        f"run_dir={run_dir}",
+        "progress=false",
+    ]
+
+
+def launch(args: list[str], ranks: int = 1, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if ranks == 1:
+        command = [sys.executable, "-m", "duca_fast.cli", *args]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            "-m",
+            "duca_fast.cli",
+            *args,
+        ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Trainable weights of a checkpoint, whichever format (safetensors or torch.distributed.checkpoint)."""
+    if (checkpoint / "trainable.safetensors").exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(checkpoint / "trainable.safetensors"))
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = checkpoint.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint / "sharded"), str(target))
+    return torch.load(target, weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("dist_cache")
+
+
+def test_two_ranks_match_one_and_resume_on_one(tmp_path, cache_dir):
+    single, double = tmp_path / "single", tmp_path / "double"
+    result = launch(["train", "--config", "configs/demo.yaml", *overrides(single, cache_dir, steps=3)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(
+        ["train", "--config", "configs/demo.yaml", *overrides(double, cache_dir, steps=2)], ranks=2
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    one, two = metrics(single), metrics(double)
+    for a, b in zip(one[:2], two):
+        # Same sessions (seeded per session, not per rank), same global statistics and loss.
+        for key in (
+            "task/conversion_rate",
+            "reward/turn/compliance",
+            "advantage/fused/std",
+            "train/loss_tokens",
+        ):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss/total"] == pytest.approx(b["loss/total"], abs=1e-5)
+    assert (double / "checkpoints" / "step_2" / "sharded").is_dir()
+    w_one = adapter_weights(single / "checkpoints" / "step_2")
+    w_two = adapter_weights(double / "checkpoints" / "step_2")
+    # The sharded checkpoint also carries the tied lm_head (frozen, unchanged); all adapters are in both.
+    assert set(w_one) <= set(w_two) and all("lora_" in name for name in w_one)
+    for name in w_one:
+        torch.testing.assert_close(w_two[name], w_one[name], rtol=1e-4, atol=1e-6)
+
+    # The world-size-2 checkpoint resumes at world size 1 and continues like the single-rank run.
+    result = launch(
+        ["train", "--config", "configs/demo.yaml", "--resume", *overrides(double, cache_dir, steps=3)]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = metrics(double)[-1]
+    assert resumed["step"] == 3
+    assert resumed["grad_norm"] == pytest.approx(one[2]["grad_norm"], rel=1e-3)
+    assert resumed["task/conversion_rate"] == one[2]["task/conversion_rate"]
+
+
+def test_world_size_must_divide_the_groups(tmp_path, cache_dir):
+    args = [
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        *overrides(tmp_path / "odd", cache_dir, steps=1),
+        "rollout.groups_per_step=3",
+    ]
+    result = launch(args, ranks=2)
+    assert result.returncode != 0
+    assert "not divisible by the world size 2" in result.stderr
