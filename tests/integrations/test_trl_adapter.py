@@ -3,8 +3,6 @@
 import pytest
 import torch
 
-pytest.importorskip("trl", reason="trl not installed: see duca_fast/integrations/INSTALL.txt")
-
 from duca_fast import ops
 from duca_fast.integrations.trl import DucaGRPOTrainer, hian_completion_advantages, session_totals
 

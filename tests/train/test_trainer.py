@@ -236,7 +236,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint_module, "save_file", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device.*earlier checkpoints are intact"):
+    with pytest.raises(CheckpointError, match=r"No space left on device.*earlier checkpoints are intact"):
         save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=None, data_cursor={}, keep=3)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_1"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
