@@ -36,10 +36,10 @@ from duca_fast.ops.policy_loss import (
     _check_projection,
     _check_vector,
     _choose_backend,
+    _prepare_loss_call,
     fused_loss_torch,
     logprob_grads_torch,
     logprob_stats_torch,
-    prepare_token_inputs,
 )
 
 METRIC_KEYS = (
@@ -282,17 +282,18 @@ def _fused_policy_loss(
         hidden, weight, target, advantages, old_logprobs, bias, mask, seq_ids, ref_logprobs, behavior_logprobs
     )
     compute = _compute_dtype(hidden)
-    inputs = prepare_token_inputs(
+    inputs = _prepare_loss_call(
+        ("hidden", hidden),
+        weight.shape[0],
+        {"weight": weight, "bias": bias},
         target,
         advantages,
         old_logprobs,
-        vocab_size=weight.shape[0],
         mask=mask,
         seq_ids=seq_ids,
         ref_logprobs=ref_logprobs,
         behavior_logprobs=behavior_logprobs,
         options=options,
-        compute_dtype=compute,
     )
     chunk = _check_chunk_size(chunk_size, hidden.shape[0], weight.shape[0])
     needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad and bias is not None)

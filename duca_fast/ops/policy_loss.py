@@ -660,6 +660,52 @@ def _check_chunk_size(chunk_size: int | None, num_tokens: int, vocab_size: int) 
     return chunk_size
 
 
+def _prepare_loss_call(
+    rows_input: tuple[str, torch.Tensor],
+    vocab_size: int,
+    projection: dict[str, torch.Tensor | None],
+    target: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    *,
+    mask: torch.Tensor | None,
+    seq_ids: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    behavior_logprobs: torch.Tensor | None,
+    options: PolicyLossOptions,
+) -> TokenInputs:
+    """Checks shared by the hidden-state and the logits entry points, then the per-token inputs."""
+    name, values = rows_input
+    check_tensor("target", target, ndims=(1,), kind="int")
+    if values.shape[0] != target.shape[0]:
+        raise ValueError(f"{name} has {values.shape[0]} rows but target has {target.shape[0]} tokens")
+    check_same_device(
+        {
+            name: values,
+            **projection,
+            "target": target,
+            "advantages": advantages,
+            "old_logprobs": old_logprobs,
+            "mask": mask,
+            "seq_ids": seq_ids,
+            "ref_logprobs": ref_logprobs,
+            "behavior_logprobs": behavior_logprobs,
+        }
+    )
+    return prepare_token_inputs(
+        target,
+        advantages,
+        old_logprobs,
+        vocab_size=vocab_size,
+        mask=mask,
+        seq_ids=seq_ids,
+        ref_logprobs=ref_logprobs,
+        behavior_logprobs=behavior_logprobs,
+        options=options,
+        compute_dtype=torch.float64 if values.dtype == torch.float64 else torch.float32,
+    )
+
+
 def fused_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -722,35 +768,18 @@ def fused_policy_loss(
         tis_cap,
     )
     _check_projection(hidden, weight, bias)
-    check_tensor("target", target, ndims=(1,), kind="int")
-    if hidden.shape[0] != target.shape[0]:
-        raise ValueError(f"hidden has {hidden.shape[0]} rows but target has {target.shape[0]} tokens")
-    check_same_device(
-        {
-            "hidden": hidden,
-            "weight": weight,
-            "target": target,
-            "advantages": advantages,
-            "old_logprobs": old_logprobs,
-            "bias": bias,
-            "mask": mask,
-            "seq_ids": seq_ids,
-            "ref_logprobs": ref_logprobs,
-            "behavior_logprobs": behavior_logprobs,
-        }
-    )
-    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    inputs = prepare_token_inputs(
+    inputs = _prepare_loss_call(
+        ("hidden", hidden),
+        weight.shape[0],
+        {"weight": weight, "bias": bias},
         target,
         advantages,
         old_logprobs,
-        vocab_size=weight.shape[0],
         mask=mask,
         seq_ids=seq_ids,
         ref_logprobs=ref_logprobs,
         behavior_logprobs=behavior_logprobs,
         options=options,
-        compute_dtype=compute,
     )
     chunk = _check_chunk_size(chunk_size, hidden.shape[0], weight.shape[0])
     chosen = _choose_backend(backend, hidden)
@@ -848,35 +877,20 @@ def policy_loss_from_logits(
         tis_cap,
     )
     check_tensor("logits", logits, ndims=(2,), kind="float")
-    check_tensor("target", target, ndims=(1,), kind="int")
-    if logits.shape[0] != target.shape[0]:
-        raise ValueError(f"logits has {logits.shape[0]} rows but target has {target.shape[0]} tokens")
     if logits.shape[1] == 0:
         raise ValueError("logits has an empty vocabulary (0 columns)")
-    check_same_device(
-        {
-            "logits": logits,
-            "target": target,
-            "advantages": advantages,
-            "old_logprobs": old_logprobs,
-            "mask": mask,
-            "seq_ids": seq_ids,
-            "ref_logprobs": ref_logprobs,
-            "behavior_logprobs": behavior_logprobs,
-        }
-    )
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    inputs = prepare_token_inputs(
+    inputs = _prepare_loss_call(
+        ("logits", logits),
+        logits.shape[1],
+        {},
         target,
         advantages,
         old_logprobs,
-        vocab_size=logits.shape[1],
         mask=mask,
         seq_ids=seq_ids,
         ref_logprobs=ref_logprobs,
         behavior_logprobs=behavior_logprobs,
         options=options,
-        compute_dtype=compute,
     )
     chunk = _check_chunk_size(chunk_size, logits.shape[0], logits.shape[1])
     chosen = _choose_backend(backend, logits)

@@ -101,6 +101,32 @@ def _grad_tile(
 
 
 @triton.jit
+def _online_update(z, cols, col_mask, targets, running_max, sum_exp, weighted, target_logit):
+    """Fold one ``[BLOCK_N, BLOCK_V]`` logit tile into the running statistics of its rows.
+
+    ``weighted`` is ``sum exp(z - max) * z``, rescaled like ``sum_exp``: entropy = lse - weighted / sum_exp.
+    """
+    z_masked = tl.where(col_mask[None, :], z, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(z_masked, axis=1))
+    rescale = tl.exp(running_max - new_max)
+    exps = tl.exp(z_masked - new_max[:, None])
+    sum_exp = sum_exp * rescale + tl.sum(exps, axis=1)
+    weighted = weighted * rescale + tl.sum(exps * tl.where(col_mask[None, :], z, 0.0), axis=1)
+    target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
+    return new_max, sum_exp, weighted, target_logit
+
+
+@triton.jit
+def _store_statistics(
+    lse_ptr, logprob_ptr, entropy_ptr, rows, row_mask, running_max, sum_exp, weighted, target_logit
+):
+    lse = running_max + tl.log(sum_exp)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(logprob_ptr + rows, target_logit - lse, mask=row_mask)
+    tl.store(entropy_ptr + rows, lse - weighted / sum_exp, mask=row_mask)
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     hidden_ptr,
     weight_ptr,
@@ -130,7 +156,6 @@ def _logprob_fwd_kernel(
     targets = tl.load(target_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
     sum_exp = tl.zeros([BLOCK_N], tl.float32)
-    # sum exp(z - max) * z, rescaled with sum_exp; entropy = lse - weighted / sum_exp.
     weighted = tl.zeros([BLOCK_N], tl.float32)
     target_logit = tl.zeros([BLOCK_N], tl.float32)
     for v_start in range(0, vocab_size, BLOCK_V):
@@ -156,18 +181,12 @@ def _logprob_fwd_kernel(
             BLOCK_H,
             DOT_PRECISION,
         )
-        z_masked = tl.where(col_mask[None, :], z, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z_masked, axis=1))
-        rescale = tl.exp(running_max - new_max)
-        exps = tl.exp(z_masked - new_max[:, None])
-        sum_exp = sum_exp * rescale + tl.sum(exps, axis=1)
-        weighted = weighted * rescale + tl.sum(exps * tl.where(col_mask[None, :], z, 0.0), axis=1)
-        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-        running_max = new_max
-    lse = running_max + tl.log(sum_exp)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(logprob_ptr + rows, target_logit - lse, mask=row_mask)
-    tl.store(entropy_ptr + rows, lse - weighted / sum_exp, mask=row_mask)
+        running_max, sum_exp, weighted, target_logit = _online_update(
+            z, cols, col_mask, targets, running_max, sum_exp, weighted, target_logit
+        )
+    _store_statistics(
+        lse_ptr, logprob_ptr, entropy_ptr, rows, row_mask, running_max, sum_exp, weighted, target_logit
+    )
 
 
 @triton.jit
@@ -272,18 +291,12 @@ def _logits_fwd_kernel(
             other=0.0,
         ).to(tl.float32)
         z = z * inv_temperature
-        z_masked = tl.where(col_mask[None, :], z, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z_masked, axis=1))
-        rescale = tl.exp(running_max - new_max)
-        exps = tl.exp(z_masked - new_max[:, None])
-        sum_exp = sum_exp * rescale + tl.sum(exps, axis=1)
-        weighted = weighted * rescale + tl.sum(exps * tl.where(col_mask[None, :], z, 0.0), axis=1)
-        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-        running_max = new_max
-    lse = running_max + tl.log(sum_exp)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(logprob_ptr + rows, target_logit - lse, mask=row_mask)
-    tl.store(entropy_ptr + rows, lse - weighted / sum_exp, mask=row_mask)
+        running_max, sum_exp, weighted, target_logit = _online_update(
+            z, cols, col_mask, targets, running_max, sum_exp, weighted, target_logit
+        )
+    _store_statistics(
+        lse_ptr, logprob_ptr, entropy_ptr, rows, row_mask, running_max, sum_exp, weighted, target_logit
+    )
 
 
 @triton.jit

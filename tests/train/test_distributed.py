@@ -122,3 +122,61 @@ def test_world_size_must_divide_the_groups(tmp_path, cache_dir):
     result = launch(args, ranks=2)
     assert result.returncode != 0
     assert "not divisible by the world size 2" in result.stderr
+
+
+DYING_RANK = """
+import os, sys
+from duca_fast.train.distributed import DistributedError, all_gather_objects, init_distributed
+ctx = init_distributed(timeout_s=20)
+if ctx.rank == 1:
+    os._exit(3)  # dies without a word, as a crashed or OOM-killed rank would
+try:
+    all_gather_objects(ctx, "still here")
+except DistributedError as error:
+    print(error)
+    sys.exit(7)
+"""
+
+
+def test_a_dying_rank_gives_the_others_a_clear_error_not_a_hang():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", DYING_RANK],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    out, _ = processes[0].communicate(timeout=120)
+    processes[1].wait(timeout=30)
+    assert processes[1].returncode == 3
+    assert processes[0].returncode == 7, out
+    assert "another rank probably died or hung" in out
+
+
+def test_ranks_with_different_configs_refuse_to_start(monkeypatch):
+    from duca_fast.train import distributed
+
+    ctx = distributed.DistContext(rank=0, world_size=3)
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda ctx, value: [value, value, "0123456789ab"])
+    with pytest.raises(distributed.DistributedError, match=r"ranks \[2\] run a different config"):
+        distributed.check_same_config(ctx, "steps: 10\n")
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda ctx, value: [value] * 3)
+    distributed.check_same_config(ctx, "steps: 10\n")
