@@ -114,6 +114,30 @@ def test_two_step_run_writes_everything(tmp_path, cache_dir, engine):
     assert (latest_checkpoint(run_dir) / "model" / "adapter_config.json").exists()
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["algo.kl_coef=0.1", "algo.ppo_epochs=2", "algo.dual_clip=3.0", "algo.loss_agg=seq_mean_token_mean"],
+        ["algo.name=grpo", "model.lora_rank=0", "algo.kl_coef=0.05", "algo.entropy_coef=0.01"],
+        ["algo.name=gdpo", "algo.turn_scope=group_turn", "algo.scale=batch"],
+    ],
+    ids=["duca-kl-to-base-two-epochs", "grpo-full-finetune-kl-to-frozen-copy", "gdpo"],
+)
+def test_algorithm_and_loss_options_train(tmp_path, cache_dir, extra):
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, cache_dir, "hf", steps=1)
+    result = cli("train", "--config", "configs/demo.yaml", *args, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = read_metrics(run_dir)
+    assert row["grad_norm"] > 0 and abs(row["loss/total"]) < 1e3
+    if any(e.startswith("algo.kl_coef") for e in extra):
+        # KL to the reference: the base model (LoRA adapters off) or a frozen copy (full fine-tune).
+        assert row["loss/kl_ref"] >= 0
+    if "algo.name=grpo" in extra or "algo.name=gdpo" in extra:
+        # One advantage per session: no turn-horizon statistics are logged.
+        assert "advantage/turn_horizon/std" not in row and "advantage/session_horizon/std" in row
+
+
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cache_dir):
     straight = tmp_path / "straight"
     result = cli(
