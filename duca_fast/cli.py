@@ -3,7 +3,7 @@
     duca-fast train   [--config FILE] [--resume] [key=value ...]
     duca-fast eval    [--config FILE] [--checkpoint DIR|latest] [--sessions N] [--seed S] [key=value ...]
     duca-fast compare [--config FILE] --algos duca,grpo,gdpo --seeds 3 [--out DIR] [key=value ...]
-    duca-fast bench   [--only advantages,policy_loss,rollout]
+    duca-fast bench   [--only advantages,policy_loss,rollout,train]
 
 Overrides use the config's dotted keys (``optim.lr=1e-4 rollout.group_size=8``); see
 ``duca_fast/train/config.py`` for every key and its meaning.
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ("advantages", "policy_loss", "rollout")
+BENCHES = ("advantages", "policy_loss", "rollout", "train")
 
 
 def _parser() -> argparse.ArgumentParser:
