@@ -494,17 +494,18 @@ class Trainer:
         if num_loss_tokens == 0:
             return {"loss/skipped_empty_batch": 1.0}
         chunks = micro_batches(batch.cu_seqlens, config.optim.micro_batch_tokens)
-        old = self._old_logprobs(batch, chunks) if config.algo.ppo_epochs > 1 else None
+        passes = self._pad_for_ranks(chunks)
+        old = self._old_logprobs(batch, passes) if config.algo.ppo_epochs > 1 else None
         # FSDP2 averages gradients over ranks; the losses are sums over the global batch.
         rank_scale = float(self.dist.world_size)
 
         totals: dict[str, float] = {}
         for _ in range(config.algo.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            for chunk in chunks:
+            for chunk, padding in passes:
                 rows = chunk.rows
-                mask = loss_mask[rows]
-                if not mask.any():
+                mask = loss_mask[rows] & (not padding)
+                if not mask.any() and not self.dist.enabled:
                     continue
                 agg, scale, extra = self._aggregation(
                     mask, batch.seq_ids[rows], num_loss_tokens, num_loss_sessions
@@ -564,6 +565,23 @@ class Trainer:
             totals["sync/logprob_gap"] = totals.pop("loss/behavior_logprob_gap")
         return totals
 
+    def _pad_for_ranks(self, chunks: list[MicroBatch]) -> list[tuple[MicroBatch, bool]]:
+        """Micro-batches to run, flagged True where one is a masked-out repeat.
+
+        Under FSDP2 every forward and backward is a collective, so all ranks must run as many passes;
+        a rank with fewer micro-batches repeats its first one with the loss masked out.
+        """
+        passes = [(chunk, False) for chunk in chunks]
+        if not self.dist.enabled:
+            return passes
+        most = max(all_gather_objects(self.dist, len(chunks)))
+        if not chunks and most:
+            raise RuntimeError(
+                f"rank {self.dist.rank}: every session of this rank failed, so it has no tokens to keep "
+                "in step with the other ranks; see the rollout errors in its log"
+            )
+        return passes + [(chunks[0], True)] * (most - len(chunks))
+
     def _aggregation(self, mask, seq_ids, num_loss_tokens: int, num_loss_sessions: int):
         """Per-micro-batch loss_agg and scale so that the summed micro-batch losses aggregate the step."""
         agg = self.config.algo.loss_agg
@@ -582,13 +600,13 @@ class Trainer:
             return self.objective(batch, rows, temperature=temperature)
 
     @torch.no_grad()
-    def _old_logprobs(self, batch, chunks) -> torch.Tensor:
+    def _old_logprobs(self, batch, passes) -> torch.Tensor:
         """Current-policy log-probs before the first epoch (the PPO "old" policy for later epochs)."""
         old = torch.zeros(batch.input_ids.shape[0])
-        for chunk in chunks:
-            old[chunk.rows] = self.objective(
-                batch, chunk.rows, temperature=self.config.rollout.temperature
-            ).cpu()
+        for chunk, padding in passes:
+            logprobs = self.objective(batch, chunk.rows, temperature=self.config.rollout.temperature)
+            if not padding:
+                old[chunk.rows] = logprobs.cpu()
         return old
 
     # -- the loop ------------------------------------------------------------------------------------
