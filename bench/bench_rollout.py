@@ -2,8 +2,9 @@
 
 (a) The driver runs B scenarios x G sessions of an echo customer for K agent turns (K rounds of
 B*G requests, chat-template tokenization, env steps); the baseline is one ``engine.generate`` call
-over B*G*K first-turn prompts with the same sampling. Overhead = 1 - driver tok/s / baseline tok/s;
-the share of the driver's wall time spent outside the engine is reported too.
+over B*G*K first-turn prompts with the same sampling, and K calls of B*G such prompts (the batch shape
+the driver itself can use). Overhead = 1 - driver tok/s / baseline tok/s; the share of the driver's wall
+time spent outside the engine is reported too.
 (b) ``WeightSync.push`` of a perturbed copy of the model, median of 3, with the log-prob mismatch
 measured after the last push.
 
@@ -104,6 +105,17 @@ def bench_model(name: str, sessions: int, turns: int, tokens: int) -> list[dict[
     plain = engine.generate([prompt] * requests, sampling, seeds=list(range(requests)))
     plain_s = time.perf_counter() - started
     plain_tokens = sum(len(c.token_ids) for c in plain)
+    # Same requests in K rounds of B*G, as the driver must send them: what remains is the driver's cost
+    # (tokenization, env steps) and the longer multi-turn prompts, not the batch shape.
+    engine.reset_prefix_cache()
+    started = time.perf_counter()
+    rounds_tokens = 0
+    for round_index in range(turns):
+        seeds = [round_index * len(specs) + i for i in range(len(specs))]
+        rounds_tokens += sum(
+            len(c.token_ids) for c in engine.generate([prompt] * len(specs), sampling, seeds)
+        )
+    rounds_tps = rounds_tokens / (time.perf_counter() - started)
     driver_tps = batch.num_generated_tokens / driver_s
     plain_tps = plain_tokens / plain_s
     rows: list[dict[str, object]] = [
@@ -120,7 +132,21 @@ def bench_model(name: str, sessions: int, turns: int, tokens: int) -> list[dict[
             "logprob_mad": float("nan"),
             "engine_init_s": init_s,
             "model_prepare_s": prepare_s,
-        }
+        },
+        {
+            "model": name,
+            "what": f"driver vs {turns} generates of {len(specs)} (same batch per round)",
+            "params_MB": float("nan"),
+            "seconds": driver_s,
+            "tokens": batch.num_generated_tokens,
+            "tok_per_s": driver_tps,
+            "baseline_tok_per_s": rounds_tps,
+            "overhead": 1 - driver_tps / rounds_tps,
+            "outside_engine": 1 - batch.generate_seconds / driver_s,
+            "logprob_mad": float("nan"),
+            "engine_init_s": init_s,
+            "model_prepare_s": prepare_s,
+        },
     ]
 
     trainer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
