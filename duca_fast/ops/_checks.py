@@ -73,18 +73,37 @@ class ValueChecks:
     """Collects value checks as device tensors and reads them all in one host synchronisation."""
 
     def __init__(self) -> None:
-        self._checks: list[tuple[torch.Tensor, Callable[[int], str]]] = []
+        self._checks: list[tuple[torch.Tensor, Callable[[], torch.Tensor], Callable[[int], str]]] = []
 
     def forbid(self, bad: torch.Tensor, describe: Callable[[int], str]) -> None:
         """Fail if any entry of the bool tensor ``bad`` is True; ``describe(index)`` words the error."""
-        self._checks.append((bad, describe))
+        if bad.numel():
+            self._checks.append((bad.any(), lambda: bad, describe))
+
+    def forbid_flagged(
+        self, flag: torch.Tensor, locate: Callable[[], torch.Tensor], describe: Callable[[int], str]
+    ) -> None:
+        """Fail if the 0-d bool ``flag`` is True; ``locate()`` builds the bool mask only then."""
+        self._checks.append((flag, locate, describe))
+
+    def forbid_outside(self, name: str, ids: torch.Tensor, low: int, high: int | None, what: str) -> None:
+        """Ids must lie in ``[low, high)`` (``high=None``: only ``>= low``); one min/max pass, no mask."""
+        if ids.numel() == 0:
+            return
+        smallest, largest = torch.aminmax(ids)
+        flag = smallest < low if high is None else (smallest < low) | (largest >= high)
+        bound = f">= {low}" if high is None else f"in [{low}, {high}) ({what})"
+
+        def locate() -> torch.Tensor:
+            return (ids < low) if high is None else (ids < low) | (ids >= high)
+
+        self.forbid_flagged(flag, locate, lambda i: f"{name}[{i}] = {int(ids[i])} must be {bound}")
 
     def raise_if_failed(self) -> None:
-        checks = [(bad, describe) for bad, describe in self._checks if bad.numel() > 0]
-        if not checks:
+        if not self._checks:
             return
-        failed = torch.stack([bad.any() for bad, _ in checks]).tolist()
-        for is_bad, (bad, describe) in zip(failed, checks):
+        failed = torch.stack([flag.reshape(()) for flag, _, _ in self._checks]).tolist()
+        for is_bad, (_, locate, describe) in zip(failed, self._checks):
             if is_bad:
-                index = int(bad.reshape(-1).nonzero()[0, 0].item())
+                index = int(locate().reshape(-1).nonzero()[0, 0].item())
                 raise ValueError(describe(index))
