@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import os
 import platform
 import statistics
 import subprocess
@@ -24,6 +25,10 @@ def device_name(device: torch.device | str) -> str:
 
 
 def git_commit() -> str:
+    """Short commit of this checkout (``-dirty`` with local changes); DUCA_BENCH_COMMIT overrides it, for
+    copies of the tree without .git such as the device machine's."""
+    if os.environ.get("DUCA_BENCH_COMMIT"):
+        return os.environ["DUCA_BENCH_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
