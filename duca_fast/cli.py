@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from duca_fast.train.checkpoint import CheckpointError
     from duca_fast.train.config import ConfigError, load_config
+    from duca_fast.train.distributed import DistributedError
 
     try:
         if args.command == "bench":
@@ -129,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as error:
         print(f"duca-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except DistributedError as error:
+        print(f"duca-fast {args.command}: error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Interpreter teardown with a broken process group can abort (SIGABRT) and bury the message.
+        os._exit(3)
     return 0
 
 
