@@ -75,8 +75,6 @@ class HorizonInput:
 
     rewards: torch.Tensor
     weights: torch.Tensor
-    keys: torch.Tensor | None = None
-    """Statistic bucket of each member (int64 [M]); filled in by the backends that need it."""
 
     def combined(self) -> torch.Tensor:
         """Weighted sum of the components in float64 ([M]); NaN when any component is NaN."""

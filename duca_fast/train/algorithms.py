@@ -96,9 +96,11 @@ def compute_advantages(
         )
 
     if algo.name == "duca":
-        per_turn = hian(algo.turn_weight, algo.session_weight)
-        metrics.update(_stats("advantage/turn_horizon", hian(1.0, 0.0)))
-        metrics.update(_stats("advantage/session_horizon", hian(0.0, 1.0)))
+        # Each horizon once (they are logged too); the fusion is then a weighted sum.
+        turn_horizon, session_horizon = hian(1.0, 0.0), hian(0.0, 1.0)
+        per_turn = algo.turn_weight * turn_horizon + algo.session_weight * session_horizon
+        metrics.update(_stats("advantage/turn_horizon", turn_horizon))
+        metrics.update(_stats("advantage/session_horizon", session_horizon))
     else:
         num_sessions = session_rewards.shape[0]
         # Per-session sums of every turn component: [S, Kt].
@@ -117,10 +119,13 @@ def compute_advantages(
         per_turn = per_session[turn_session.long()] if turn_session.numel() else per_session.new_zeros(0)
         metrics.update(_stats("advantage/session_horizon", per_session))
     metrics.update(_stats("advantage/fused", per_turn))
-    per_token = None
-    if token_turn is not None:
-        has_loss = token_turn >= 0
-        per_token = torch.zeros(token_turn.shape, dtype=per_turn.dtype)
-        if per_turn.numel():
-            per_token = torch.where(has_loss, per_turn[token_turn.clamp_min(0)], per_token)
+    per_token = None if token_turn is None else broadcast_to_tokens(per_turn, token_turn)
     return Advantages(per_turn=per_turn, per_token=per_token, metrics=metrics)
+
+
+def broadcast_to_tokens(per_turn: torch.Tensor, token_turn: torch.Tensor) -> torch.Tensor:
+    """``[N]`` advantage of each token from its turn's; 0 where ``token_turn`` is -1 (no loss)."""
+    per_token = torch.zeros(token_turn.shape, dtype=per_turn.dtype)
+    if per_turn.numel():
+        per_token = torch.where(token_turn >= 0, per_turn[token_turn.clamp_min(0)], per_token)
+    return per_token

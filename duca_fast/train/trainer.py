@@ -25,7 +25,7 @@ import torch
 
 from duca_fast import ops
 from duca_fast.env import SalesEnv, compute_metrics, generate_scenarios, load_scenarios
-from duca_fast.train.algorithms import compute_advantages
+from duca_fast.train.algorithms import broadcast_to_tokens, compute_advantages
 from duca_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from duca_fast.train.config import ConfigError, TrainConfig, to_yaml
 from duca_fast.train.distributed import (
@@ -392,9 +392,7 @@ class Trainer:
         )
         metrics.update(advantages.metrics)
         per_turn = advantages.per_turn[first_turn : first_turn + batch.turn_rewards.shape[0]]
-        per_token = torch.zeros(batch.token_turn.shape, dtype=per_turn.dtype)
-        if per_turn.numel():
-            per_token = torch.where(batch.token_turn >= 0, per_turn[batch.token_turn.clamp_min(0)], per_token)
+        per_token = broadcast_to_tokens(per_turn, batch.token_turn)
         metrics["time/advantage"] = time.perf_counter() - phase
 
         # 3. update
