@@ -4,7 +4,7 @@ Nothing here imports torch. ``make_env("sales")`` / ``make_env("sales-acts")`` b
 both follow the ``DialogueEnv`` contract of ``duca_fast.env.base``.
 """
 
-from duca_fast.env.acts import ACTS, OBSERVATION_SIZE, SalesActsEnv, render_act
+from duca_fast.env.acts import ACTS, HIDDEN_OBSERVATION_SIZE, OBSERVATION_SIZE, SalesActsEnv, render_act
 from duca_fast.env.base import DialogueEnv, Observation, Outcome, TurnResult, step_many
 from duca_fast.env.customer import CUSTOMER_INTENTS, Customer, CustomerReply, CustomerState, ScriptedCustomer
 from duca_fast.env.llm_customer import (
@@ -17,6 +17,7 @@ from duca_fast.env.llm_customer import (
     parse_decision,
 )
 from duca_fast.env.metrics import SalesMetrics, compute_metrics
+from duca_fast.env.regimes import REGIMES, SESSION_SCALES, RegimeCustomer, TwinRegime, make_regime
 from duca_fast.env.rewards import (
     SESSION_REWARD_NAMES,
     TURN_REWARD_NAMES,
@@ -58,8 +59,11 @@ __all__ = [
     "ACTS",
     "CUSTOMER_INTENTS",
     "ENV_NAMES",
+    "HIDDEN_OBSERVATION_SIZE",
     "OBSERVATION_SIZE",
+    "REGIMES",
     "SESSION_REWARD_NAMES",
+    "SESSION_SCALES",
     "TURN_REWARD_NAMES",
     "VIOLATION_WEIGHTS",
     "AgentTurnReading",
@@ -79,12 +83,14 @@ __all__ = [
     "Outcome",
     "Persona",
     "Product",
+    "RegimeCustomer",
     "SalesActsEnv",
     "SalesEnv",
     "SalesMetrics",
     "Scenario",
     "ScriptedCustomer",
     "TurnResult",
+    "TwinRegime",
     "check_agent_message",
     "compliance_reward",
     "compliance_violations",
@@ -94,6 +100,7 @@ __all__ = [
     "heuristic_fluency",
     "load_scenarios",
     "make_env",
+    "make_regime",
     "margin_reward",
     "naturalness_reward",
     "parse_decision",

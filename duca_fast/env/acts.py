@@ -9,12 +9,27 @@ Two horizons pull apart here on purpose: ``discount_35`` (always below the floor
 (often above the allowed discount) reach customers whose budget is too low, ``promise_guarantee`` (never
 allowed) wins skeptics' trust, and repeating a pitch of a need adds interest; the turn rewards penalise
 all of them. ``deny_ai`` never helps: the customer trusts an honest ``disclose_ai`` more.
+
+A ``TwinRegime`` (``duca_fast.env.regimes``) sets reward scales and noise, stochastic customers and
+whether the observation shows the customer's latent state; the default is the ``classic`` twin.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import random
+
 from duca_fast.env.base import Observation, TurnResult
 from duca_fast.env.customer import CUSTOMER_INTENTS, ScriptedCustomer
+from duca_fast.env.regimes import (
+    MESSAGE_CUES,
+    RegimeCustomer,
+    TwinRegime,
+    message_cues,
+    noisy_turn_rewards,
+    scaled_session_rewards,
+)
 from duca_fast.env.sales import SalesEnv
 from duca_fast.env.scenarios import Scenario
 from duca_fast.env.text import AgentTurnReading, sentence_overlaps, split_sentences
@@ -41,7 +56,9 @@ ACTS: tuple[str, ...] = (
 """The act vocabulary; ``step`` takes a name from here or its index."""
 _SCALARS = 8
 OBSERVATION_SIZE = _SCALARS + 3 * MAX_FEATURES + len(CUSTOMER_INTENTS) + len(ACTS)
-"""Length of ``SalesActsEnv.observation_vector()``."""
+"""Length of ``SalesActsEnv.observation_vector()`` (regimes without ``hidden_state``)."""
+HIDDEN_OBSERVATION_SIZE = _SCALARS - 1 + 3 * MAX_FEATURES + len(MESSAGE_CUES) + len(ACTS)
+"""Length of the observation vector under a ``hidden_state`` regime."""
 
 
 def _check_act(act: str | int) -> str:
@@ -104,19 +121,30 @@ def render_act(act: str, scenario: Scenario) -> tuple[str, AgentTurnReading]:
 
 class SalesActsEnv(SalesEnv):
     """The ``sales-acts`` twin (implements ``DialogueEnv``): ``step(act)`` with ``act`` a name in ``ACTS``
-    or an int index into it. ``observation_vector()`` gives a fixed-size numeric view for tiny policies."""
+    or an int index into it. ``observation_vector()`` gives a fixed-size numeric view for tiny policies;
+    its length is ``observation_size`` (it depends on the regime)."""
 
     num_actions = len(ACTS)
     observation_size = OBSERVATION_SIZE
 
-    def __init__(self, *, max_turns: int = 10) -> None:
-        super().__init__(ScriptedCustomer, max_turns=max_turns)
+    def __init__(self, *, max_turns: int = 10, regime: TwinRegime | None = None) -> None:
+        regime = TwinRegime() if regime is None else regime
+        if not isinstance(regime, TwinRegime):
+            raise ValueError(f"regime must be a TwinRegime (see make_regime), got {type(regime).__name__}")
+        customer = (
+            functools.partial(RegimeCustomer, regime=regime) if regime.changes_customer else ScriptedCustomer
+        )
+        super().__init__(customer, max_turns=max_turns)
+        self.regime = regime
+        self.observation_size = HIDDEN_OBSERVATION_SIZE if regime.hidden_state else OBSERVATION_SIZE
 
     def reset(self, scenario: Scenario, seed: int) -> Observation:
         observation = super().reset(scenario, seed)
         self._acts_used: set[str] = set()
         self._features_pitched: set[str] = set()
         self._last_intent = "opening"
+        self._last_message = observation.customer_message
+        self._reward_rng = random.Random(f"{scenario.scenario_id}/{seed}/rewards")
         acts = ", ".join(ACTS)
         return Observation(
             system_prompt=f"{observation.system_prompt}\nAnswer with one act per turn: {acts}.",
@@ -140,18 +168,29 @@ class SalesActsEnv(SalesEnv):
     def step(self, agent_message: str | int) -> TurnResult:
         result = super().step(agent_message)
         self._last_intent = result.info["customer_intent"]
-        return result
+        self._last_message = result.customer_message
+        if not self.regime.changes_rewards:
+            return result
+        session = result.session_rewards
+        return dataclasses.replace(
+            result,
+            turn_rewards=noisy_turn_rewards(result.turn_rewards, self.regime, self._reward_rng),
+            session_rewards=None if session is None else scaled_session_rewards(session, self.regime),
+        )
 
     async def astep(self, agent_message: str | int) -> TurnResult:
         return self.step(agent_message)
 
     def observation_vector(self) -> list[float]:
-        """``OBSERVATION_SIZE`` floats in [0, ~1.5]: what the agent could know so far.
+        """``observation_size`` floats in [0, ~1.5]: what the agent could know so far.
 
         Scalars: turn / max_turns, floor / list, lowest allowed price / list, max discount, "has an allowed
         promise", stated budget / list (0 until said), best offer / list (0 until made), "was just asked if it
         is a bot"; then per feature slot: exists, revealed as a need, pitched; then the customer's last
         intent (one-hot over ``CUSTOMER_INTENTS``); then which acts were used (one bit per act).
+
+        Under a ``hidden_state`` regime the bot-question flag and the intent one-hot (both latent customer
+        state) are left out and ``MESSAGE_CUES`` of the customer's last message take the intent's place.
         """
         scenario, state = self.scenario, self.customer.state
         product, rules = scenario.product, scenario.rules
@@ -164,12 +203,16 @@ class SalesActsEnv(SalesEnv):
             float(bool(rules.allowed_promises)),
             (state.stated_budget or 0.0) / list_price,
             (state.best_offer or 0.0) / list_price,
-            float(state.awaiting_bot_answer),
         ]
+        if not self.regime.hidden_state:
+            vector.append(float(state.awaiting_bot_answer))
         names = [f.name for f in product.features] + [None] * (MAX_FEATURES - len(product.features))
         vector += [float(name is not None) for name in names]
         vector += [float(name in state.revealed_needs) for name in names]
         vector += [float(name in self._features_pitched) for name in names]
-        vector += [float(intent == self._last_intent) for intent in CUSTOMER_INTENTS]
+        if self.regime.hidden_state:
+            vector += message_cues(self._last_message)
+        else:
+            vector += [float(intent == self._last_intent) for intent in CUSTOMER_INTENTS]
         vector += [float(act in self._acts_used) for act in ACTS]
         return vector
