@@ -161,8 +161,7 @@ class TwoHorizonBatch:
         return out
 
     def to_turns(self, per_session: torch.Tensor) -> torch.Tensor:
-        """``[S]`` session values -> ``[T]`` float32 per-turn values; turns of dropped sessions get 0."""
-        per_session = torch.where(self.valid_sessions(), per_session, 0.0)
+        """``[S]`` session values -> ``[T]`` float32 per-turn values (each turn gets its session's)."""
         session = self.turn_session.cpu().long()
         return per_session[session].float().to(self.turn_rewards.device)
 

@@ -28,6 +28,15 @@ def test_ci_of_two_points_covers_the_enumerable_bootstrap_distribution():
     assert (narrow.low, narrow.high) == (0.5, 0.5)
 
 
+def test_ci_of_a_large_sample_matches_the_normal_approximation():
+    # 400 evenly spread values in [0, 1): sd ~ 0.2887, so the 95% CI is mean +- 1.96 * 0.2887 / 20
+    values = [i / 400 for i in range(400)]
+    ci = mean_ci(values)
+    half_width = 1.959964 * (sum((v - ci.mean) ** 2 for v in values) / 400) ** 0.5 / 20
+    assert ci.high - ci.mean == pytest.approx(half_width, rel=0.05)
+    assert ci.mean - ci.low == pytest.approx(half_width, rel=0.05)
+
+
 def test_ci_is_deterministic_and_narrows_with_more_data():
     values = [0.1, 0.3, 0.2, 0.25, 0.15, 0.4, 0.05, 0.2, 0.3, 0.1]
     assert mean_ci(values) == mean_ci(values)
@@ -66,7 +75,9 @@ def test_monte_carlo_agrees_with_exact_and_never_gives_zero():
     # every difference positive and n = 12: only all-plus and all-minus reach it, p = 2 / 4096
     shifted = [x + 0.01 * (i + 1) for i, x in enumerate(b)]
     assert paired_permutation_test(shifted, b).p_value == 2 / 2**12
-    assert paired_permutation_test(a, b, exact_max_pairs=0, resamples=100).p_value >= 1 / 101
+    # 30 positive differences: a random sign flip essentially never reaches them, yet p is 1 / 1001, not 0
+    far = paired_permutation_test([1.0 + i for i in range(30)], [0.0] * 30, exact_max_pairs=0, resamples=1000)
+    assert far.p_value == 1 / 1001 and not far.exact
 
 
 def test_paired_difference_ci():
