@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from duca_fast import ops
 from duca_fast.train import estimators
 from duca_fast.train.estimators import TwoHorizonBatch
 
@@ -232,3 +233,20 @@ def test_empty_batch_gives_empty_advantages():
     )
     for estimator in (estimators.grpo, estimators.gdpo, estimators.mt_grpo, estimators.session_only):
         assert estimator(batch).shape == (0,)
+
+
+def test_sum_form_and_ablation_agree_with_the_ops_on_random_batches():
+    """GRPO(sum) is the landed first-round baseline; session_only is HIAN's session horizon alone."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 6, (12,), generator=generator)
+    turn_session = torch.repeat_interleave(torch.arange(12), lengths)
+    turn_index = torch.cat([torch.arange(int(n)) for n in lengths])
+    turn_rewards = -torch.rand(len(turn_session), 3, generator=generator)
+    session_rewards = (torch.rand(12, 2, generator=generator) > 0.5).float()
+    group = torch.arange(12) // 4
+    batch = TwoHorizonBatch(turn_rewards, turn_session, turn_index, session_rewards, group)
+    merged = torch.zeros(12).index_add_(0, turn_session, turn_rewards.sum(1)) + session_rewards.sum(1)
+    landed = ops.grpo_advantages(merged, group)[turn_session]
+    assert torch.allclose(estimators.grpo(batch, turn_agg="sum"), landed, atol=1e-5)
+    hian = ops.hian_advantages(turn_rewards, turn_session, session_rewards, group, turn_weight=0.0)
+    assert torch.allclose(estimators.session_only(batch), hian, atol=1e-5)
