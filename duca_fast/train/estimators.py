@@ -103,9 +103,7 @@ class TwoHorizonBatch:
             if int(self.turn_index.min()) < 0:
                 raise ValueError("turn_index values must be >= 0")
             length = torch.bincount(self.turn_session.long(), minlength=num_sessions)
-            if int(self.turn_index.max()) >= int(length.max()) or bool(
-                (self.turn_index.long() >= length[self.turn_session.long()]).any()
-            ):
+            if bool((self.turn_index.long() >= length[self.turn_session.long()]).any()):
                 raise ValueError("turn_index must run 0..n_i-1 over the n_i turns of each session")
             key = self.turn_session.long() * (int(length.max()) + 1) + self.turn_index.long()
             if key.unique().numel() != num_turns:
@@ -123,28 +121,28 @@ class TwoHorizonBatch:
         """[S] bool: sessions whose session rewards are all finite (the others enter no statistic)."""
         return torch.isfinite(self.session_rewards).all(dim=1).cpu()
 
-    def turn_components(self) -> torch.Tensor:
-        """[T, Kt] float64 weighted turn components ``w_k r_tk``."""
-        weights = _check_weights(
-            "turn_component_weights", self.turn_component_weights, self.turn_rewards.shape[1]
-        )
-        return self.turn_rewards.detach().cpu().double() * weights
+    def turn_weights(self) -> torch.Tensor:
+        """[Kt] float64 ``w_k``."""
+        num = self.turn_rewards.shape[1]
+        return _check_weights("turn_component_weights", self.turn_component_weights, num)
 
-    def session_components(self) -> torch.Tensor:
-        """[S, Ks] float64 weighted session components ``v_k R_ik`` (0 in dropped sessions)."""
+    def session_weights(self) -> torch.Tensor:
+        """[Ks] float64 ``v_k``."""
+        num = self.session_rewards.shape[1]
+        return _check_weights("session_component_weights", self.session_component_weights, num)
+
+    def session_columns(self) -> torch.Tensor:
+        """[S, Ks] float64 unweighted session components (0 in dropped sessions)."""
         rewards = self.session_rewards.detach().cpu().double()
-        weights = _check_weights(
-            "session_component_weights", self.session_component_weights, self.session_rewards.shape[1]
-        )
-        return torch.where(self.valid_sessions()[:, None], rewards, 0.0) * weights
+        return torch.where(self.valid_sessions()[:, None], rewards, 0.0)
 
     def turn_totals(self) -> torch.Tensor:
-        """[T] float64 ``r_t``."""
-        return self.turn_components().sum(dim=1)
+        """[T] float64 ``r_t = sum_k w_k r_tk``."""
+        return self.turn_rewards.detach().cpu().double() @ self.turn_weights()
 
     def session_totals(self) -> torch.Tensor:
-        """[S] float64 ``R_i`` (0 in dropped sessions)."""
-        return self.session_components().sum(dim=1)
+        """[S] float64 ``R_i = sum_k v_k R_ik`` (0 in dropped sessions)."""
+        return self.session_columns() @ self.session_weights()
 
     def session_lengths(self) -> torch.Tensor:
         """[S] int64 number of agent turns of each session."""
@@ -248,21 +246,16 @@ def gdpo(
     ``turn_weight * w_k``) and ``R_ik`` for every session component (weight ``session_weight * v_k``).
     ``A^k_i = (c_ik - mean_g c_k) / (std_g c_k + eps)``; ``S_i = sum_k weight_k A^k_i``;
     ``A_i = (S_i - mean_B S) / (std_B S + eps)`` over the batch's sessions in groups of >= 2 valid
-    sessions; ``A_t = A_{session(t)}``. Source: Liu et al. 2026, "GDPO: Group reward-Decoupled
-    Normalization Policy Optimization for Multi-reward RL Optimization", arXiv:2601.05242, and its
-    reference code (NVlabs/GDPO, ``trl-GDPO`` ``grpo_trainer.py``: per-reward group mean/std, weighted
-    ``nansum``, batch mean/std). The reference adds eps 1e-4; here eps is the same for every estimator.
+    sessions; ``A_t = A_{session(t)}``. Source: "GDPO: Group reward-Decoupled Normalization Policy
+    Optimization for Multi-reward RL Optimization" (NVIDIA, 2026), arXiv:2601.05242, and its reference
+    code (NVlabs/GDPO, ``trl-GDPO`` ``grpo_trainer.py``: per-reward group mean/std, weighted ``nansum``,
+    batch mean/std). The reference adds eps 1e-4; here eps is the same for every estimator.
     """
     valid = batch.valid_sessions()
     group = batch.session_group
     turn_columns = batch.aggregate_turns(batch.turn_rewards.detach().cpu().double(), turn_agg)
-    turn_w = _check_weights("turn_component_weights", batch.turn_component_weights, turn_columns.shape[1])
-    session_columns = torch.where(valid[:, None], batch.session_rewards.detach().cpu().double(), 0.0)
-    session_w = _check_weights(
-        "session_component_weights", batch.session_component_weights, session_columns.shape[1]
-    )
-    columns = torch.cat([turn_columns, session_columns], dim=1)
-    weights = torch.cat([turn_weight * turn_w, session_weight * session_w])
+    columns = torch.cat([turn_columns, batch.session_columns()], dim=1)
+    weights = torch.cat([turn_weight * batch.turn_weights(), session_weight * batch.session_weights()])
     summed = sum(
         (weights[k] * group_normalize(columns[:, k], group, valid, eps) for k in range(columns.shape[1])),
         torch.zeros(batch.num_sessions, dtype=torch.float64),
