@@ -34,7 +34,15 @@ DECISION_REQUEST = (
 
 
 class CustomerEndpointError(RuntimeError):
-    """The customer endpoint could not answer (unreachable, timing out, or failing after retries)."""
+    """The customer endpoint could not answer; ``reason`` says why in one word, for counting.
+
+    Reasons: "unreachable" (no connection), "timeout" (no full answer within ``timeout_s``),
+    "server_error" (429 or 5xx on every try), "rejected" (another 4xx, not retried).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -47,10 +55,14 @@ class LLMCustomerConfig:
     """Model name the server knows (vLLM: ``--served-model-name`` or the model path)."""
     api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the API key; a local server without a key works when it is unset."""
-    timeout_s: float = 30.0
-    """Per-request timeout in seconds."""
-    max_attempts: int = 3
-    """Tries per request for timeouts, connection errors, 429 and 5xx answers (other errors fail at once)."""
+    timeout_s: float = 10.0
+    """Wall-clock limit of one request, connecting and reading the whole answer included. A reply is at
+    most ``max_tokens`` (96) tokens, which a GPU vLLM server returns in about a second even with many
+    sessions in flight, so 10 s leaves ample headroom; raise it for a slow CPU server."""
+    max_attempts: int = 2
+    """Tries per request (1 = no retry) for timeouts, connection errors, 429 and 5xx answers (other
+    errors fail at once). With the defaults a hung endpoint costs a step about 2 x 10 s + 0.5 s, once:
+    its sessions fail on their first customer turn, concurrently."""
     backoff_s: float = 0.5
     """Wait before the second try; doubles after each failed try."""
     temperature: float = 0.8
@@ -174,7 +186,8 @@ class LLMCustomerFactory:
         """One chat completion with retries; raises ``CustomerEndpointError`` naming the endpoint."""
         config = self.config
         client = self._client_for_running_loop()
-        problem = ""
+        where = f"customer endpoint {config.base_url} (model {config.model!r})"
+        problem, reason = "", ""
         for attempt in range(config.max_attempts):
             if attempt:
                 await asyncio.sleep(config.backoff_s * 2 ** (attempt - 1))
@@ -182,32 +195,35 @@ class LLMCustomerFactory:
             self.stats.in_flight += 1
             self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
             try:
-                response = await client.chat.completions.create(
-                    model=config.model,
-                    messages=messages,
-                    max_tokens=max_tokens,
-                    temperature=config.temperature,
-                    seed=seed,
+                # httpx's timeout bounds each read, not the request: a server trickling bytes would
+                # never time out, so the whole request gets one deadline
+                response = await asyncio.wait_for(
+                    client.chat.completions.create(
+                        model=config.model,
+                        messages=messages,
+                        max_tokens=max_tokens,
+                        temperature=config.temperature,
+                        seed=seed,
+                    ),
+                    timeout=config.timeout_s,
                 )
                 return response.choices[0].message.content or ""
-            except openai.APITimeoutError:
-                problem = f"timed out after {config.timeout_s:g} s"
+            except (TimeoutError, openai.APITimeoutError):
+                problem, reason = f"timed out after {config.timeout_s:g} s", "timeout"
             except openai.APIConnectionError as error:
-                problem = f"could not connect ({error.__cause__ or error})"
+                problem, reason = f"could not connect ({error.__cause__ or error})", "unreachable"
             except openai.APIStatusError as error:
-                problem = f"HTTP {error.status_code}: {error.message}"
+                problem, reason = f"HTTP {error.status_code}: {error.message}", "server_error"
                 if error.status_code != 429 and error.status_code < 500:
                     self.stats.failed_requests += 1
                     raise CustomerEndpointError(
-                        f"customer endpoint {config.base_url} (model {config.model!r}) refused the request: "
-                        f"{problem}"
+                        f"{where} refused the request: {problem}", "rejected"
                     ) from error
             finally:
                 self.stats.in_flight -= 1
             self.stats.failed_requests += 1
         raise CustomerEndpointError(
-            f"customer endpoint {config.base_url} (model {config.model!r}) {problem}; "
-            f"gave up after {config.max_attempts} attempts"
+            f"{where} {problem}; gave up after {config.max_attempts} attempts", reason
         )
 
 

@@ -5,6 +5,23 @@ cheap), then steps all environments concurrently. The conversation is tokenized 
 new message appends the chat-template tokens of that message only, so the tokens an agent turn was
 conditioned on are exactly a prefix of the final sequence. Only the agent's sampled tokens carry loss;
 system, customer and template tokens are marked ``token_turn == -1``.
+
+A session either ends normally (session rewards set), is truncated (``max_turns``, the context budget or
+an empty agent turn; NaN session rewards, its turns kept) or fails (no tokens at all). Every failure
+and truncation carries a short reason code, counted in ``RolloutBatch.failure_counts`` and
+``truncation_counts`` so the training loop can print them and stop a run that only fails:
+
+- ``prompt_too_long``: the first prompt leaves no room to generate within the token budget;
+- ``customer_error``: the customer endpoint could not answer (``CustomerEndpointError``);
+- ``env_error``: the environment raised anything else, or gave reward names that differ;
+- ``empty_turn``: the agent's turn decoded to empty (or whitespace-only) text.
+
+An empty agent turn is a failed turn, not a failed session. The environment never sees it (the sales
+environment rejects empty messages and defines no reward for them, and a made-up reward of 0 would
+reward silence wherever the turn rewards are negative), so it gets no turn reward: its tokens stay in
+the sequence, masked out of the loss (``token_turn == -1``), and the session ends there, truncated with
+reason ``empty_turn``; its earlier turns keep their tokens, rewards and loss. Only when the very first
+agent turn is empty has the session nothing to learn from, and it fails with that reason.
 """
 
 from __future__ import annotations
@@ -12,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +37,7 @@ from typing import Any
 import torch
 
 from duca_fast.env.base import DialogueEnv, Outcome, TurnResult, step_many
+from duca_fast.env.llm_customer import CustomerEndpointError
 from duca_fast.rollout.engine import Completion, RolloutEngine, SamplingConfig
 
 
@@ -92,9 +111,10 @@ class RolloutBatch:
     session_group: torch.Tensor
     """[S] int64: group of each session."""
     failed: torch.Tensor
-    """[S] bool: the session raised (environment error, first prompt over budget) and has no tokens."""
+    """[S] bool: the session failed (see ``failure_reasons``) and has no tokens."""
     truncated: torch.Tensor
-    """[S] bool: the session was cut by ``max_turns`` or the context budget (NaN session rewards)."""
+    """[S] bool: the session was cut by ``max_turns``, the context budget or an empty agent turn (NaN
+    session rewards; its turns are kept)."""
     turn_reward_names: tuple[str, ...]
     """Names of the turn reward columns."""
     session_reward_names: tuple[str, ...]
@@ -105,6 +125,13 @@ class RolloutBatch:
     """Per session, how it ended (reason "error: ..." when failed)."""
     errors: list[str | None]
     """Per session, the error that failed it, or None."""
+    failure_reasons: list[str | None]
+    """Per session, the reason code of its failure ("prompt_too_long", "customer_error", "env_error",
+    "empty_turn"), or None."""
+    failure_counts: dict[str, int]
+    """Failed sessions per reason code (only reasons that occurred), e.g. {"customer_error": 3}."""
+    truncation_counts: dict[str, int]
+    """Truncated sessions per reason ("max_turns", "context_budget", "empty_turn")."""
     weight_version: int
     """Engine weight version the rollouts were sampled with."""
     num_generated_tokens: int
@@ -116,8 +143,32 @@ class RolloutBatch:
 
     @property
     def loss_mask(self) -> torch.Tensor:
-        """[N] bool: tokens that carry loss (the agent's sampled tokens)."""
+        """[N] bool: tokens that carry loss (the agent's sampled tokens of non-empty turns)."""
         return self.token_turn >= 0
+
+    @property
+    def all_failed(self) -> bool:
+        """Every session failed: the batch has no tokens to learn from."""
+        return bool(self.failed.all())
+
+    def failure_summary(self) -> str:
+        """One line for the console: failed and truncated sessions by reason, and one error per reason.
+
+        E.g. ``4/4 sessions failed (prompt_too_long 4); 0 truncated; prompt_too_long: prompt too long: ...``
+        """
+        sessions = len(self.errors)
+        parts = [f"{int(self.failed.sum())}/{sessions} sessions failed{_counts(self.failure_counts)}"]
+        parts.append(f"{int(self.truncated.sum())} truncated{_counts(self.truncation_counts)}")
+        examples = {}
+        for reason, error in zip(self.failure_reasons, self.errors, strict=True):
+            if reason is not None and reason not in examples:
+                examples[reason] = error
+        parts += [f"{reason}: {error}" for reason, error in examples.items()]
+        return "; ".join(parts)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return f" ({', '.join(f'{reason} {n}' for reason, n in counts.items())})" if counts else ""
 
 
 class IncrementalChat:
@@ -193,6 +244,7 @@ class _Session:
     session_rewards: list[float] | None = None
     outcome: Outcome | None = None
     error: str | None = None
+    failure_reason: str | None = None
     live: bool = True
 
     def extend(self, ids: Sequence[int], turn: int = -1, logprobs: Sequence[float] | None = None) -> None:
@@ -206,10 +258,11 @@ class _Session:
     def cut(self, reason: str) -> None:
         self.end(Outcome(converted=False, flagged_bot=False, num_turns=len(self.turn_spans), reason=reason))
 
-    def fail(self, error: BaseException | str) -> None:
+    def fail(self, reason: str, error: BaseException | str) -> None:
         message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         outcome = Outcome(False, False, len(self.turn_spans), reason=f"error: {message}")
         self.end(outcome, message)
+        self.failure_reason = reason
 
 
 def rollout(
@@ -223,6 +276,9 @@ def rollout(
     if not sessions:
         raise ValueError("rollout: no sessions given")
     budget = min(config.max_context_tokens or engine.max_model_len, engine.max_model_len)
+    budget_source = (
+        f"engine max_model_len={engine.max_model_len}, max_context_tokens={config.max_context_tokens}"
+    )
     states = [
         _Session(i, spec, env_factory(), IncrementalChat(engine.tokenizer)) for i, spec in enumerate(sessions)
     ]
@@ -232,15 +288,18 @@ def rollout(
     for state in states:
         _start(state, turn_names, session_names)
     for turn in range(config.max_turns):
-        live = [s for s in states if s.live and _open_turn(s, budget)]
+        live = [s for s in states if s.live and _open_turn(s, budget, budget_source)]
         if not live:
             break
         completions = _generate(engine, live, turn, budget, config, clock)
         messages = [_close_turn(s, c) for s, c in zip(live, completions, strict=True)]
+        spoke = [(s, m) for s, m in zip(live, messages, strict=True) if m is not None]
+        if not spoke:
+            continue
         start = time.perf_counter()
-        results = asyncio.run(step_many([s.env for s in live], messages))
+        results = asyncio.run(step_many([s.env for s, _ in spoke], [m for _, m in spoke]))
         clock["env"] += time.perf_counter() - start
-        for state, result in zip(live, results, strict=True):
+        for (state, _), result in zip(spoke, results, strict=True):
             _apply(state, result, turn_names, session_names, budget)
     for state in states:
         if state.live:
@@ -251,7 +310,7 @@ def rollout(
 def _start(state: _Session, turn_names: tuple[str, ...], session_names: tuple[str, ...]) -> None:
     env = state.env
     if tuple(env.turn_reward_names) != turn_names or tuple(env.session_reward_names) != session_names:
-        state.fail("environment reward names differ from the first session's")
+        state.fail("env_error", "environment reward names differ from the first session's")
         return
     try:
         observation = env.reset(state.spec.scenario, state.spec.seed)
@@ -259,10 +318,10 @@ def _start(state: _Session, turn_names: tuple[str, ...], session_names: tuple[st
         if observation.customer_message is not None:
             state.extend(state.chat.append("user", observation.customer_message))
     except Exception as error:
-        state.fail(error)
+        state.fail("env_error", error)
 
 
-def _open_turn(state: _Session, budget: int) -> bool:
+def _open_turn(state: _Session, budget: int, budget_source: str) -> bool:
     """Append the generation prompt if at least one token fits the budget; otherwise end the session."""
     opening = state.chat.generation_prompt()
     length = len(state.ids) + len(opening)
@@ -273,7 +332,9 @@ def _open_turn(state: _Session, budget: int) -> bool:
         state.cut("context_budget")
     else:
         state.fail(
-            f"prompt too long: {length} tokens leave no room to generate within the {budget}-token budget"
+            "prompt_too_long",
+            f"prompt too long: {length} tokens leave no room to generate within the {budget}-token "
+            f"budget ({budget_source})",
         )
     return False
 
@@ -293,11 +354,20 @@ def _generate(
     return completions
 
 
-def _close_turn(state: _Session, completion: Completion) -> str:
+def _close_turn(state: _Session, completion: Completion) -> str | None:
+    """Append the agent's turn; return its text, or None when it is empty and ended the session."""
+    text, closing = state.chat.append_agent(completion.token_ids)
+    if not text.strip():
+        state.extend(completion.token_ids)  # kept in the sequence, masked out of the loss
+        state.extend(closing)
+        if state.turn_spans:
+            state.cut("empty_turn")
+        else:
+            state.fail("empty_turn", "the agent's first turn decoded to empty text")
+        return None
     start = len(state.ids)
     state.extend(completion.token_ids, turn=len(state.turn_spans), logprobs=completion.logprobs)
     state.turn_spans.append((start, len(state.ids)))
-    text, closing = state.chat.append_agent(completion.token_ids)
     state.extend(closing)
     return text
 
@@ -310,15 +380,18 @@ def _apply(
     budget: int,
 ) -> None:
     if isinstance(result, BaseException):
-        state.fail(result)
+        state.fail("customer_error" if isinstance(result, CustomerEndpointError) else "env_error", result)
         return
     if set(result.turn_rewards) != set(turn_names):
-        state.fail(f"turn rewards {sorted(result.turn_rewards)} differ from {list(turn_names)}")
+        state.fail("env_error", f"turn rewards {sorted(result.turn_rewards)} differ from {list(turn_names)}")
         return
     state.turn_rewards.append([float(result.turn_rewards[name]) for name in turn_names])
     if result.done:
         if set(result.session_rewards) != set(session_names):
-            state.fail(f"session rewards {sorted(result.session_rewards)} differ from {list(session_names)}")
+            state.fail(
+                "env_error",
+                f"session rewards {sorted(result.session_rewards)} differ from {list(session_names)}",
+            )
             return
         state.session_rewards = [float(result.session_rewards[name]) for name in session_names]
         state.end(result.outcome)
@@ -379,6 +452,11 @@ def _pack(
         transcripts=[list(s.chat.messages) for s in states],
         outcomes=[s.outcome for s in states],
         errors=[s.error for s in states],
+        failure_reasons=[s.failure_reason for s in states],
+        failure_counts=dict(Counter(s.failure_reason for s in states if s.failure_reason is not None)),
+        truncation_counts=dict(
+            Counter(s.outcome.reason for s in states if s.error is None and s.session_rewards is None)
+        ),
         weight_version=weight_version,
         num_generated_tokens=clock["tokens"],
         generate_seconds=clock["generate"],

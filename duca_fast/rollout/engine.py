@@ -8,6 +8,7 @@ tokenizes: prompts are lists of token ids, so the multi-turn driver controls eve
 from __future__ import annotations
 
 import abc
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -235,6 +236,32 @@ def _repack_tied_lm_head(model: torch.nn.Module) -> None:
         method.process_weights_after_loading(lm_head)
 
 
+VLLM_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+"""The vLLM logger that warns about layers an in-place reload gave no weights to."""
+
+
+class HarmlessReloadWarningFilter(logging.Filter):
+    """Drops vLLM's "<layer>: Failed to load weights" warning for layers that never get weights, only those.
+
+    On every in-place reload vLLM warns about each layer with tensors that received no weights. Two kinds
+    never do, by design: rotary embeddings (``*RotaryEmbedding``), whose only tensor is a cos/sin cache
+    computed from the config, and, in a model with tied embeddings, ``ParallelLMHead``, whose weight is
+    the embedding (pushed once, as ``model.embed_tokens.weight``). vLLM keeps their tensors, which is
+    right. The same warning for any other layer means a weight really was not pushed, so it still shows.
+    """
+
+    def __init__(self, tied_embeddings: bool) -> None:
+        super().__init__()
+        self.tied_embeddings = tied_embeddings
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "%s: Failed to load weights" or not record.args:
+            return True
+        layer = str(record.args[0])
+        harmless = layer.endswith("RotaryEmbedding") or (self.tied_embeddings and layer == "ParallelLMHead")
+        return not harmless
+
+
 def _import_vllm():
     try:
         import vllm
@@ -297,6 +324,10 @@ class VLLMEngine(RolloutEngine):
         )
         self._specs = _checkpoint_specs(self.model_dir, model_config.dtype)
         self._asleep = False
+        self._reload_filter = HarmlessReloadWarningFilter(
+            bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
+        )
+        logging.getLogger(VLLM_RELOAD_LOGGER).addFilter(self._reload_filter)
 
     def parameter_specs(self) -> dict[str, ParamSpec]:
         return dict(self._specs)
@@ -367,6 +398,7 @@ class VLLMEngine(RolloutEngine):
         engine_core = self._llm.llm_engine.engine_core
         engine_core.shutdown()
         del self._llm
+        logging.getLogger(VLLM_RELOAD_LOGGER).removeFilter(self._reload_filter)
 
 
 class HFEngine(RolloutEngine):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -67,7 +68,7 @@ def test_sync_step_works_against_the_real_server(vllm_server):
     env.reset(generate_scenarios(1)[0], seed=0)
     assert isinstance(env.step("Hello, how can I help?").customer_message, str)
     assert isinstance(env.step("What matters to you?").customer_message, str)
-    with pytest.raises(CustomerEndpointError, match="refused the request: HTTP 404"):
+    with pytest.raises(CustomerEndpointError, match="refused the request: HTTP 404") as error:
         bad = LLMCustomerFactory(
             LLMCustomerConfig(base_url=vllm_server, model="no-such-model", max_attempts=3)
         )
@@ -75,6 +76,7 @@ def test_sync_step_works_against_the_real_server(vllm_server):
         bad_env.reset(generate_scenarios(1)[0], seed=0)
         bad_env.step("Hello")
     assert bad.stats.requests == 1, "a 4xx answer is not retried"
+    assert error.value.reason == "rejected"
 
 
 class _Stub(BaseHTTPRequestHandler):
@@ -145,8 +147,9 @@ def test_failing_endpoint_raises_and_keeps_the_session(stub_server):
     handler, url = stub_server
     handler.fail_first = 100
     _, env = _stepped_env(url, max_attempts=2)
-    with pytest.raises(CustomerEndpointError, match=r"HTTP 503.*gave up after 2 attempts"):
+    with pytest.raises(CustomerEndpointError, match=r"HTTP 503.*gave up after 2 attempts") as error:
         env.step("Hello")
+    assert error.value.reason == "server_error"
     assert handler.calls == 2 and len(env.transcript) == 1 and not env.done
 
 
@@ -158,15 +161,90 @@ def test_timeout_raises_a_clear_error(stub_server):
         env.step("Hello")
 
 
-def test_unreachable_endpoint_fails_only_its_own_session():
-    import socket
-
-    with socket.socket() as sock:  # a port nobody listens on
+def _closed_port_url():
+    with socket.socket() as sock:  # bound, then closed: nobody listens there
         sock.bind(("127.0.0.1", 0))
-        dead_url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    _, dead_env = _stepped_env(dead_url, max_attempts=2)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def test_unreachable_endpoint_fails_fast_and_only_its_own_session():
+    factory, dead_env = _stepped_env(_closed_port_url(), max_attempts=2)
     scripted = SalesEnv()
     scripted.reset(generate_scenarios(1)[0], seed=0)
+    start = time.perf_counter()
     results = asyncio.run(step_many([dead_env, scripted], ["Hello", "Hello, what do you need it for?"]))
+    assert time.perf_counter() - start < 3.0  # refused at once; only the 0.01 s backoff is waited
     assert isinstance(results[0], CustomerEndpointError) and "could not connect" in str(results[0])
+    assert results[0].reason == "unreachable" and factory.stats.requests == 2
+    assert "gave up after 2 attempts" in str(results[0])
     assert not isinstance(results[1], BaseException) and results[1].customer_message
+
+
+@pytest.fixture
+def silent_server():
+    """A real TCP server on 127.0.0.1 that accepts connections and then writes ``trickle`` forever.
+
+    ``trickle=b""`` never answers at all (a hung endpoint); otherwise it sends a 200 header promising
+    a long body and then one byte of it every 0.1 s, so no single read ever waits long.
+    """
+    settings = {"trickle": b""}
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    connections = []
+
+    def serve(connection):
+        connection.recv(65536)
+        if settings["trickle"]:
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+            connection.sendall(b"Content-Length: 100000\r\n\r\n")
+        while not stop.wait(0.1):
+            try:
+                connection.sendall(settings["trickle"])
+            except OSError:
+                return
+
+    def accept():
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connections.append(connection)
+            threading.Thread(target=serve, args=(connection,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield settings, f"http://127.0.0.1:{listener.getsockname()[1]}/v1", connections
+    stop.set()
+    thread.join()
+    for connection in connections:
+        connection.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("trickle", [b"", b" "], ids=["hung", "trickling"])
+def test_hung_endpoint_times_out_within_the_budget(silent_server, trickle):
+    settings, url, connections = silent_server
+    settings["trickle"] = trickle
+    factory, env = _stepped_env(url, timeout_s=0.4, max_attempts=2)
+    start = time.perf_counter()
+    with pytest.raises(
+        CustomerEndpointError, match=r"timed out after 0.4 s; gave up after 2 attempts"
+    ) as error:
+        env.step("Hello")
+    elapsed = time.perf_counter() - start
+    assert error.value.reason == "timeout"
+    assert 0.8 <= elapsed < 0.8 + 2.0, elapsed  # two 0.4 s tries and a 0.01 s backoff, not 30 s x 3
+    assert len(connections) == 2 and factory.stats.failed_requests == 2
+    assert len(env.transcript) == 1 and not env.done
+
+
+def test_defaults_bound_a_hung_step():
+    config = LLMCustomerConfig(base_url="http://127.0.0.1:1/v1", model="m")
+    worst = config.max_attempts * config.timeout_s + config.backoff_s * (2 ** (config.max_attempts - 1) - 1)
+    assert worst <= 25.0, "a hung customer endpoint must not stall a step for long by default"
+    with pytest.raises(ValueError, match="timeout_s > 0"):
+        LLMCustomerConfig(base_url="http://x/v1", model="m", timeout_s=0)
+    with pytest.raises(ValueError, match="max_attempts >= 1"):
+        LLMCustomerConfig(base_url="http://x/v1", model="m", max_attempts=0)

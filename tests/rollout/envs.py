@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from duca_fast.env.base import Observation, Outcome, TurnResult
+from duca_fast.env.sales import check_agent_message
 
 
 class EchoCustomer:
     """Replies a fixed sentence and ends after ``scenario["turns"]`` agent turns.
 
     Turn reward "length" = characters of the agent message; session reward "conversion" = seed parity.
+    Like the sales environment, it rejects empty agent messages.
     """
 
     turn_reward_names = ("length",)
@@ -32,6 +34,7 @@ class EchoCustomer:
         return Observation(system_prompt=scenario.get("system", "You sell tea."), customer_message=opening)
 
     def step(self, agent_message: str) -> TurnResult:
+        check_agent_message(agent_message, max_chars=2000)
         self.turns += 1
         if self.fail_seed == self.seed and self.turns == self.fail_on_turn:
             raise RuntimeError(f"customer crashed for seed {self.seed} on turn {self.turns}")

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
+from duca_fast.env import LLMCustomerConfig, LLMCustomerFactory, SalesEnv, generate_scenarios
 from duca_fast.rollout import (
+    Completion,
     HFEngine,
     IncrementalChat,
     RolloutConfig,
@@ -97,9 +99,75 @@ def test_failing_session_is_recorded_without_losing_the_others(engine):
     assert batch.turn_session.tolist() == [0, 0, 0, 2, 2, 2]
     assert batch.token_turn.max().item() == 5
 
+    assert batch.failure_reasons == [None, "env_error", None] and batch.failure_counts == {"env_error": 1}
+    assert batch.truncation_counts == {} and not batch.all_failed
+
     reset_fails = rollout(engine, lambda: EchoCustomer(fail_seed=2, fail_on_turn=0), specs, CONFIG)
     assert reset_fails.failed.tolist() == [False, False, True]
     assert "reset failed for seed 2" in reset_fails.errors[2]
+    assert reset_fails.failure_counts == {"env_error": 1}
+
+
+def test_empty_agent_turn_fails_the_turn_not_the_session(engine, tokenizer, monkeypatch):
+    """A turn that decodes to nothing (the agent ends its turn at once) ends its session, keeps earlier turns.
+
+    Injected on the real engine's output: session 0 stays silent on its first turn, session 1 on its
+    second; session 2 talks normally. The environment (which rejects empty messages, like the sales
+    environment) must never see the empty text.
+    """
+    silent = {(0, 0), (1, 1)}  # (session seed, turn)
+    real, calls = engine.generate, []
+
+    def generate(prompts, sampling, seeds, max_new_tokens):
+        completions = real(prompts, sampling, seeds, max_new_tokens=max_new_tokens)
+        turn = len(calls)
+        calls.append(len(prompts))
+        live_seeds = [s for s in (0, 1, 2) if (s, turn) not in {(0, 1), (0, 2), (1, 2)}]
+        return [
+            Completion((tokenizer.eos_token_id,), (-0.5,), "stop") if (seed, turn) in silent else completion
+            for seed, completion in zip(live_seeds, completions, strict=True)
+        ]
+
+    monkeypatch.setattr(engine, "generate", generate)
+    specs = [SessionSpec({"turns": 3}, group=0, seed=s) for s in (0, 1, 2)]
+    batch = rollout(engine, EchoCustomer, specs, CONFIG)
+
+    assert calls == [3, 2, 1]
+    assert batch.failed.tolist() == [True, False, False] and batch.truncated.tolist() == [False, True, False]
+    assert batch.failure_counts == {"empty_turn": 1} and batch.truncation_counts == {"empty_turn": 1}
+    assert "first turn decoded to empty text" in batch.errors[0]
+    assert batch.outcomes[1].reason == "empty_turn" and batch.outcomes[1].num_turns == 1
+    assert batch.outcomes[2].reason == "done"
+    # session 1 keeps its good first turn with its reward; the silent turn is in the sequence, without loss
+    assert batch.turn_session.tolist() == [1, 2, 2, 2] and batch.turn_index.tolist() == [0, 0, 1, 2]
+    assert batch.turn_rewards[0, 0].item() > 0
+    lo, hi = batch.cu_seqlens[1].item(), batch.cu_seqlens[2].item()
+    session_turns = batch.token_turn[lo:hi]
+    assert (session_turns[session_turns >= 0] == 0).all() and int((session_turns == 0).sum()) == 6
+    ids = batch.input_ids[lo:hi].tolist()
+    silent_at = lo + max(i for i, token in enumerate(ids) if token == tokenizer.eos_token_id)
+    assert silent_at > batch.turn_spans[0, 1].item() and batch.token_turn[silent_at].item() == -1
+    assert batch.behavior_logprobs[silent_at].item() == 0.0
+    assert batch.transcripts[1][-1] == {"role": "assistant", "content": ""}
+    assert math.isnan(batch.session_rewards[1, 0].item()) and batch.session_rewards[2, 0].item() == 1.0
+    assert int(batch.loss_mask.sum()) == 4 * 6
+    assert "1/3 sessions failed (empty_turn 1); 1 truncated (empty_turn 1)" in batch.failure_summary()
+
+
+def test_dead_customer_endpoint_fails_every_session_with_the_reason(engine):
+    import socket
+
+    with socket.socket() as sock:  # a real closed port on the loopback interface
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    factory = LLMCustomerFactory(LLMCustomerConfig(base_url=url, model="customer", backoff_s=0.01))
+    specs = make_session_specs(generate_scenarios(2, seed=3), group_size=2)
+    batch = rollout(engine, lambda: SalesEnv(factory, max_turns=3), specs, CONFIG)
+    assert batch.all_failed and batch.failure_counts == {"customer_error": 4}
+    assert batch.input_ids.numel() == 0 and batch.turn_spans.shape == (0, 2)
+    summary = batch.failure_summary()
+    assert summary.startswith("4/4 sessions failed (customer_error 4); 0 truncated; customer_error: ")
+    assert "could not connect" in summary and url in summary
 
 
 def test_max_turns_cuts_sessions(engine):
@@ -107,6 +175,7 @@ def test_max_turns_cuts_sessions(engine):
     batch = rollout(engine, EchoCustomer, specs, RolloutConfig(sampling=CONFIG.sampling, max_turns=2))
     assert batch.truncated.tolist() == [True, False]
     assert [o.reason for o in batch.outcomes] == ["max_turns", "done"]
+    assert batch.truncation_counts == {"max_turns": 1} and batch.failure_counts == {}
     assert batch.turn_session.tolist() == [0, 0, 1]
     assert math.isnan(batch.session_rewards[0, 0].item()) and batch.session_rewards[1, 0].item() == 0.0
 
@@ -122,6 +191,18 @@ def test_context_budget_ends_sessions_and_too_long_prompts_fail(engine):
     assert batch.cu_seqlens[1].item() <= 80
     assert batch.failed.tolist() == [False, True]
     assert "prompt too long" in batch.errors[1]
+    assert batch.failure_counts == {"prompt_too_long": 1} and batch.truncation_counts == {"context_budget": 1}
+
+
+def test_engine_context_too_small_for_every_prompt_is_reported(tiny_model_dir):
+    short = HFEngine(tiny_model_dir, max_model_len=24)
+    specs = make_session_specs([{"turns": 2}], group_size=3)
+    batch = rollout(short, EchoCustomer, specs, CONFIG)
+    assert batch.all_failed and batch.failure_counts == {"prompt_too_long": 3}
+    assert batch.num_generated_tokens == 0 and batch.input_ids.numel() == 0
+    summary = batch.failure_summary()
+    assert summary.startswith("3/3 sessions failed (prompt_too_long 3); 0 truncated; prompt_too_long: ")
+    assert "within the 24-token budget (engine max_model_len=24, max_context_tokens=None)" in summary
 
 
 def test_agent_speaking_first(engine):

@@ -1,8 +1,12 @@
+import io
+import logging
+
 import pytest
 import torch
 
 from duca_fast.rollout import SamplingConfig, WeightSync, checkpoint_name, logprob_mismatch
 from duca_fast.rollout import sync as sync_module
+from duca_fast.rollout.engine import VLLM_RELOAD_LOGGER, HarmlessReloadWarningFilter
 
 GREEDY = SamplingConfig(max_new_tokens=8, temperature=0.0)
 PROMPTS = [[1, 9690, 198, 2683, 5948, 30, 2, 198, 1, 520, 9531, 198], [1, 4093, 198, 26843, 2, 198]]
@@ -154,3 +158,44 @@ def test_wake_and_push_on_cpu_is_a_plain_push(engine, trainer_model):
     report = sync.wake_and_push(_perturb(trainer_model))
     assert report.weight_version == engine.weight_version
     assert logprob_mismatch(engine, trainer_model, PROMPTS).mean_abs_diff < 1e-2
+
+
+def test_harmless_reload_warnings_are_filtered_and_others_still_show(engine, trainer_model):
+    console = next(h for h in logging.getLogger("vllm").handlers if h.name == "vllm")  # vLLM's own
+    reload_logger = logging.getLogger(VLLM_RELOAD_LOGGER)
+    (ours,) = [f for f in reload_logger.filters if isinstance(f, HarmlessReloadWarningFilter)]
+    printed = io.StringIO()
+    previous = console.setStream(printed)
+    try:
+        reload_logger.removeFilter(ours)  # what every push printed before the filter
+        WeightSync(engine).push(_perturb(trainer_model))
+        assert (
+            "ParallelLMHead: Failed to load weights" in printed.getvalue()
+        )  # tied, so pushed as the embedding
+        assert "RotaryEmbedding: Failed to load weights" in printed.getvalue()  # a computed cache, no weights
+        printed.truncate(0)
+        printed.seek(0)
+        reload_logger.addFilter(ours)
+        WeightSync(engine).push(_perturb(trainer_model, seed=3))
+        assert "Failed to load weights" not in printed.getvalue()
+        reload_logger.warning("%s: Failed to load weights", "QKVParallelLinear")  # a real miss
+        reload_logger.warning("another reload warning")
+        lines = [line for line in printed.getvalue().splitlines() if "WARNING" in line]
+        assert len(lines) == 2
+        assert lines[0].endswith("QKVParallelLinear: Failed to load weights")
+        assert lines[1].endswith("another reload warning")
+        untied = HarmlessReloadWarningFilter(tied_embeddings=False)
+        record = reload_logger.makeRecord(
+            VLLM_RELOAD_LOGGER,
+            logging.WARNING,
+            "",
+            0,
+            "%s: Failed to load weights",
+            ("ParallelLMHead",),
+            None,
+        )
+        assert untied.filter(record) and not ours.filter(record)  # an untied lm_head must get its weight
+    finally:
+        console.setStream(previous)
+        if ours not in reload_logger.filters:
+            reload_logger.addFilter(ours)
