@@ -1,10 +1,11 @@
 """The verl adapter inside verl's actor update path, as deep as verl 0.9.1 runs on CPU.
 
-verl 0.9.1's actor update is ``TrainingWorker.train_batch -> engine.train_batch(data, ppo_loss)``; its FSDP
-engines are registered for the devices "cuda" and "npu" only, so on CPU the deepest real piece is the loss
-function the worker hands the engine, ``verl.workers.utils.losses.ppo_loss``. This test feeds it what the
-engine would: log-probs of a real tiny Llama in verl's no-padding layout, advantages from verl's own
-``compute_advantage`` with ``duca_hian``; then backward and an optimizer step.
+verl 0.9.1's actor update is ``TrainingWorker.train_batch -> engine.train_batch(data, ppo_loss)``. It has
+no CPU platform (it falls back to CUDA and fails in ``torch.cuda.set_device``) and registers its FSDP engines
+for "cuda" and "npu" only, so on CPU the deepest real piece is the loss function the worker hands the
+engine, ``verl.workers.utils.losses.ppo_loss``. This test feeds it what the engine would: log-probs of a
+real tiny Llama in verl's no-padding layout, advantages from verl's own ``compute_advantage`` with
+``duca_hian``; then backward and an optimizer step.
 """
 
 import numpy as np
