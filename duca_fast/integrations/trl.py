@@ -362,10 +362,12 @@ class DucaGRPOTrainer(GRPOTrainer):
         def log_stats(name: str, values: torch.Tensor, extremes: bool = False) -> None:
             values = values.double()
             values = values[~torch.isnan(values)]
+            if not values.numel():  # e.g. every completion masked: nothing to report, never a NaN
+                return
             metrics = self._metrics[mode]
-            metrics[f"duca/{name}/mean"].append(values.mean().item() if values.numel() else math.nan)
+            metrics[f"duca/{name}/mean"].append(values.mean().item())
             metrics[f"duca/{name}/std"].append(values.std().item() if values.numel() > 1 else 0.0)
-            if extremes and values.numel():
+            if extremes:
                 metrics[f"duca/{name}/min"].append(values.min().item())
                 metrics[f"duca/{name}/max"].append(values.max().item())
 

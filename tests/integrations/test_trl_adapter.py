@@ -63,6 +63,14 @@ def test_per_token_advantages_match_ops_on_synthetic_multi_turn_batch():
     torch.testing.assert_close(local, advantages[2:])
 
 
+def test_batch_without_agent_turns_gives_zero_advantages():
+    # Every completion masked (e.g. all truncated under mask_truncated_completions): no turn at all.
+    advantages = hian_completion_advantages(
+        [[], [], [], []], torch.tensor([1.0, 0.0, 2.0, 2.0]), 2, torch.zeros(4, 3)
+    )
+    assert advantages.shape == (4, 3) and (advantages == 0).all()
+
+
 def test_turn_count_mismatch_is_reported():
     with pytest.raises(ValueError, match="2 turn rewards for completion 0, but it has 1 agent turns"):
         hian_completion_advantages([[1.0, 2.0], [0.0]], torch.zeros(2), 2, torch.ones(2, 3))
