@@ -275,6 +275,36 @@ class _LogprobPolicyLoss(torch.autograd.Function):
         return (grad_logprobs * grad_loss).reshape(shape).to(dtype), None, None, None
 
 
+def weighted_policy_loss(
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    token_weights: torch.Tensor,
+    active: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``sum(token_weights * l)`` of duca_fast's per-token clipped loss ``l`` on log-probs (flat ``[N]``
+    inputs, detached except ``log_prob``; ``active`` bool). The one place this adapter calls into
+    ``duca_fast.ops.policy_loss``; returns the loss and the head's metrics (``clip_frac``,
+    ``dual_clip_frac``, ...)."""
+    options = PolicyLossOptions(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
+    inputs = TokenInputs(
+        target=torch.zeros(active.shape, dtype=torch.long, device=log_prob.device),
+        advantages=advantages,
+        old_logprobs=old_log_prob,
+        ref_logprobs=None,
+        behavior_logprobs=None,
+        token_weights=token_weights,
+        active=active,
+    )
+    metrics: dict[str, torch.Tensor] = {}
+    loss = _LogprobPolicyLoss.apply(log_prob, inputs, options, metrics)
+    return loss, metrics
+
+
 def compute_policy_loss_duca_fused(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -302,10 +332,6 @@ def compute_policy_loss_duca_fused(
     clip_ratio = config.clip_ratio
     clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
     clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
-    options = PolicyLossOptions(
-        clip_low=clip_low, clip_high=clip_high, dual_clip=config.get("clip_ratio_c", 3.0)
-    )
-
     compute = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
     active = response_mask.bool().reshape(-1)
     weights = aggregation_weights(
@@ -318,17 +344,16 @@ def compute_policy_loss_duca_fused(
     def masked(values: torch.Tensor) -> torch.Tensor:
         return torch.where(active, values.detach().reshape(-1).to(compute), zero)
 
-    inputs = TokenInputs(
-        target=torch.zeros(active.shape, dtype=torch.long, device=log_prob.device),
-        advantages=masked(advantages),
-        old_logprobs=masked(old_log_prob),
-        ref_logprobs=None,
-        behavior_logprobs=None,
-        token_weights=masked(weights),
-        active=active,
+    loss, head_metrics = weighted_policy_loss(
+        log_prob,
+        masked(advantages),
+        masked(old_log_prob),
+        masked(weights),
+        active,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=config.get("clip_ratio_c", 3.0),
     )
-    head_metrics: dict[str, torch.Tensor] = {}
-    loss = _LogprobPolicyLoss.apply(log_prob, inputs, options, head_metrics)
     with torch.no_grad():
         log_ratio = (log_prob.detach() - old_log_prob).reshape(-1).clamp(-20.0, 20.0)
         ppo_kl = torch.where(active, -log_ratio, 0.0).sum() / active.sum().clamp_min(1)
