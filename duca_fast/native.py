@@ -1,0 +1,351 @@
+"""ctypes binding of the native library ``duca_kernels`` (``kernels/``): advantage ops on CPU tensors.
+
+The functions here take tensors the ops layer has already validated for shape (contiguous int64 ids, float32
+or float64 rewards with any strides) plus plain options, pass their data pointers to the C ABI and return a
+new tensor. Value checks (id ranges, NaN/inf) run in the library and come back as ``ValueError`` naming the
+argument. Nothing here imports ``duca_fast.ops``.
+
+The library is looked up at ``$DUCA_KERNELS_LIB`` or ``<repo>/build/kernels/libduca_kernels.so`` (built by
+``make install`` / ``make native``, or ``build_library()``). When it is missing, ``available()`` is False
+and one line is logged; importing this module never fails.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BUILD_DIR = REPO_ROOT / "build"
+LIBRARY_ENV = "DUCA_KERNELS_LIB"
+ABI_VERSION = 1
+
+_STATUS_NAMES = {
+    1: "invalid argument",
+    2: "non-finite value",
+    3: "out of memory",
+    4: "CUDA error",
+    5: "internal",
+}
+_FLOAT32, _FLOAT64 = 0, 1
+_TURN_SCOPES = {"group": 0, "group_turn": 1}
+_SCALES = {"group": 0, "batch": 1, "none": 2}
+_NAN_POLICIES = {"raise": 0, "omit": 1}
+_MESSAGE_SIZE = 512
+
+
+class _Rewards(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("dtype", ctypes.c_int32),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("stride_row", ctypes.c_int64),
+        ("stride_col", ctypes.c_int64),
+        ("weights", ctypes.c_void_p),
+    ]
+
+
+class _Options(ctypes.Structure):
+    _fields_ = [
+        ("turn_weight", ctypes.c_double),
+        ("session_weight", ctypes.c_double),
+        ("eps", ctypes.c_double),
+        ("turn_scope", ctypes.c_int32),
+        ("scale", ctypes.c_int32),
+        ("nan_policy", ctypes.c_int32),
+    ]
+
+
+def library_path() -> Path:
+    """Where the shared library is expected (``$DUCA_KERNELS_LIB`` wins)."""
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        return Path(override)
+    name = {"darwin": "libduca_kernels.dylib", "win32": "duca_kernels.dll"}.get(
+        sys.platform, "libduca_kernels.so"
+    )
+    return DEFAULT_BUILD_DIR / "kernels" / name
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    path = library_path()
+    if not path.exists():
+        logger.warning("native kernels not built (%s missing; run `make native`): using the torch path", path)
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as error:
+        logger.warning("native kernels at %s cannot be loaded (%s): using the torch path", path, error)
+        return None
+    if lib.duca_abi_version() != ABI_VERSION:
+        logger.warning(
+            "native kernels at %s have ABI %d, expected %d: rebuild them with `make native`",
+            path,
+            lib.duca_abi_version(),
+            ABI_VERSION,
+        )
+        return None
+    pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    rewards_p, options_p = ctypes.POINTER(_Rewards), ctypes.POINTER(_Options)
+    lib.duca_hian_advantages.argtypes = [
+        rewards_p,
+        pointer,
+        rewards_p,
+        pointer,
+        i64,
+        pointer,
+        pointer,
+        i64,
+        options_p,
+        pointer,
+        i32,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
+    lib.duca_grpo_advantages.argtypes = [
+        rewards_p,
+        pointer,
+        i64,
+        options_p,
+        pointer,
+        i32,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
+    lib.duca_hian_advantages.restype = lib.duca_grpo_advantages.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """True when the native library is built and loadable (the first miss logs one line)."""
+    return _library() is not None
+
+
+def cpu_threads() -> int:
+    """OpenMP threads the CPU kernels use (``OMP_NUM_THREADS`` at load time)."""
+    return int(_require().duca_cpu_threads())
+
+
+def has_cuda() -> bool:
+    """Whether the loaded build contains the CUDA kernels."""
+    return bool(_require().duca_has_cuda())
+
+
+def build_library(build_dir: Path = DEFAULT_BUILD_DIR, *, cuda: bool | None = None) -> Path:
+    """Configure and build ``kernels/`` with CMake (Ninja when present) and return the library path.
+
+    ``cuda``: True/False sets ``DUCA_KERNELS_CUDA`` (False is a faster, CPU-only build); None keeps the
+    build directory's setting (CUDA when nvcc is found, on a fresh one).
+    """
+    cmake = shutil.which("cmake") or shutil.which("cmake", path=str(Path(sys.executable).parent))
+    if cmake is None:
+        raise RuntimeError("cmake is not installed: `pip install cmake ninja` (or run `make native`)")
+    configure = [cmake, "-S", str(REPO_ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"]
+    if not (build_dir / "CMakeCache.txt").exists() and shutil.which("ninja"):
+        configure += ["-G", "Ninja"]
+    if cuda is not None:
+        configure.append(f"-DDUCA_KERNELS_CUDA={'ON' if cuda else 'OFF'}")
+    for command in (configure, [cmake, "--build", str(build_dir), "--target", "duca_kernels"]):
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+            )
+    _library.cache_clear()
+    return build_dir / "kernels" / library_path().name
+
+
+def _require() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the native kernels are not built ({library_path()} missing): run `make native`")
+    return lib
+
+
+def _check_cpu(name: str, tensor: torch.Tensor) -> None:
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU for the native CPU kernels, got {tensor.device}")
+
+
+def _ids(name: str, tensor: torch.Tensor | None, length: int | None) -> int | None:
+    """Data pointer of a contiguous 1-D int64 CPU id tensor (None passes through)."""
+    if tensor is None:
+        return None
+    _check_cpu(name, tensor)
+    if tensor.dtype != torch.int64 or tensor.dim() != 1 or not tensor.is_contiguous():
+        raise ValueError(
+            f"{name} must be a contiguous 1-D int64 tensor, got dtype {tensor.dtype} shape "
+            f"{tuple(tensor.shape)} strides {tensor.stride()}"
+        )
+    if length is not None and tensor.shape[0] != length:
+        raise ValueError(f"{name} has {tensor.shape[0]} rows, expected {length}")
+    return tensor.data_ptr()
+
+
+def _rewards(name: str, rewards: torch.Tensor, weights: torch.Tensor | None) -> tuple[_Rewards, object]:
+    """The C view of a [M] or [M, K] float32/float64 tensor (any strides) and the weights it must outlive."""
+    _check_cpu(name, rewards)
+    if rewards.dtype not in (torch.float32, torch.float64) or rewards.dim() not in (1, 2):
+        raise ValueError(
+            f"{name} must be a 1-D or 2-D float32/float64 tensor, got {rewards.dtype} "
+            f"shape {tuple(rewards.shape)}"
+        )
+    matrix = rewards if rewards.dim() == 2 else rewards[:, None]
+    weight_pointer, keep = None, None
+    if weights is not None:
+        keep = torch.as_tensor(weights, dtype=torch.float64).contiguous()
+        if keep.dim() != 1 or keep.shape[0] != matrix.shape[1]:
+            raise ValueError(
+                f"{name} weights must have one entry per component ({matrix.shape[1]}), "
+                f"got shape {tuple(keep.shape)}"
+            )
+        weight_pointer = keep.data_ptr()
+    view = _Rewards(
+        matrix.data_ptr() if matrix.numel() else None,
+        _FLOAT32 if matrix.dtype == torch.float32 else _FLOAT64,
+        matrix.shape[0],
+        matrix.shape[1],
+        matrix.stride(0),
+        matrix.stride(1),
+        weight_pointer,
+    )
+    return view, keep
+
+
+def _choice(name: str, value: str, table: dict[str, int]) -> int:
+    if value not in table:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, table))}, got {value!r}")
+    return table[value]
+
+
+def _options(
+    turn_weight: float, session_weight: float, turn_scope: str, scale: str, eps: float, nan_policy: str
+) -> _Options:
+    return _Options(
+        float(turn_weight),
+        float(session_weight),
+        float(eps),
+        _choice("turn_scope", turn_scope, _TURN_SCOPES),
+        _choice("scale", scale, _SCALES),
+        _choice("nan_policy", nan_policy, _NAN_POLICIES),
+    )
+
+
+def _out_dtype_code(out_dtype: torch.dtype) -> int:
+    if out_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"out_dtype must be torch.float32 or torch.float64, got {out_dtype}")
+    return _FLOAT32 if out_dtype == torch.float32 else _FLOAT64
+
+
+def _raise_on_error(status: int, message: ctypes.Array) -> None:
+    if status == 0:
+        return
+    text = message.value.decode(errors="replace")
+    if status in (1, 2):
+        raise ValueError(text)
+    if status == 3:
+        raise MemoryError(text)
+    raise RuntimeError(f"duca_kernels {_STATUS_NAMES.get(status, status)} error: {text}")
+
+
+def hian_advantages(
+    turn_rewards: torch.Tensor,
+    turn_session: torch.Tensor,
+    session_rewards: torch.Tensor,
+    session_group: torch.Tensor,
+    turn_index: torch.Tensor | None,
+    token_turn: torch.Tensor | None,
+    turn_weights: torch.Tensor | None,
+    session_weights: torch.Tensor | None,
+    turn_weight: float,
+    session_weight: float,
+    turn_scope: str,
+    scale: str,
+    eps: float,
+    nan_policy: str,
+    num_groups: int | None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Fused HIAN advantages on the CPU (same contract as ``ops.hian_advantages``).
+
+    Rewards ``[T]``/``[T, Kt]`` and ``[S]``/``[S, Ks]`` float32 or float64 (any strides); ids contiguous
+    int64; ``turn_weights``/``session_weights`` component weights or None (all 1); ``num_groups`` None
+    accepts any id >= 0 (sparse ids are remapped, never used as a table size). Returns ``[T]``, or ``[N]``
+    with ``token_turn`` (-1 tokens get 0), in ``out_dtype``.
+    """
+    lib = _require()
+    turns, keep_turn_weights = _rewards("turn_rewards", turn_rewards, turn_weights)
+    sessions, keep_session_weights = _rewards("session_rewards", session_rewards, session_weights)
+    num_turns = turns.rows
+    session_pointer = _ids("turn_session", turn_session, num_turns)
+    group_pointer = _ids("session_group", session_group, sessions.rows)
+    index_pointer = _ids("turn_index", turn_index, num_turns)
+    token_pointer = _ids("token_turn", token_turn, None)
+    options = _options(turn_weight, session_weight, turn_scope, scale, eps, nan_policy)
+    rows = num_turns if token_turn is None else token_turn.shape[0]
+    out_code = _out_dtype_code(out_dtype)
+    out = torch.empty(rows, dtype=out_dtype)
+    message = ctypes.create_string_buffer(_MESSAGE_SIZE)
+    status = lib.duca_hian_advantages(
+        ctypes.byref(turns),
+        session_pointer,
+        ctypes.byref(sessions),
+        group_pointer,
+        -1 if num_groups is None else int(num_groups),
+        index_pointer,
+        token_pointer,
+        rows if token_turn is not None else 0,
+        ctypes.byref(options),
+        out.data_ptr() if rows else None,
+        out_code,
+        message,
+        _MESSAGE_SIZE,
+    )
+    del keep_turn_weights, keep_session_weights
+    _raise_on_error(status, message)
+    return out
+
+
+def grpo_advantages(
+    rewards: torch.Tensor,
+    group: torch.Tensor,
+    weights: torch.Tensor | None,
+    scale: str,
+    eps: float,
+    nan_policy: str,
+    num_groups: int | None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """One-horizon GRPO advantages ``[S]`` on the CPU (same contract as ``ops.grpo_advantages``)."""
+    lib = _require()
+    view, keep_weights = _rewards("rewards", rewards, weights)
+    group_pointer = _ids("group", group, view.rows)
+    options = _options(1.0, 1.0, "group", scale, eps, nan_policy)
+    out_code = _out_dtype_code(out_dtype)
+    out = torch.empty(view.rows, dtype=out_dtype)
+    message = ctypes.create_string_buffer(_MESSAGE_SIZE)
+    status = lib.duca_grpo_advantages(
+        ctypes.byref(view),
+        group_pointer,
+        -1 if num_groups is None else int(num_groups),
+        ctypes.byref(options),
+        out.data_ptr() if view.rows else None,
+        out_code,
+        message,
+        _MESSAGE_SIZE,
+    )
+    del keep_weights
+    _raise_on_error(status, message)
+    return out
