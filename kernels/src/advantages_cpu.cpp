@@ -103,6 +103,12 @@ std::vector<double> combine_rows(const char* name, const duca_rewards& rewards, 
   int64_t first_bad = rows * cols;
 #pragma omp parallel for schedule(static) reduction(min : first_bad) if (rows >= kParallelMin)
   for (int64_t i = 0; i < rows; ++i) {
+    if (cols == 1 && rewards.weights == nullptr) {  // the common case, without the component loop
+      const double x = static_cast<double>(data[i * rewards.stride_row]);
+      if ((omit_nan ? std::isinf(x) : !std::isfinite(x)) && i < first_bad) first_bad = i;
+      combined[static_cast<size_t>(i)] = x;
+      continue;
+    }
     double sum = 0.0;
     for (int64_t k = 0; k < cols; ++k) {
       const double x = static_cast<double>(data[i * rewards.stride_row + k * rewards.stride_col]);
@@ -128,127 +134,180 @@ std::vector<double> combine_rows(const char* name, const duca_rewards& rewards, 
                                        : combine_rows<double>(name, rewards, omit_nan);
 }
 
-// Members grouped by statistic bucket: bucket b holds order[offsets[b] .. offsets[b + 1]) in input order.
-struct Segments {
-  std::vector<int64_t> offsets;
-  std::vector<int64_t> order;
+// Statistic bucket of every member. Dense ids index a table directly (bucket = major * minors + minor); only
+// when the id range is not O(n) are the buckets renumbered through a sort, so no allocation ever scales with
+// an id value.
+struct Buckets {
+  int64_t count = 0;
+  int64_t minors = 1;
+  std::vector<int64_t> remapped;  // bucket of member i when the ids are sparse, else empty
 };
 
-// Buckets of the keys (major[i], minor[i]) with major, minor >= 0. A dense table is used only when the key
-// range is O(n); otherwise a sort remaps sparse or huge ids, so no allocation ever scales with an id value.
 template <class MajorOf, class MinorOf>
-Segments bucket_members(int64_t n, MajorOf major_of, MinorOf minor_of) {
-  Segments segments;
-  segments.order.resize(static_cast<size_t>(n));
+Buckets make_buckets(int64_t n, MajorOf major_of, MinorOf minor_of) {
+  Buckets buckets;
   int64_t major_max = -1, minor_max = -1;
 #pragma omp parallel for schedule(static) reduction(max : major_max, minor_max) if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     major_max = std::max(major_max, major_of(i));
     minor_max = std::max(minor_max, minor_of(i));
   }
+  if (n == 0) return buckets;
   const int64_t dense_limit = 4 * n + 1024;
   const int64_t majors = major_max + 1, minors = minor_max + 1;
-  const bool dense = n == 0 || (majors <= dense_limit && minors <= dense_limit / std::max<int64_t>(majors, 1));
-  if (dense) {
-    const int64_t num_keys = n == 0 ? 0 : majors * minors;
-    std::vector<int64_t> key(static_cast<size_t>(n));
-    segments.offsets.assign(static_cast<size_t>(num_keys + 1), 0);
-    for (int64_t i = 0; i < n; ++i) {
-      key[i] = major_of(i) * minors + minor_of(i);
-      ++segments.offsets[key[i] + 1];
-    }
-    std::partial_sum(segments.offsets.begin(), segments.offsets.end(), segments.offsets.begin());
-    std::vector<int64_t> cursor(segments.offsets.begin(), segments.offsets.end() - 1);
-    for (int64_t i = 0; i < n; ++i) segments.order[cursor[key[i]]++] = i;
-    return segments;
+  if (majors <= dense_limit && minors <= dense_limit / majors) {
+    buckets.minors = minors;
+    buckets.count = majors * minors;
+    return buckets;
   }
-  std::iota(segments.order.begin(), segments.order.end(), int64_t{0});
-  std::sort(segments.order.begin(), segments.order.end(), [&](int64_t a, int64_t b) {
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  auto key_less = [&](int64_t a, int64_t b) {
     const int64_t ma = major_of(a), mb = major_of(b);
-    if (ma != mb) return ma < mb;
-    const int64_t na = minor_of(a), nb = minor_of(b);
-    return na != nb ? na < nb : a < b;
+    return ma != mb ? ma < mb : minor_of(a) < minor_of(b);
+  };
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return key_less(a, b) || (!key_less(b, a) && a < b);
   });
-  segments.offsets.push_back(0);
-  for (int64_t j = 1; j < n; ++j) {
-    const int64_t a = segments.order[j - 1], b = segments.order[j];
-    if (major_of(a) != major_of(b) || minor_of(a) != minor_of(b)) segments.offsets.push_back(j);
+  buckets.remapped.resize(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) {
+    if (j > 0 && key_less(order[j - 1], order[j])) ++buckets.count;
+    buckets.remapped[order[j]] = buckets.count;
   }
-  segments.offsets.push_back(n);
-  return segments;
+  ++buckets.count;
+  return buckets;
 }
 
-// Grouped normalization of `values` over `segments` into `advantages` (float64).
-void normalize_horizon(const std::vector<double>& values, const Segments& segments,
-                       const duca_advantage_options& options, std::vector<double>& advantages) {
-  const int64_t num_segments = static_cast<int64_t>(segments.offsets.size()) - 1;
+// Per-bucket mean and scale denominator of one horizon, in float64. Both passes run in member order on one
+// thread (a bucket's sum never depends on the thread count); the member-wise passes around them are parallel.
+struct HorizonStats {
+  std::vector<int64_t> count;
+  std::vector<double> mean;
+  std::vector<double> denominator;
+};
+
+template <class BucketOf>
+HorizonStats horizon_stats(const std::vector<double>& values, BucketOf bucket_of, int64_t num_buckets,
+                           const duca_advantage_options& options) {
   const bool omit = options.nan_policy == DUCA_NAN_OMIT;
-  advantages.assign(values.size(), 0.0);
-  std::vector<double> segment_m2(static_cast<size_t>(std::max<int64_t>(num_segments, 0)), 0.0);
-  std::vector<int64_t> segment_count(segment_m2.size(), 0);
-#pragma omp parallel for schedule(static) if (num_segments >= kParallelMin)
-  for (int64_t s = 0; s < num_segments; ++s) {
-    const int64_t begin = segments.offsets[s], end = segments.offsets[s + 1];
-    const int64_t* members = segments.order.data();
-    int64_t count = 0;
-    double sum = 0.0;
-    for (int64_t j = begin; j < end; ++j) {
-      const double x = values[members[j]];
-      if (omit && std::isnan(x)) continue;
-      sum += x;
-      ++count;
+  const int64_t n = static_cast<int64_t>(values.size());
+  HorizonStats stats;
+  stats.count.assign(static_cast<size_t>(num_buckets), 0);
+  stats.mean.assign(static_cast<size_t>(num_buckets), 0.0);
+  stats.denominator.assign(static_cast<size_t>(num_buckets), 0.0);
+  // Packed batches hold a bucket's members next to each other: a run of one bucket is summed in registers
+  // (starting from the table's value, so the addition order is exactly the member order).
+  int64_t run_bucket = -1, run_count = 0;
+  double run_sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = values[i];
+    if (omit && std::isnan(x)) continue;
+    const int64_t b = bucket_of(i);
+    if (b != run_bucket) {
+      if (run_bucket >= 0) {
+        stats.mean[run_bucket] = run_sum;
+        stats.count[run_bucket] = run_count;
+      }
+      run_bucket = b;
+      run_sum = stats.mean[b];
+      run_count = stats.count[b];
     }
-    if (count < 2) continue;  // fewer than 2 members: advantage 0 (already written)
-    const double mean = sum / static_cast<double>(count);
-    double m2 = 0.0;
-    for (int64_t j = begin; j < end; ++j) {
-      const double x = values[members[j]];
-      if (omit && std::isnan(x)) continue;
-      const double centered = x - mean;
-      advantages[members[j]] = centered;
-      m2 += centered * centered;
-    }
-    segment_m2[s] = m2;
-    segment_count[s] = count;
-    if (options.scale == DUCA_SCALE_GROUP) {
-      const double denominator = std::sqrt(m2 / static_cast<double>(count - 1)) + options.eps;
-      for (int64_t j = begin; j < end; ++j) advantages[members[j]] /= denominator;
-    }
+    run_sum += x;
+    ++run_count;
   }
-  if (options.scale != DUCA_SCALE_BATCH) return;
-  // Fixed segment order: the batch statistic is the same whatever the thread count.
+  if (run_bucket >= 0) {
+    stats.mean[run_bucket] = run_sum;
+    stats.count[run_bucket] = run_count;
+  }
+  for (int64_t b = 0; b < num_buckets; ++b) {
+    if (stats.count[b] >= 2) stats.mean[b] /= static_cast<double>(stats.count[b]);
+  }
+  if (options.scale == DUCA_SCALE_NONE) {
+    std::fill(stats.denominator.begin(), stats.denominator.end(), 1.0);
+    return stats;
+  }
+  std::vector<double>& m2 = stats.denominator;  // sums of centred squares, turned into denominators below
+  run_bucket = -1;
+  double run_m2 = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = values[i];
+    if (omit && std::isnan(x)) continue;
+    const int64_t b = bucket_of(i);
+    if (b != run_bucket) {
+      if (run_bucket >= 0) m2[run_bucket] = run_m2;
+      run_bucket = b;
+      run_m2 = m2[b];
+    }
+    const double centered = x - stats.mean[b];
+    run_m2 += centered * centered;
+  }
+  if (run_bucket >= 0) m2[run_bucket] = run_m2;
+  if (options.scale == DUCA_SCALE_GROUP) {
+    for (int64_t b = 0; b < num_buckets; ++b) {
+      if (stats.count[b] >= 2) m2[b] = std::sqrt(m2[b] / static_cast<double>(stats.count[b] - 1)) + options.eps;
+    }
+    return stats;
+  }
+  // Batch scale: one std over the centred values of every bucket with >= 2 members, summed in bucket order.
   double total_m2 = 0.0;
   int64_t total_count = 0;
-  for (int64_t s = 0; s < num_segments; ++s) {
-    total_m2 += segment_m2[s];
-    total_count += segment_count[s];
+  for (int64_t b = 0; b < num_buckets; ++b) {
+    if (stats.count[b] < 2) continue;
+    total_m2 += m2[b];
+    total_count += stats.count[b];
   }
   const double denominator =
       std::sqrt(total_m2 / static_cast<double>(std::max<int64_t>(total_count - 1, 1))) + options.eps;
-  const int64_t n = static_cast<int64_t>(advantages.size());
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) advantages[i] /= denominator;
+  std::fill(m2.begin(), m2.end(), denominator);
+  return stats;
 }
 
-template <class Out>
-void write_fused(const std::vector<double>& turn_adv, const std::vector<double>& session_adv,
-                 const int64_t* turn_session, const int64_t* token_turn, int64_t num_tokens,
-                 const duca_advantage_options& options, Out* out) {
-  const int64_t num_turns = static_cast<int64_t>(turn_adv.size());
-  auto fused = [&](int64_t t) {
-    return static_cast<Out>(options.turn_weight * turn_adv[t] +
-                            options.session_weight * session_adv[turn_session[t]]);
+// Advantage of a member with value x in bucket b: 0 when NaN (omitted) or when its bucket has < 2 members.
+inline double advantage(const HorizonStats& stats, int64_t b, double x) {
+  if (stats.count[b] < 2 || std::isnan(x)) return 0.0;
+  return (x - stats.mean[b]) / stats.denominator[b];
+}
+
+// Normalizes one horizon and hands each member's advantage to emit(i, advantage), in parallel over members.
+template <class MajorOf, class MinorOf, class Emit>
+void normalize(const std::vector<double>& values, MajorOf major_of, MinorOf minor_of,
+               const duca_advantage_options& options, Emit emit) {
+  const int64_t n = static_cast<int64_t>(values.size());
+  const Buckets buckets = make_buckets(n, major_of, minor_of);
+  auto bucket_of = [&](int64_t i) {
+    return buckets.remapped.empty() ? major_of(i) * buckets.minors + minor_of(i) : buckets.remapped[i];
   };
-  if (token_turn == nullptr) {
-#pragma omp parallel for schedule(static) if (num_turns >= kParallelMin)
-    for (int64_t t = 0; t < num_turns; ++t) out[t] = fused(t);
-    return;
+  const HorizonStats stats = horizon_stats(values, bucket_of, buckets.count, options);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) emit(i, advantage(stats, bucket_of(i), values[i]));
+}
+
+struct NoMinor {
+  int64_t operator()(int64_t) const { return 0; }
+};
+
+template <class Out>
+void hian_into(const std::vector<double>& turn_values, const int64_t* turn_session,
+               const std::vector<double>& session_values, const int64_t* session_group, const int64_t* turn_index,
+               const int64_t* token_turn, int64_t num_tokens, const duca_advantage_options& options, Out* out) {
+  std::vector<double> session_adv(session_values.size());
+  normalize(session_values, [&](int64_t s) { return session_group[s]; }, NoMinor{}, options,
+            [&](int64_t s, double a) { session_adv[s] = a; });
+  // Per-turn results go straight to `out` unless they are broadcast to tokens afterwards.
+  std::vector<Out> per_turn(token_turn != nullptr ? turn_values.size() : 0);
+  Out* fused = token_turn != nullptr ? per_turn.data() : out;
+  auto emit = [&](int64_t t, double a) {
+    fused[t] = static_cast<Out>(options.turn_weight * a + options.session_weight * session_adv[turn_session[t]]);
+  };
+  auto group_of_turn = [&](int64_t t) { return session_group[turn_session[t]]; };
+  if (options.turn_scope == DUCA_TURN_SCOPE_GROUP_TURN) {
+    normalize(turn_values, group_of_turn, [&](int64_t t) { return turn_index[t]; }, options, emit);
+  } else {
+    normalize(turn_values, group_of_turn, NoMinor{}, options, emit);
   }
-  std::vector<Out> per_turn(static_cast<size_t>(num_turns));
-#pragma omp parallel for schedule(static) if (num_turns >= kParallelMin)
-  for (int64_t t = 0; t < num_turns; ++t) per_turn[t] = fused(t);
+  if (token_turn == nullptr) return;
 #pragma omp parallel for schedule(static) if (num_tokens >= kParallelMin)
-  for (int64_t i = 0; i < num_tokens; ++i) out[i] = token_turn[i] >= 0 ? per_turn[token_turn[i]] : Out(0);
+  for (int64_t i = 0; i < num_tokens; ++i) out[i] = token_turn[i] >= 0 ? fused[token_turn[i]] : Out(0);
 }
 
 void hian(const duca_rewards* turn_rewards, const int64_t* turn_session, const duca_rewards* session_rewards,
@@ -279,20 +338,12 @@ void hian(const duca_rewards* turn_rewards, const int64_t* turn_session, const d
   const std::vector<double> turn_values = combine_rows("turn_rewards", *turn_rewards, omit);
   const std::vector<double> session_values = combine_rows("session_rewards", *session_rewards, omit);
 
-  std::vector<double> session_adv, turn_adv;
-  const Segments session_segments =
-      bucket_members(num_sessions, [&](int64_t s) { return session_group[s]; }, [](int64_t) { return int64_t{0}; });
-  normalize_horizon(session_values, session_segments, *options, session_adv);
-  auto group_of_turn = [&](int64_t t) { return session_group[turn_session[t]]; };
-  const Segments turn_segments =
-      group_turn ? bucket_members(num_turns, group_of_turn, [&](int64_t t) { return turn_index[t]; })
-                 : bucket_members(num_turns, group_of_turn, [](int64_t) { return int64_t{0}; });
-  normalize_horizon(turn_values, turn_segments, *options, turn_adv);
-
   if (out_dtype == DUCA_FLOAT32) {
-    write_fused(turn_adv, session_adv, turn_session, token_turn, num_tokens, *options, static_cast<float*>(out));
+    hian_into(turn_values, turn_session, session_values, session_group, turn_index, token_turn, num_tokens, *options,
+              static_cast<float*>(out));
   } else {
-    write_fused(turn_adv, session_adv, turn_session, token_turn, num_tokens, *options, static_cast<double*>(out));
+    hian_into(turn_values, turn_session, session_values, session_group, turn_index, token_turn, num_tokens, *options,
+              static_cast<double*>(out));
   }
 }
 
@@ -305,14 +356,13 @@ void grpo(const duca_rewards* rewards, const int64_t* group, int64_t num_groups,
   if (n > 0 && out == nullptr) fail(DUCA_INVALID_ARGUMENT, "out is NULL but needs ", n, " rows");
   check_ids("group", group, n, 0, num_groups < 0 ? kNoBound : num_groups, "num_groups");
   const std::vector<double> values = combine_rows("rewards", *rewards, options->nan_policy == DUCA_NAN_OMIT);
-  const Segments segments = bucket_members(n, [&](int64_t i) { return group[i]; }, [](int64_t) { return int64_t{0}; });
-  std::vector<double> advantages;
-  normalize_horizon(values, segments, *options, advantages);
+  auto group_of = [&](int64_t i) { return group[i]; };
   if (out_dtype == DUCA_FLOAT32) {
-    std::transform(advantages.begin(), advantages.end(), static_cast<float*>(out),
-                   [](double a) { return static_cast<float>(a); });
+    float* typed = static_cast<float*>(out);
+    normalize(values, group_of, NoMinor{}, *options, [&](int64_t i, double a) { typed[i] = static_cast<float>(a); });
   } else {
-    std::copy(advantages.begin(), advantages.end(), static_cast<double*>(out));
+    double* typed = static_cast<double*>(out);
+    normalize(values, group_of, NoMinor{}, *options, [&](int64_t i, double a) { typed[i] = a; });
   }
 }
 
