@@ -4,8 +4,8 @@
  * - Every entry point returns a duca_status; on failure it writes a NUL-terminated message that names the
  *   offending argument (and index) into `message` (capacity `message_size` bytes; NULL/0 = no message).
  * - Ids are int64. Reward matrices are float32 or float64 with explicit row/column strides in elements.
- * - Statistics are float64, two-pass (mean, then centred squares) per segment; each segment is reduced by
- *   one thread in input order, so results are bit-identical whatever the OpenMP thread count.
+ * - Statistics are float64, two-pass (mean, then centred squares) per bucket, summed in member order, so the
+ *   results are bit-identical whatever the OpenMP thread count.
  * - A statistic over fewer than 2 members gives advantage 0 to those members; std is unbiased (n - 1).
  * - Group ids are never used to size an allocation beyond O(rows): sparse or huge ids are remapped.
  */

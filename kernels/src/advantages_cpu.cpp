@@ -1,8 +1,8 @@
-// HIAN and GRPO advantages on the CPU: float64 two-pass statistics over segments of a counting sort.
+// HIAN and GRPO advantages on the CPU: float64 two-pass statistics (mean, then centred squares) per bucket.
 //
-// Determinism: members are sorted stably into segments (one per statistic bucket); each segment is reduced by
-// one thread in input order and the batch-wide sum runs over segments in a fixed order, so the thread count
-// never changes a bit of the result.
+// Determinism: every bucket's sums are accumulated in member order and the batch-wide sum in bucket order;
+// only member-wise work (checks, combining components, writing advantages) is split across threads, so the
+// thread count never changes a bit of the result.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
