@@ -83,6 +83,28 @@ DUCA_API duca_status duca_grpo_advantages(const duca_rewards* rewards, const int
                                           const duca_advantage_options* options, void* out, int32_t out_dtype,
                                           char* message, size_t message_size);
 
+/* ---- CUDA entry points (present when duca_has_cuda() returns 1) --------------------------------------------
+ * Every data pointer, including duca_rewards.data and .weights, is device memory; work is queued on `stream`
+ * (a cudaStream_t; NULL = the legacy default stream) and nothing synchronises with the host. Only sizes and
+ * options are checked: ids must already be in range and rewards finite unless nan_policy is omit (validate
+ * on the caller's side, as the Python ops do). Statistics are deterministic: a stable radix sort puts each
+ * bucket's members in member order and warp/block reductions use fixed trees, no float atomics. */
+typedef struct CUstream_st* duca_cuda_stream;
+
+/* As duca_hian_advantages; num_groups >= 0 and, for group_turn, num_turn_positions >= 1 bound the ids. */
+DUCA_API duca_status duca_hian_advantages_cuda(const duca_rewards* turn_rewards, const int64_t* turn_session,
+                                               const duca_rewards* session_rewards, const int64_t* session_group,
+                                               int64_t num_groups, const int64_t* turn_index,
+                                               int64_t num_turn_positions, const int64_t* token_turn,
+                                               int64_t num_tokens, const duca_advantage_options* options, void* out,
+                                               int32_t out_dtype, duca_cuda_stream stream, char* message,
+                                               size_t message_size);
+
+DUCA_API duca_status duca_grpo_advantages_cuda(const duca_rewards* rewards, const int64_t* group,
+                                               int64_t num_groups, const duca_advantage_options* options, void* out,
+                                               int32_t out_dtype, duca_cuda_stream stream, char* message,
+                                               size_t message_size);
+
 /* Number of OpenMP threads the CPU kernels use (1 when built without OpenMP). */
 DUCA_API int duca_cpu_threads(void);
 
