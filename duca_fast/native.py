@@ -1,4 +1,4 @@
-"""ctypes binding of the native library ``duca_kernels`` (``kernels/``): advantage ops on CPU tensors.
+"""ctypes binding of the native library ``duca_kernels`` (``kernels/``): advantages on CPU and CUDA tensors.
 
 The functions here take tensors the ops layer has already validated for shape (contiguous int64 ids, float32
 or float64 rewards with any strides) plus plain options, pass their data pointers to the C ABI and return a
@@ -125,6 +125,36 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_size_t,
     ]
     lib.duca_hian_advantages.restype = lib.duca_grpo_advantages.restype = ctypes.c_int
+    if lib.duca_has_cuda():
+        lib.duca_hian_advantages_cuda.argtypes = [
+            rewards_p,
+            pointer,
+            rewards_p,
+            pointer,
+            i64,
+            pointer,
+            i64,
+            pointer,
+            i64,
+            options_p,
+            pointer,
+            i32,
+            pointer,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
+        lib.duca_grpo_advantages_cuda.argtypes = [
+            rewards_p,
+            pointer,
+            i64,
+            options_p,
+            pointer,
+            i32,
+            pointer,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
+        lib.duca_hian_advantages_cuda.restype = lib.duca_grpo_advantages_cuda.restype = ctypes.c_int
     return lib
 
 
@@ -174,16 +204,25 @@ def _require() -> ctypes.CDLL:
     return lib
 
 
-def _check_cpu(name: str, tensor: torch.Tensor) -> None:
-    if tensor.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU for the native CPU kernels, got {tensor.device}")
+def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but the rewards are on {device}")
 
 
-def _ids(name: str, tensor: torch.Tensor | None, length: int | None) -> int | None:
-    """Data pointer of a contiguous 1-D int64 CPU id tensor (None passes through)."""
+def _cuda_stream(device: torch.device, lib: ctypes.CDLL) -> int | None:
+    """The current torch stream of a CUDA device (what the CUDA entry points queue on); None on the CPU."""
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda" or not lib.duca_has_cuda():
+        raise ValueError(f"the native kernels run on the CPU or CUDA (a CUDA build), got tensors on {device}")
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _ids(name: str, tensor: torch.Tensor | None, length: int | None, device: torch.device) -> int | None:
+    """Data pointer of a contiguous 1-D int64 id tensor on ``device`` (None passes through)."""
     if tensor is None:
         return None
-    _check_cpu(name, tensor)
+    _check_device(name, tensor, device)
     if tensor.dtype != torch.int64 or tensor.dim() != 1 or not tensor.is_contiguous():
         raise ValueError(
             f"{name} must be a contiguous 1-D int64 tensor, got dtype {tensor.dtype} shape "
@@ -196,7 +235,6 @@ def _ids(name: str, tensor: torch.Tensor | None, length: int | None) -> int | No
 
 def _rewards(name: str, rewards: torch.Tensor, weights: torch.Tensor | None) -> tuple[_Rewards, object]:
     """The C view of a [M] or [M, K] float32/float64 tensor (any strides) and the weights it must outlive."""
-    _check_cpu(name, rewards)
     if rewards.dtype not in (torch.float32, torch.float64) or rewards.dim() not in (1, 2):
         raise ValueError(
             f"{name} must be a 1-D or 2-D float32/float64 tensor, got {rewards.dtype} "
@@ -205,7 +243,7 @@ def _rewards(name: str, rewards: torch.Tensor, weights: torch.Tensor | None) -> 
     matrix = rewards if rewards.dim() == 2 else rewards[:, None]
     weight_pointer, keep = None, None
     if weights is not None:
-        keep = torch.as_tensor(weights, dtype=torch.float64).contiguous()
+        keep = torch.as_tensor(weights, dtype=torch.float64).to(rewards.device).contiguous()
         if keep.dim() != 1 or keep.shape[0] != matrix.shape[1]:
             raise ValueError(
                 f"{name} weights must have one entry per component ({matrix.shape[1]}), "
@@ -277,42 +315,55 @@ def hian_advantages(
     nan_policy: str,
     num_groups: int | None,
     out_dtype: torch.dtype = torch.float32,
+    num_turn_positions: int | None = None,
 ) -> torch.Tensor:
-    """Fused HIAN advantages on the CPU (same contract as ``ops.hian_advantages``).
+    """Fused HIAN advantages (same contract as ``ops.hian_advantages``) on the CPU or, with a CUDA build, on
+    CUDA tensors (queued on the current torch stream, no host synchronisation).
 
     Rewards ``[T]``/``[T, Kt]`` and ``[S]``/``[S, Ks]`` float32 or float64 (any strides); ids contiguous
-    int64; ``turn_weights``/``session_weights`` component weights or None (all 1); ``num_groups`` None
-    accepts any id >= 0 (sparse ids are remapped, never used as a table size). Returns ``[T]``, or ``[N]``
-    with ``token_turn`` (-1 tokens get 0), in ``out_dtype``.
+    int64; ``turn_weights``/``session_weights`` component weights or None (all 1). On the CPU ``num_groups``
+    None accepts any id >= 0 (sparse ids are remapped, never used as a table size) and every id and reward
+    is checked. On CUDA ``num_groups`` (and ``num_turn_positions`` for "group_turn") are required and the
+    values are not checked (validate first). Returns ``[T]``, or ``[N]`` with ``token_turn`` (-1 tokens get
+    0), in ``out_dtype``.
     """
     lib = _require()
+    device = turn_rewards.device
+    stream = _cuda_stream(device, lib)
+    _check_device("session_rewards", session_rewards, device)
     turns, keep_turn_weights = _rewards("turn_rewards", turn_rewards, turn_weights)
     sessions, keep_session_weights = _rewards("session_rewards", session_rewards, session_weights)
     num_turns = turns.rows
-    session_pointer = _ids("turn_session", turn_session, num_turns)
-    group_pointer = _ids("session_group", session_group, sessions.rows)
-    index_pointer = _ids("turn_index", turn_index, num_turns)
-    token_pointer = _ids("token_turn", token_turn, None)
+    session_pointer = _ids("turn_session", turn_session, num_turns, device)
+    group_pointer = _ids("session_group", session_group, sessions.rows, device)
+    index_pointer = _ids("turn_index", turn_index, num_turns, device)
+    token_pointer = _ids("token_turn", token_turn, None, device)
     options = _options(turn_weight, session_weight, turn_scope, scale, eps, nan_policy)
     rows = num_turns if token_turn is None else token_turn.shape[0]
     out_code = _out_dtype_code(out_dtype)
-    out = torch.empty(rows, dtype=out_dtype)
+    out = torch.empty(rows, dtype=out_dtype, device=device)
     message = ctypes.create_string_buffer(_MESSAGE_SIZE)
-    status = lib.duca_hian_advantages(
+    groups = -1 if num_groups is None else int(num_groups)
+    head = (
         ctypes.byref(turns),
         session_pointer,
         ctypes.byref(sessions),
         group_pointer,
-        -1 if num_groups is None else int(num_groups),
+        groups,
         index_pointer,
+    )
+    tail = (
         token_pointer,
         rows if token_turn is not None else 0,
         ctypes.byref(options),
         out.data_ptr() if rows else None,
         out_code,
-        message,
-        _MESSAGE_SIZE,
     )
+    if stream is None:
+        status = lib.duca_hian_advantages(*head, *tail, message, _MESSAGE_SIZE)
+    else:
+        positions = 0 if num_turn_positions is None else int(num_turn_positions)
+        status = lib.duca_hian_advantages_cuda(*head, positions, *tail, stream, message, _MESSAGE_SIZE)
     del keep_turn_weights, keep_session_weights
     _raise_on_error(status, message)
     return out
@@ -328,24 +379,29 @@ def grpo_advantages(
     num_groups: int | None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """One-horizon GRPO advantages ``[S]`` on the CPU (same contract as ``ops.grpo_advantages``)."""
+    """One-horizon GRPO advantages ``[S]`` (same contract as ``ops.grpo_advantages``); CPU or CUDA tensors,
+    with the same rules as ``hian_advantages``."""
     lib = _require()
+    device = rewards.device
+    stream = _cuda_stream(device, lib)
     view, keep_weights = _rewards("rewards", rewards, weights)
-    group_pointer = _ids("group", group, view.rows)
+    group_pointer = _ids("group", group, view.rows, device)
     options = _options(1.0, 1.0, "group", scale, eps, nan_policy)
     out_code = _out_dtype_code(out_dtype)
-    out = torch.empty(view.rows, dtype=out_dtype)
+    out = torch.empty(view.rows, dtype=out_dtype, device=device)
     message = ctypes.create_string_buffer(_MESSAGE_SIZE)
-    status = lib.duca_grpo_advantages(
+    args = (
         ctypes.byref(view),
         group_pointer,
         -1 if num_groups is None else int(num_groups),
         ctypes.byref(options),
         out.data_ptr() if view.rows else None,
         out_code,
-        message,
-        _MESSAGE_SIZE,
     )
+    if stream is None:
+        status = lib.duca_grpo_advantages(*args, message, _MESSAGE_SIZE)
+    else:
+        status = lib.duca_grpo_advantages_cuda(*args, stream, message, _MESSAGE_SIZE)
     del keep_weights
     _raise_on_error(status, message)
     return out
