@@ -67,6 +67,58 @@ class _Options(ctypes.Structure):
     ]
 
 
+class _PolicyOptions(ctypes.Structure):
+    _fields_ = [
+        ("clip_low", ctypes.c_double),
+        ("clip_high", ctypes.c_double),
+        ("dual_clip", ctypes.c_double),
+        ("kl_coef", ctypes.c_double),
+        ("kl_type", ctypes.c_int32),
+        ("entropy_coef", ctypes.c_double),
+        ("tis_cap", ctypes.c_double),
+        ("log_ratio_limit", ctypes.c_double),
+    ]
+
+
+class _PolicyInputs(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in (
+            "logprobs",
+            "entropy",
+            "advantages",
+            "old_logprobs",
+            "ref_logprobs",
+            "behavior_logprobs",
+            "token_weights",
+            "active",
+        )
+    ]
+
+
+POLICY_SUMS = (
+    "loss",
+    "pg_loss",
+    "active",
+    "clipped_low",
+    "clipped_high",
+    "dual_clipped",
+    "tis_capped",
+    "approx_kl",
+    "ratio",
+    "entropy",
+    "kl_ref",
+    "behavior_gap",
+)
+
+
+class _PolicySums(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_double) for name in POLICY_SUMS]
+
+
+_KL_TYPES = {"k1": 0, "k2": 1, "k3": 2}
+
+
 def library_path() -> Path:
     """Where the shared library is expected (``$DUCA_KERNELS_LIB`` wins)."""
     override = os.environ.get(LIBRARY_ENV)
@@ -125,6 +177,51 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_size_t,
     ]
     lib.duca_hian_advantages.restype = lib.duca_grpo_advantages.restype = ctypes.c_int
+    size, f64, message = ctypes.c_size_t, ctypes.c_double, ctypes.c_char_p
+    lib.duca_logits_stats.argtypes = [
+        pointer,
+        i32,
+        i64,
+        i64,
+        i64,
+        i64,
+        pointer,
+        f64,
+        pointer,
+        pointer,
+        pointer,
+        message,
+        size,
+    ]
+    lib.duca_policy_head.argtypes = [
+        i64,
+        i32,
+        ctypes.POINTER(_PolicyInputs),
+        ctypes.POINTER(_PolicyOptions),
+        pointer,
+        pointer,
+        ctypes.POINTER(_PolicySums),
+        message,
+        size,
+    ]
+    lib.duca_logits_grad_inplace.argtypes = [
+        pointer,
+        i32,
+        i64,
+        i64,
+        i64,
+        i64,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        f64,
+        message,
+        size,
+    ]
+    for name in ("duca_logits_stats", "duca_policy_head", "duca_logits_grad_inplace"):
+        getattr(lib, name).restype = ctypes.c_int
     if lib.duca_has_cuda():
         lib.duca_hian_advantages_cuda.argtypes = [
             rewards_p,
@@ -405,3 +502,178 @@ def grpo_advantages(
     del keep_weights
     _raise_on_error(status, message)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# row kernels of the fused policy loss (CPU)
+
+
+def _float_code(name: str, tensor: torch.Tensor) -> int:
+    if tensor.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name} must be float32 or float64, got {tensor.dtype}")
+    return _FLOAT32 if tensor.dtype == torch.float32 else _FLOAT64
+
+
+def _vector(name: str, tensor: torch.Tensor | None, like: torch.Tensor, num_tokens: int) -> int | None:
+    """Data pointer of a contiguous [N] CPU tensor of ``like``'s dtype (None passes through)."""
+    if tensor is None:
+        return None
+    if tensor.device.type != "cpu" or tensor.dtype != like.dtype or tuple(tensor.shape) != (num_tokens,):
+        raise ValueError(
+            f"{name} must be a [{num_tokens}] {like.dtype} CPU tensor, got {tensor.dtype} "
+            f"{tuple(tensor.shape)} on {tensor.device}"
+        )
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {tensor.stride()}")
+    return tensor.data_ptr()
+
+
+def _logits_view(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
+    if logits.device.type != "cpu" or logits.dim() != 2:
+        raise ValueError(
+            f"logits must be a 2-D CPU tensor, got shape {tuple(logits.shape)} on {logits.device}"
+        )
+    code = _float_code("logits", logits)
+    _ids("target", target, logits.shape[0], logits.device)
+    return code, logits.stride(0), logits.stride(1)
+
+
+def logits_stats(
+    logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``logits [N, V]`` (any strides) with ``z = logits / temperature``: log-sum-exp, the target's
+    log-prob and the entropy, in the logits' dtype (float64 accumulation)."""
+    lib = _require()
+    code, stride_n, stride_v = _logits_view(logits, target)
+    num_tokens, vocab_size = logits.shape
+    lse, logprobs, entropy = (torch.empty(num_tokens, dtype=logits.dtype) for _ in range(3))
+    message = ctypes.create_string_buffer(_MESSAGE_SIZE)
+    status = lib.duca_logits_stats(
+        logits.data_ptr(),
+        code,
+        num_tokens,
+        vocab_size,
+        stride_n,
+        stride_v,
+        target.data_ptr(),
+        float(temperature),
+        lse.data_ptr(),
+        logprobs.data_ptr(),
+        entropy.data_ptr(),
+        message,
+        _MESSAGE_SIZE,
+    )
+    _raise_on_error(status, message)
+    return lse, logprobs, entropy
+
+
+def policy_head(
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    behavior_logprobs: torch.Tensor | None,
+    token_weights: torch.Tensor,
+    active: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    kl_coef: float,
+    kl_type: str,
+    entropy_coef: float,
+    tis_cap: float | None,
+    log_ratio_limit: float = 20.0,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """The per-token PPO objective (same options as ``ops.fused_policy_loss``) on [N] CPU tensors.
+
+    Returns ``d loss / d logp``, ``d loss / d H`` (None when ``entropy_coef`` is 0) and float64 sums over
+    active tokens (``POLICY_SUMS``: loss and pg_loss weighted by ``token_weights``, the rest plain sums).
+    """
+    lib = _require()
+    num_tokens = logprobs.shape[0] if logprobs.dim() == 1 else -1
+    code = _float_code("logprobs", logprobs)
+    if active.dtype != torch.bool or tuple(active.shape) != (num_tokens,) or not active.is_contiguous():
+        raise ValueError(
+            f"active must be a contiguous [{num_tokens}] bool tensor, got {active.dtype} "
+            f"{tuple(active.shape)}"
+        )
+    inputs = _PolicyInputs(
+        _vector("logprobs", logprobs, logprobs, num_tokens),
+        _vector("entropy", entropy, logprobs, num_tokens),
+        _vector("advantages", advantages, logprobs, num_tokens),
+        _vector("old_logprobs", old_logprobs, logprobs, num_tokens),
+        _vector("ref_logprobs", ref_logprobs, logprobs, num_tokens),
+        _vector("behavior_logprobs", behavior_logprobs, logprobs, num_tokens),
+        _vector("token_weights", token_weights, logprobs, num_tokens),
+        active.data_ptr(),
+    )
+    options = _PolicyOptions(
+        float(clip_low),
+        float(clip_high),
+        0.0 if dual_clip is None else float(dual_clip),
+        float(kl_coef),
+        _choice("kl_type", kl_type, _KL_TYPES),
+        float(entropy_coef),
+        0.0 if tis_cap is None else float(tis_cap),
+        float(log_ratio_limit),
+    )
+    grad_logprobs = torch.empty_like(logprobs)
+    grad_entropy = torch.empty_like(logprobs) if entropy_coef != 0 else None
+    sums = _PolicySums()
+    message = ctypes.create_string_buffer(_MESSAGE_SIZE)
+    status = lib.duca_policy_head(
+        num_tokens,
+        code,
+        ctypes.byref(inputs),
+        ctypes.byref(options),
+        grad_logprobs.data_ptr(),
+        None if grad_entropy is None else grad_entropy.data_ptr(),
+        ctypes.byref(sums),
+        message,
+        _MESSAGE_SIZE,
+    )
+    _raise_on_error(status, message)
+    return grad_logprobs, grad_entropy, {name: getattr(sums, name) for name in POLICY_SUMS}
+
+
+def logits_grad_(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Overwrite ``logits [N, V]`` with ``d loss / d logits`` from the row statistics and the head's
+    derivatives; returns ``logits``."""
+    lib = _require()
+    code, stride_n, stride_v = _logits_view(logits, target)
+    num_tokens, vocab_size = logits.shape
+    pointers = [
+        _vector(name, value, logits, num_tokens)
+        for name, value in (
+            ("lse", lse),
+            ("entropy", entropy),
+            ("grad_logprobs", grad_logprobs),
+            ("grad_entropy", grad_entropy),
+        )
+    ]
+    message = ctypes.create_string_buffer(_MESSAGE_SIZE)
+    status = lib.duca_logits_grad_inplace(
+        logits.data_ptr(),
+        code,
+        num_tokens,
+        vocab_size,
+        stride_n,
+        stride_v,
+        target.data_ptr(),
+        *pointers,
+        float(temperature),
+        message,
+        _MESSAGE_SIZE,
+    )
+    _raise_on_error(status, message)
+    return logits

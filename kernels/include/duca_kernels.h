@@ -83,6 +83,72 @@ DUCA_API duca_status duca_grpo_advantages(const duca_rewards* rewards, const int
                                           const duca_advantage_options* options, void* out, int32_t out_dtype,
                                           char* message, size_t message_size);
 
+/* ---- Row kernels of the fused policy loss --------------------------------------------------------------------
+ * The memory-bound work between the lm_head GEMMs, per token (row) of a [N, V] logits chunk z = logits / T:
+ *   duca_logits_stats: lse = logsumexp(z), logprob = z[target] - lse, entropy = lse - sum softmax(z) z;
+ *   duca_policy_head: the PPO objective per token (clips, dual clip, TIS, KL, entropy) with d loss / d logp,
+ *     d loss / d H and float64 sums for the loss and metrics;
+ *   duca_logits_grad_inplace: overwrites the logits with d loss / d logits =
+ *     (g_logp (onehot - p) - g_H p (z - lse + H)) / T.
+ * dtype (DUCA_FLOAT32 / DUCA_FLOAT64) is that of the logits and of every per-token float array. */
+typedef enum duca_kl_type { DUCA_KL_K1 = 0, DUCA_KL_K2 = 1, DUCA_KL_K3 = 2 } duca_kl_type;
+
+typedef struct duca_policy_options {
+  double clip_low;        /* ratio clipped below 1 - clip_low, in [0, 1) */
+  double clip_high;       /* ratio clipped above 1 + clip_high, >= 0 */
+  double dual_clip;       /* > 1: for A < 0 the loss is capped at -dual_clip * A; 0 = off */
+  double kl_coef;         /* weight of the KL to ref_logprobs */
+  int32_t kl_type;        /* duca_kl_type, with d = logp - ref: k1 d, k2 d^2/2, k3 exp(-d) + d - 1 */
+  double entropy_coef;    /* weight of the entropy bonus (subtracted) */
+  double tis_cap;         /* > 0: truncated importance weight min(exp(old - behavior), cap); 0 = off */
+  double log_ratio_limit; /* log-ratios are clamped to +-limit before exp (duca_fast uses 20) */
+} duca_policy_options;
+
+/* Per-token inputs, [N] each, contiguous, of the call's dtype (active: 0/1 bytes). */
+typedef struct duca_policy_inputs {
+  const void* logprobs;
+  const void* entropy;
+  const void* advantages;
+  const void* old_logprobs;      /* NULL: on-policy, old = logprobs (detached) */
+  const void* ref_logprobs;      /* NULL: no KL */
+  const void* behavior_logprobs; /* NULL: no TIS and no behaviour gap */
+  const void* token_weights;     /* aggregation weight of each token (0 when masked) */
+  const uint8_t* active;
+} duca_policy_inputs;
+
+/* Sums over active tokens (float64); means are sum / active. loss and pg_loss are weighted by token_weights. */
+typedef struct duca_policy_sums {
+  double loss;
+  double pg_loss;
+  double active;
+  double clipped_low;
+  double clipped_high;
+  double dual_clipped;
+  double tis_capped;
+  double approx_kl;
+  double ratio;
+  double entropy;
+  double kl_ref;
+  double behavior_gap;
+} duca_policy_sums;
+
+DUCA_API duca_status duca_logits_stats(const void* logits, int32_t dtype, int64_t num_tokens, int64_t vocab_size,
+                                       int64_t stride_n, int64_t stride_v, const int64_t* target,
+                                       double temperature, void* lse, void* logprobs, void* entropy,
+                                       char* message, size_t message_size);
+
+/* grad_entropy may be NULL (no entropy term): then it is skipped. */
+DUCA_API duca_status duca_policy_head(int64_t num_tokens, int32_t dtype, const duca_policy_inputs* inputs,
+                                      const duca_policy_options* options, void* grad_logprobs,
+                                      void* grad_entropy, duca_policy_sums* sums, char* message,
+                                      size_t message_size);
+
+DUCA_API duca_status duca_logits_grad_inplace(void* logits, int32_t dtype, int64_t num_tokens, int64_t vocab_size,
+                                              int64_t stride_n, int64_t stride_v, const int64_t* target,
+                                              const void* lse, const void* entropy, const void* grad_logprobs,
+                                              const void* grad_entropy, double temperature, char* message,
+                                              size_t message_size);
+
 /* ---- CUDA entry points (present when duca_has_cuda() returns 1) --------------------------------------------
  * Every data pointer, including duca_rewards.data and .weights, is device memory; work is queued on `stream`
  * (a cudaStream_t; NULL = the legacy default stream) and nothing synchronises with the host. Only sizes and
@@ -104,6 +170,26 @@ DUCA_API duca_status duca_grpo_advantages_cuda(const duca_rewards* rewards, cons
                                                int64_t num_groups, const duca_advantage_options* options, void* out,
                                                int32_t out_dtype, duca_cuda_stream stream, char* message,
                                                size_t message_size);
+
+/* Row kernels on device pointers (same arguments; `sums` is device memory). One block per row with a fixed
+ * reduction tree; the head's sums are per-block partials combined by one block in a fixed order. */
+DUCA_API duca_status duca_logits_stats_cuda(const void* logits, int32_t dtype, int64_t num_tokens,
+                                            int64_t vocab_size, int64_t stride_n, int64_t stride_v,
+                                            const int64_t* target, double temperature, void* lse, void* logprobs,
+                                            void* entropy, duca_cuda_stream stream, char* message,
+                                            size_t message_size);
+
+DUCA_API duca_status duca_policy_head_cuda(int64_t num_tokens, int32_t dtype, const duca_policy_inputs* inputs,
+                                           const duca_policy_options* options, void* grad_logprobs,
+                                           void* grad_entropy, duca_policy_sums* sums, duca_cuda_stream stream,
+                                           char* message, size_t message_size);
+
+DUCA_API duca_status duca_logits_grad_inplace_cuda(void* logits, int32_t dtype, int64_t num_tokens,
+                                                   int64_t vocab_size, int64_t stride_n, int64_t stride_v,
+                                                   const int64_t* target, const void* lse, const void* entropy,
+                                                   const void* grad_logprobs, const void* grad_entropy,
+                                                   double temperature, duca_cuda_stream stream, char* message,
+                                                   size_t message_size);
 
 /* Number of OpenMP threads the CPU kernels use (1 when built without OpenMP). */
 DUCA_API int duca_cpu_threads(void);
