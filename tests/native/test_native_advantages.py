@@ -362,3 +362,17 @@ def test_matches_torch_path_at_parallel_sizes():
             turn_rewards, turn_session, session_rewards, session_group, scale=scale, backend="torch"
         )
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_missing_library_is_one_log_line_not_an_import_error(tmp_path):
+    script = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from duca_fast import native\n"
+        "print(native.available(), native.available())\n"
+    )
+    env = dict(os.environ, DUCA_KERNELS_LIB=str(tmp_path / "missing.so"))
+    env["PYTHONPATH"] = str(Path(native.__file__).resolve().parent.parent)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.split() == ["False", "False"]
+    logged = [line for line in result.stderr.splitlines() if "native kernels" in line]
+    assert len(logged) == 1 and "missing.so" in logged[0]
