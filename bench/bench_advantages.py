@@ -6,7 +6,7 @@ obvious vectorized version with a one-pass sum-of-squares variance. The native p
 float64 two-pass, via duca_fast.native) is timed when the library is built (`make native`). On CUDA it
 also measures the Triton kernels' achieved bandwidth against a device copy.
 
-Usage: python bench/bench_advantages.py [--sessions 1000 16000 128000] [--turns 4] [--group-size 8]
+Usage: python bench/bench_advantages.py [--sessions 1000 16000 128000] [--turns 4] [--group-size 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -159,7 +159,15 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--gpu-turns", type=int, nargs="+", default=[1 << 20, 1 << 23])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for torch and the native kernels (one OpenMP runtime); default: torch's",
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     load_before = os.getloadavg()[0]
     rows = bench_cpu(args.sessions, args.turns, args.group_size)
