@@ -6,7 +6,8 @@ obvious vectorized version with a one-pass sum-of-squares variance. The native p
 float64 two-pass, via duca_fast.native) is timed when the library is built (`make native`). On CUDA it
 also measures the Triton kernels' achieved bandwidth against a device copy.
 
-Usage: python bench/bench_advantages.py [--sessions 1000 16000 128000] [--turns 4] [--group-size 8] [--threads N]
+Usage: python bench/bench_advantages.py [--sessions 1000 16000 128000] [--turns 4] [--group-size 8]
+       [--threads N]
 """
 
 from __future__ import annotations
