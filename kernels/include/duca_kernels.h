@@ -171,8 +171,9 @@ DUCA_API duca_status duca_grpo_advantages_cuda(const duca_rewards* rewards, cons
                                                int32_t out_dtype, duca_cuda_stream stream, char* message,
                                                size_t message_size);
 
-/* Row kernels on device pointers (same arguments; `sums` is device memory). One block per row with a fixed
- * reduction tree; the head's sums are per-block partials combined by one block in a fixed order. */
+/* Row kernels on device pointers (same arguments; `sums` is device memory; target ids are not checked). One
+ * block per row with a fixed reduction tree; the head's sums are per-block partials combined by one block in a
+ * fixed order. */
 DUCA_API duca_status duca_logits_stats_cuda(const void* logits, int32_t dtype, int64_t num_tokens,
                                             int64_t vocab_size, int64_t stride_n, int64_t stride_v,
                                             const int64_t* target, double temperature, void* lse, void* logprobs,

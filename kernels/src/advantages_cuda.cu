@@ -225,7 +225,8 @@ void normalize_horizon(const duca_rewards& rewards, const BucketSource& source, 
   check_cuda(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, lengths.as<int64_t>(), offsets.as<int64_t>(), n,
                                            stream),
              "scan size");
-  const size_t scratch_bytes = std::max(sort_bytes, std::max(encode_bytes, scan_bytes));
+  // Never zero bytes: a NULL scratch pointer would turn the calls below into size queries.
+  const size_t scratch_bytes = std::max<size_t>({sort_bytes, encode_bytes, scan_bytes, 1});
   DeviceBuffer scratch(scratch_bytes, stream);
   check_cuda(cub::DeviceRadixSort::SortPairs(scratch.as<void>(), sort_bytes, keys.as<int64_t>(),
                                              sorted_keys.as<int64_t>(), members.as<int64_t>(),
