@@ -96,6 +96,7 @@ class _PolicyInputs(ctypes.Structure):
     ]
 
 
+# The fields of duca_policy_sums (float64 each), in order.
 POLICY_SUMS = (
     "loss",
     "pg_loss",
@@ -110,10 +111,6 @@ POLICY_SUMS = (
     "kl_ref",
     "behavior_gap",
 )
-
-
-class _PolicySums(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_double) for name in POLICY_SUMS]
 
 
 _KL_TYPES = {"k1": 0, "k2": 1, "k3": 2}
@@ -200,7 +197,7 @@ def _library() -> ctypes.CDLL | None:
         ctypes.POINTER(_PolicyOptions),
         pointer,
         pointer,
-        ctypes.POINTER(_PolicySums),
+        pointer,
         message,
         size,
     ]
@@ -252,6 +249,22 @@ def _library() -> ctypes.CDLL | None:
             ctypes.c_size_t,
         ]
         lib.duca_hian_advantages_cuda.restype = lib.duca_grpo_advantages_cuda.restype = ctypes.c_int
+        lib.duca_logits_stats_cuda.argtypes = [*lib.duca_logits_stats.argtypes[:-2], pointer, message, size]
+        lib.duca_policy_head_cuda.argtypes = [
+            *lib.duca_policy_head.argtypes[:6],
+            pointer,
+            pointer,
+            message,
+            size,
+        ]
+        lib.duca_logits_grad_inplace_cuda.argtypes = [
+            *lib.duca_logits_grad_inplace.argtypes[:-2],
+            pointer,
+            message,
+            size,
+        ]
+        for name in ("duca_logits_stats_cuda", "duca_policy_head_cuda", "duca_logits_grad_inplace_cuda"):
+            getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
@@ -505,7 +518,7 @@ def grpo_advantages(
 
 
 # ---------------------------------------------------------------------------------------------------
-# row kernels of the fused policy loss (CPU)
+# row kernels of the fused policy loss (CPU, or CUDA tensors on the current torch stream with a CUDA build)
 
 
 def _float_code(name: str, tensor: torch.Tensor) -> int:
@@ -515,12 +528,12 @@ def _float_code(name: str, tensor: torch.Tensor) -> int:
 
 
 def _vector(name: str, tensor: torch.Tensor | None, like: torch.Tensor, num_tokens: int) -> int | None:
-    """Data pointer of a contiguous [N] CPU tensor of ``like``'s dtype (None passes through)."""
+    """Data pointer of a contiguous [N] tensor of ``like``'s dtype and device (None passes through)."""
     if tensor is None:
         return None
-    if tensor.device.type != "cpu" or tensor.dtype != like.dtype or tuple(tensor.shape) != (num_tokens,):
+    if tensor.device != like.device or tensor.dtype != like.dtype or tuple(tensor.shape) != (num_tokens,):
         raise ValueError(
-            f"{name} must be a [{num_tokens}] {like.dtype} CPU tensor, got {tensor.dtype} "
+            f"{name} must be a [{num_tokens}] {like.dtype} tensor on {like.device}, got {tensor.dtype} "
             f"{tuple(tensor.shape)} on {tensor.device}"
         )
     if not tensor.is_contiguous():
@@ -529,13 +542,22 @@ def _vector(name: str, tensor: torch.Tensor | None, like: torch.Tensor, num_toke
 
 
 def _logits_view(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
-    if logits.device.type != "cpu" or logits.dim() != 2:
-        raise ValueError(
-            f"logits must be a 2-D CPU tensor, got shape {tuple(logits.shape)} on {logits.device}"
-        )
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [N, V], got shape {tuple(logits.shape)}")
     code = _float_code("logits", logits)
     _ids("target", target, logits.shape[0], logits.device)
     return code, logits.stride(0), logits.stride(1)
+
+
+def _call(lib: ctypes.CDLL, name: str, device: torch.device, *args: object) -> None:
+    """Call ``name`` (CPU) or ``name_cuda`` with the current stream, and raise on a bad status."""
+    stream = _cuda_stream(device, lib)
+    message = ctypes.create_string_buffer(_MESSAGE_SIZE)
+    if stream is None:
+        status = getattr(lib, name)(*args, message, _MESSAGE_SIZE)
+    else:
+        status = getattr(lib, f"{name}_cuda")(*args, stream, message, _MESSAGE_SIZE)
+    _raise_on_error(status, message)
 
 
 def logits_stats(
@@ -546,9 +568,13 @@ def logits_stats(
     lib = _require()
     code, stride_n, stride_v = _logits_view(logits, target)
     num_tokens, vocab_size = logits.shape
-    lse, logprobs, entropy = (torch.empty(num_tokens, dtype=logits.dtype) for _ in range(3))
-    message = ctypes.create_string_buffer(_MESSAGE_SIZE)
-    status = lib.duca_logits_stats(
+    lse, logprobs, entropy = (
+        torch.empty(num_tokens, dtype=logits.dtype, device=logits.device) for _ in range(3)
+    )
+    _call(
+        lib,
+        "duca_logits_stats",
+        logits.device,
         logits.data_ptr(),
         code,
         num_tokens,
@@ -560,10 +586,7 @@ def logits_stats(
         lse.data_ptr(),
         logprobs.data_ptr(),
         entropy.data_ptr(),
-        message,
-        _MESSAGE_SIZE,
     )
-    _raise_on_error(status, message)
     return lse, logprobs, entropy
 
 
@@ -585,11 +608,12 @@ def policy_head(
     entropy_coef: float,
     tis_cap: float | None,
     log_ratio_limit: float = 20.0,
-) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
-    """The per-token PPO objective (same options as ``ops.fused_policy_loss``) on [N] CPU tensors.
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The per-token PPO objective (same options as ``ops.fused_policy_loss``) on [N] tensors.
 
-    Returns ``d loss / d logp``, ``d loss / d H`` (None when ``entropy_coef`` is 0) and float64 sums over
-    active tokens (``POLICY_SUMS``: loss and pg_loss weighted by ``token_weights``, the rest plain sums).
+    Returns ``d loss / d logp``, ``d loss / d H`` (None when ``entropy_coef`` is 0) and the float64 sums
+    over active tokens as 0-d tensors on the inputs' device (``POLICY_SUMS``: loss and pg_loss weighted by
+    ``token_weights``, the rest plain sums; no host synchronisation on CUDA).
     """
     lib = _require()
     num_tokens = logprobs.shape[0] if logprobs.dim() == 1 else -1
@@ -619,23 +643,24 @@ def policy_head(
         0.0 if tis_cap is None else float(tis_cap),
         float(log_ratio_limit),
     )
+    if active.device != logprobs.device:
+        raise ValueError(f"active is on {active.device} but logprobs are on {logprobs.device}")
     grad_logprobs = torch.empty_like(logprobs)
     grad_entropy = torch.empty_like(logprobs) if entropy_coef != 0 else None
-    sums = _PolicySums()
-    message = ctypes.create_string_buffer(_MESSAGE_SIZE)
-    status = lib.duca_policy_head(
+    sums = torch.empty(len(POLICY_SUMS), dtype=torch.float64, device=logprobs.device)
+    _call(
+        lib,
+        "duca_policy_head",
+        logprobs.device,
         num_tokens,
         code,
         ctypes.byref(inputs),
         ctypes.byref(options),
         grad_logprobs.data_ptr(),
         None if grad_entropy is None else grad_entropy.data_ptr(),
-        ctypes.byref(sums),
-        message,
-        _MESSAGE_SIZE,
+        sums.data_ptr(),
     )
-    _raise_on_error(status, message)
-    return grad_logprobs, grad_entropy, {name: getattr(sums, name) for name in POLICY_SUMS}
+    return grad_logprobs, grad_entropy, dict(zip(POLICY_SUMS, sums.unbind()))
 
 
 def logits_grad_(
@@ -661,8 +686,10 @@ def logits_grad_(
             ("grad_entropy", grad_entropy),
         )
     ]
-    message = ctypes.create_string_buffer(_MESSAGE_SIZE)
-    status = lib.duca_logits_grad_inplace(
+    _call(
+        lib,
+        "duca_logits_grad_inplace",
+        logits.device,
         logits.data_ptr(),
         code,
         num_tokens,
@@ -672,8 +699,5 @@ def logits_grad_(
         target.data_ptr(),
         *pointers,
         float(temperature),
-        message,
-        _MESSAGE_SIZE,
     )
-    _raise_on_error(status, message)
     return logits

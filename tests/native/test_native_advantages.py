@@ -372,7 +372,9 @@ def test_missing_library_is_one_log_line_not_an_import_error(tmp_path):
     )
     env = dict(os.environ, DUCA_KERNELS_LIB=str(tmp_path / "missing.so"))
     env["PYTHONPATH"] = str(Path(native.__file__).resolve().parent.parent)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    )
     assert result.stdout.split() == ["False", "False"]
     logged = [line for line in result.stderr.splitlines() if "native kernels" in line]
     assert len(logged) == 1 and "missing.so" in logged[0]

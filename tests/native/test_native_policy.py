@@ -57,7 +57,7 @@ def native_loss(logits, target, advantages, old, ref, behavior, mask, options, t
         logprobs, entropy, advantages, old, ref, behavior, weights, mask, **options
     )
     grad = native.logits_grad_(logits.clone(), target, lse, entropy, grad_logp, grad_entropy, temperature)
-    return sums, grad
+    return {name: value.item() for name, value in sums.items()}, grad
 
 
 @pytest.mark.parametrize("options", OPTION_SETS)
