@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DUCA_EXTRAS ?= cpu,train,integrations,dev
 VERL_DIR := $(VENV)/verl-nodeps
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install native demo test lint format bench clean
 
 install: $(STAMP)
 
@@ -28,7 +28,17 @@ $(STAMP): pyproject.toml Makefile
 	rm -rf $(VERL_DIR)
 	$(PIP) install --quiet --no-deps --target $(VERL_DIR) "verl==0.9.1"
 	rm -rf $(VERL_DIR)/tests $(VERL_DIR)/scripts
+	# The native kernels are optional: without them the ops use the torch path (one log line says so).
+	$(MAKE) native || echo "native kernels (kernels/) not built: the ops fall back to the torch path"
 	touch $(STAMP)
+
+# kernels/ -> build/ (libduca_kernels, ctest tests; CUDA objects when nvcc is found). cmake and ninja come
+# from PyPI into the venv when the system has none.
+native:
+	if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then \
+	  test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PIP) install --quiet cmake ninja; fi
+	PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release
+	PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build build
 
 # The main job: SmolLM2-135M-Instruct learns to sell under DuCA (LoRA, scripted customers, CPU or GPU).
 demo: $(STAMP)

@@ -1,16 +1,19 @@
-"""HIAN advantages: our vectorized CPU path vs a Python loop over groups and an index_add version.
+"""HIAN advantages: our vectorized CPU path and the native library vs a Python loop and an index_add version.
 
 The Python-loop baseline follows the way verl's GRPO outcome advantage is computed (a dict of lists
 per group id, then one pass to normalize), done for both horizons. The index_add baseline is the
-obvious vectorized version with a one-pass sum-of-squares variance. On CUDA it also measures the
-Triton kernels' achieved bandwidth against a device copy.
+obvious vectorized version with a one-pass sum-of-squares variance. The native path (kernels/,
+float64 two-pass, via duca_fast.native) is timed when the library is built (`make native`). On CUDA it
+also measures the Triton kernels' achieved bandwidth against a device copy.
 
 Usage: python bench/bench_advantages.py [--sessions 1000 16000 128000] [--turns 4] [--group-size 8]
+       [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import markdown_table, run_identity, time_call, write_results
-from duca_fast import ops
+from duca_fast import native, ops
 
 
 def make_inputs(num_sessions: int, turns: int, group_size: int, device: str, seed: int = 0):
@@ -86,6 +89,23 @@ def bench_cpu(sessions: list[int], turns: int, group_size: int) -> list[dict[str
             repeats=5,
         )
         index_add = time_call(lambda: index_add_hian(*inputs), device="cpu", repeats=5)
+        native_ms = float("nan")
+        if native.available():
+            native_call = lambda: native.hian_advantages(
+                *inputs,
+                None,
+                None,
+                None,
+                None,
+                1.0,
+                1.0,
+                "group",
+                "group",
+                1e-6,
+                "raise",
+                num_sessions // group_size,
+            )
+            native_ms = time_call(native_call, device="cpu", repeats=5) * 1e3
         loop_repeats = 1 if num_sessions > 20_000 else 3
         loop = time_call(lambda: python_loop_hian(*inputs), device="cpu", repeats=loop_repeats, warmup=0)
         rows.append(
@@ -95,8 +115,11 @@ def bench_cpu(sessions: list[int], turns: int, group_size: int) -> list[dict[str
                 "duca_fast_ms": ours * 1e3,
                 "index_add_ms": index_add * 1e3,
                 "python_loop_ms": loop * 1e3,
+                "native_ms": native_ms,
                 "speedup_vs_loop": loop / ours,
                 "speedup_vs_index_add": index_add / ours,
+                "native_vs_torch": ours * 1e3 / native_ms,
+                "native_vs_index_add": index_add * 1e3 / native_ms,
             }
         )
         print(markdown_table(rows[-1:]), flush=True)
@@ -137,15 +160,32 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--gpu-turns", type=int, nargs="+", default=[1 << 20, 1 << 23])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for torch and the native kernels (one OpenMP runtime); default: torch's",
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
+    load_before = os.getloadavg()[0]
     rows = bench_cpu(args.sessions, args.turns, args.group_size)
+    native_note = (
+        f"native: duca_kernels with {native.cpu_threads()} OpenMP threads, float32 rewards read in place. "
+        if native.available()
+        else "native: library not built (`make native`), column empty. "
+    )
     path = write_results(
         "advantages_cpu",
         rows,
         run_identity("cpu"),
         notes=f"HIAN over sessions x {args.turns} turns, groups of {args.group_size}; median wall time. "
-        "Goal: >= 50x faster than the Python loop at 16k sessions.",
+        "Goal: >= 50x faster than the Python loop at 16k sessions; native >= 3x torch and faster than "
+        f"index_add at 16k sessions. {native_note}1-min load average {load_before:.1f} before / "
+        f"{os.getloadavg()[0]:.1f} after on {os.cpu_count()} cores (other processes share the CPU when it "
+        "exceeds the core count).",
     )
     print(f"wrote {path}")
     if torch.cuda.is_available():

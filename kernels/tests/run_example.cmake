@@ -1,0 +1,25 @@
+# Installs the library, builds kernels/examples through find_package and runs it (one ctest test).
+file(REMOVE_RECURSE ${WORK_DIR})
+set(prefix ${WORK_DIR}/prefix)
+
+function(run)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT status EQUAL 0)
+    message(FATAL_ERROR "failed (${status}): ${ARGN}\n${out}\n${err}")
+  endif()
+  set(last_output "${out}" PARENT_SCOPE)
+endfunction()
+
+if(CONFIG)
+  set(config_args --config ${CONFIG})
+endif()
+run(${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${prefix} ${config_args})
+run(${CMAKE_COMMAND} -S ${EXAMPLE_DIR} -B ${WORK_DIR}/build -G ${GENERATOR}
+    -D CMAKE_PREFIX_PATH=${prefix} -D CMAKE_BUILD_TYPE=Release)
+run(${CMAKE_COMMAND} --build ${WORK_DIR}/build ${config_args})
+find_program(example hian_example PATHS ${WORK_DIR}/build ${WORK_DIR}/build/Release NO_DEFAULT_PATH REQUIRED)
+run(${example})
+message(STATUS "example output:\n${last_output}")
+if(NOT last_output MATCHES "token advantages:")
+  message(FATAL_ERROR "unexpected example output:\n${last_output}")
+endif()
