@@ -144,7 +144,12 @@ def claim_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> str:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run_dir {run_dir} is a file, not a directory")
     entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
-    info = read_run(run_dir) if entries else None
+    try:
+        info = read_run(run_dir) if entries else None
+    except RunDirError:
+        if not overwrite:
+            raise
+        info = None
     _refuse_live_owner(run_dir, info)
     now = current_process()
     if resume:
@@ -163,7 +168,7 @@ def claim_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> str:
                 f"run_dir {run_dir} is not empty ({held}); pass --resume to continue that run, "
                 "--overwrite to delete it and start again, or choose another run_dir"
             )
-        if info is None and not any(name in RUN_OUTPUTS for name in entries):
+        if not any(name in (RUN_FILE, *RUN_OUTPUTS) for name in entries):
             raise RunDirError(
                 f"--overwrite: {run_dir} does not look like a run directory ({', '.join(entries[:3])}); "
                 "remove it yourself or choose another run_dir"
