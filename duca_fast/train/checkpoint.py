@@ -137,7 +137,9 @@ def save_checkpoint(
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": capture_rng(),
             }
-            torch.save(trainer_state, tmp / writing)
+            # Through a Python file so that a failed write keeps its OSError (as __context__).
+            with open(tmp / writing, "wb") as handle:
+                torch.save(trainer_state, handle)
             writing = "cursor.json"
             (tmp / writing).write_text(json.dumps({"step": step, **data_cursor}))
             if export is not None:
@@ -178,8 +180,11 @@ def _attempt(what: str, write: Callable[[], Any]) -> str | None:
 
 
 def _reason(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
     text = str(error).strip()
     # safetensors wraps the OS error: IoError(Os { code: 28, kind: StorageFull, message: "No space ..." })
     found = re.search(r'message: "([^"]+)"', text)
