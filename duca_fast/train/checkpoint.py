@@ -125,10 +125,11 @@ def save_checkpoint(
                 _attempt(f"{SHARDED_DIR}/", lambda: _save_sharded(tmp / SHARDED_DIR, model, optimizer))
             )
     if main and error is None:
-        if run_id is None:
-            run_id = _run_id_of(run_dir)
-        writing = "trainable.safetensors"
+        writing = "run.json"
         try:
+            if run_id is None:
+                run_id = _run_id_of(run_dir)
+            writing = "trainable.safetensors"
             if not sharded:
                 save_file(trainable_state(model), str(tmp / writing))
             writing = "trainer_state.pt"
@@ -350,8 +351,12 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (by step)."""
-    for old in list_checkpoints(run_dir)[:-keep]:
+    """Delete all but the newest ``keep`` checkpoint directories (by step; unverifiable ones included)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return
+    remove_dead_leftovers(run_dir)
+    for old in _step_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -480,10 +485,10 @@ def load_checkpoint(
             _load_sharded(path / SHARDED_DIR, model, optimizer)
     else:
         _load_trainable(path, model)
-    with _reading(path, "trainer_state.pt (optimizer and scheduler states)"):
+    with _reading(path, "trainer_state.pt (optimizer, scheduler and RNG states)"):
         if optimizer is not None and trainer_state["optimizer"] is not None:
             optimizer.load_state_dict(trainer_state["optimizer"])
         if scheduler is not None and trainer_state["scheduler"] is not None:
             scheduler.load_state_dict(trainer_state["scheduler"])
-    restore_rng(rng)
+        restore_rng(rng)
     return cursor
