@@ -435,3 +435,61 @@ def test_a_write_past_the_file_size_limit_keeps_the_previous_checkpoint(tmp_path
     assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step_1"
     weights = load_file(str(run_dir / "checkpoints" / "step_1" / "trainable.safetensors"))
     assert weights["weight"].shape == (64, 64)
+
+
+SHARDED_WRITER = """
+import resource, signal, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from duca_fast.train.checkpoint import CheckpointError, save_checkpoint
+
+run_dir, failing_rank = sys.argv[1], int(sys.argv[2])
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+kwargs = dict(model=model, optimizer=torch.optim.AdamW(model.parameters()), scheduler=None, data_cursor={},
+              keep=3, sharded=True)
+save_checkpoint(run_dir, 1, **kwargs)
+if dist.get_rank() == failing_rank:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    save_checkpoint(run_dir, 2, **kwargs)
+    print(f"rank {dist.get_rank()} saved", flush=True)
+except CheckpointError as error:
+    print(f"rank {dist.get_rank()}: {error}", flush=True)
+dist.barrier()  # gloo may abort a rank whose peer tears down first
+dist.destroy_process_group()
+"""
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def test_a_write_error_on_one_rank_of_a_sharded_save_reaches_every_rank(tmp_path):
+    """FSDP2 on two gloo ranks; only rank 1's shard (torch.distributed.checkpoint) hits the size limit."""
+    script = tmp_path / "writer.py"
+    script.write_text(SHARDED_WRITER)
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [*TORCHRUN, str(script), str(run_dir), "1"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[:8000]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, result.stdout
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"rank {rank}: could not write checkpoint step_2") and "sharded/: " in line
+        assert "File too large" in line and "earlier checkpoints are intact" in line
+    assert leftovers(run_dir) == []
+    found = latest_checkpoint(run_dir)
+    assert found == run_dir / "checkpoints" / "step_1"
+    listed = json.loads((found / MANIFEST).read_text())["files"]
+    assert {"sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"} <= set(listed)
