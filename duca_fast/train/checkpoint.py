@@ -152,6 +152,10 @@ def save_checkpoint(
             _publish(root, tmp, final, step)
         except WRITE_ERRORS as caught:
             error = f"{writing}: {_reason(caught)}"
+        except BaseException:
+            # Not a write error (a bug in ``export``, Ctrl-C): still leave no partial directory behind.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if sharded:
         error = _first_error(error)
     if error is not None:

@@ -493,3 +493,16 @@ def test_a_write_error_on_one_rank_of_a_sharded_save_reaches_every_rank(tmp_path
     assert found == run_dir / "checkpoints" / "step_1"
     listed = json.loads((found / MANIFEST).read_text())["files"]
     assert {"sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"} <= set(listed)
+
+
+def test_an_error_that_is_not_a_write_error_still_leaves_no_partial_directory(tmp_path):
+    model, optimizer = tiny()
+    save(tmp_path, 1, model, optimizer)
+
+    def broken_export(path):
+        raise KeyError("adapter_config")
+
+    with pytest.raises(KeyError, match="adapter_config"):
+        save(tmp_path, 2, model, optimizer, export=broken_export)
+    assert leftovers(tmp_path) == []
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_1"
