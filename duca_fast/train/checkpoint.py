@@ -40,7 +40,8 @@ MANIFEST_FORMAT = 1
 SHARDED_DIR = "sharded"
 """Directory of a torch.distributed.checkpoint (multi-rank runs) inside a checkpoint."""
 STEP_DIR = re.compile(r"step_(\d+)")
-TEMP_DIR = re.compile(r"\.tmp-step_(?P<step>\d+)-(?P<host>.+)-(?P<pid>\d+)-(?P<start>\d+)")
+TEMP_DIR = re.compile(r"\.tmp-step_(?P<step>\d+)(?P<old>\.old)?-(?P<host>.+)-(?P<pid>\d+)-(?P<start>\d+)")
+"""A checkpoint being written, or (``.old``) one being deleted; named by the process doing it."""
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
 """What a failed write raises: OSError (json, fsync, rename), RuntimeError (torch.save), SafetensorError
 (safetensors), CheckpointException (torch.distributed.checkpoint)."""
@@ -171,8 +172,15 @@ def save_checkpoint(
     return final
 
 
-def _temp_name(step: int, writer: ProcessTag) -> str:
-    return f".tmp-step_{step}-{writer.host}-{writer.pid}-{writer.start}"
+def _temp_name(step: int, writer: ProcessTag, *, old: bool = False) -> str:
+    return f".tmp-step_{step}{'.old' if old else ''}-{writer.host}-{writer.pid}-{writer.start}"
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Rename out of sight first, so a reader sees the whole checkpoint or none of it, then delete."""
+    doomed = path.with_name(_temp_name(_step_of(path), current_process(), old=True))
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def _attempt(what: str, write: Callable[[], Any]) -> str | None:
@@ -259,7 +267,7 @@ def _publish(root: Path, tmp: Path, final: Path, step: int) -> None:
     # Checkpoints of this or later steps belong to an abandoned timeline (the run resumed before them).
     for path in _step_dirs(root):
         if _step_of(path) >= step:
-            shutil.rmtree(path)
+            _remove_checkpoint(path)
     os.replace(tmp, final)
     _fsync_dir(root)
 
@@ -361,7 +369,8 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
         return
     remove_dead_leftovers(run_dir)
     for old in _step_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _remove_checkpoint(old)
 
 
 def verify_checkpoint(path: str | Path, *, run_id: str | None = None) -> dict[str, Any]:
@@ -391,12 +400,16 @@ def verify_checkpoint(path: str | Path, *, run_id: str | None = None) -> dict[st
         raise CheckpointError(f"{where} belongs to run {manifest.get('run_id')}, not to this run ({run_id})")
     for name, (size, sha256) in files.items():
         file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{where}: {name} is missing")
-        found = file.stat().st_size
+        try:
+            found = file.stat().st_size
+            digest = _sha256(file) if found == size else None
+        except FileNotFoundError as error:
+            raise CheckpointError(f"{where}: {name} is missing") from error
+        except OSError as error:
+            raise CheckpointError(f"{where}: cannot read {name} ({_reason(error)})") from error
         if found != size:
             raise CheckpointError(f"{where}: {name} has {found} bytes, the manifest says {size} (truncated?)")
-        if _sha256(file) != sha256:
+        if digest != sha256:
             raise CheckpointError(f"{where}: {name} is corrupt (its SHA-256 differs from the manifest)")
     return manifest
 
@@ -414,11 +427,17 @@ def latest_checkpoint(run_dir: str | Path, *, run_id: str | None = None) -> Path
     if not root.is_dir():
         return None
     remove_dead_leftovers(run_dir)
-    skipped = []
-    for path in reversed(_step_dirs(root)):
+    skipped: list[str] = []
+    candidates = list(reversed(_step_dirs(root)))
+    while candidates:
+        path = candidates.pop(0)
         try:
             verify_checkpoint(path, run_id=run_id)
         except CheckpointError as error:
+            if not path.exists():
+                # Pruned or replaced by a live writer while we read it: newer ones exist now.
+                candidates = [p for p in reversed(_step_dirs(root)) if p.name not in skipped]
+                continue
             logger.warning("skipping %s; trying an earlier checkpoint", error)
             skipped.append(path.name)
             continue

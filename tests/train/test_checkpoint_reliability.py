@@ -280,23 +280,27 @@ def test_a_reader_during_a_live_save_does_not_break_it(tmp_path):
 def test_readers_hammering_a_writer_that_saves_many_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
     writer = python(
-        "import torch\n"
+        "import time, torch\n"
         "from duca_fast.train.checkpoint import save_checkpoint\n"
         "model = torch.nn.Linear(256, 256); optimizer = torch.optim.AdamW(model.parameters())\n"
         "for step in range(1, 31):\n"
         f"    save_checkpoint({str(run_dir)!r}, step, model=model, optimizer=optimizer, scheduler=None,\n"
-        "                    data_cursor={}, keep=2)\n",
+        "                    data_cursor={}, keep=2)\n"
+        "    time.sleep(0.05)  # lets a starved reader see several steps on a busy machine\n",
         stderr=subprocess.PIPE,
         text=True,
     )
-    seen = set()
+    answers = []
     while writer.poll() is None:
         found = latest_checkpoint(run_dir)
-        if found is not None:
-            seen.add(found.name)
+        answers.append(found.name if found is not None else None)
     assert writer.returncode == 0, writer.stderr.read()
     assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step_30"
-    assert len(seen) > 1, "the reader ran while the writer saved"
+    first = next(i for i, name in enumerate(answers) if name is not None)
+    assert None not in answers[first:], "once a checkpoint exists, a reader always finds one"
+    steps = [int(name.removeprefix("step_")) for name in answers[first:]]
+    assert steps == sorted(steps), "readers never go back in time"
+    assert len(set(steps)) >= 3, f"the reader ran while the writer saved: {sorted(set(steps))}"
 
 
 def test_a_killed_writers_leftover_is_removed_and_the_previous_checkpoint_used(tmp_path):
