@@ -175,10 +175,14 @@ def claim_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> str:
             )
         for name in entries:
             entry = run_dir / name
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError as error:
+                reason = error.strerror or error
+                raise RunDirError(f"--overwrite: cannot remove {entry} ({reason})") from error
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     _write_run(run_dir, RunInfo(run_id, datetime.now(timezone.utc).isoformat(timespec="seconds"), now))
