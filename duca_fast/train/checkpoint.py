@@ -1,29 +1,53 @@
-"""Atomic checkpoints: written into a temporary directory, then renamed; the last K are kept.
+"""Checkpoints that prove themselves: written atomically, verified on load, never crossing runs.
 
 A checkpoint holds the trainable parameters (adapter or full model, safetensors), the optimizer and
 scheduler states, every RNG state and the data cursor, so that a resumed CPU run reproduces the
-metrics of an uninterrupted one. A run killed at any moment (SIGKILL included) leaves either a
-complete ``step_N`` directory or a ``.tmp-*`` directory that the next run removes.
+metrics of an uninterrupted one. It is written into ``.tmp-step_N-<host>-<pid>-<start>``; when every
+file is on disk (fsync), ``manifest.json`` (run id, step, size and SHA-256 of every file) is written
+last and the directory is renamed to ``step_N``. A run killed at any moment (SIGKILL included) leaves
+either a complete ``step_N`` or a temporary directory, which is removed once its writer is gone (never
+while it is alive: an ``eval`` during training must not break the save). ``latest_checkpoint`` skips,
+with a message naming the file, any checkpoint that fails verification or belongs to another run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
+import pickle
 import random
+import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
-DONE_MARKER = "COMPLETE"
+from duca_fast.train.rundir import ProcessTag, RunDirError, current_process, process_alive, read_run_id
+
+MANIFEST = "manifest.json"
+"""Written last; a checkpoint without it is incomplete or unverifiable and is never used."""
+MANIFEST_FORMAT = 1
 SHARDED_DIR = "sharded"
 """Directory of a torch.distributed.checkpoint (multi-rank runs) inside a checkpoint."""
+STEP_DIR = re.compile(r"step_(\d+)")
+TEMP_DIR = re.compile(r"\.tmp-step_(?P<step>\d+)(?P<old>\.old)?-(?P<host>.+)-(?P<pid>\d+)-(?P<start>\d+)")
+"""A checkpoint being written, or (``.old``) one being deleted; named by the process doing it."""
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
+"""What a failed write raises: OSError (json, fsync, rename), RuntimeError (torch.save), SafetensorError
+(safetensors), CheckpointException (torch.distributed.checkpoint)."""
+READ_ERRORS = (*WRITE_ERRORS, ValueError, EOFError, KeyError, pickle.UnpicklingError)
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -67,63 +91,185 @@ def save_checkpoint(
     keep: int,
     export: Any = None,
     sharded: bool = False,
+    run_id: str | None = None,
 ) -> Path:
-    """Write ``checkpoints/step_<step>`` atomically and delete all but the newest ``keep``.
+    """Write ``checkpoints/step_<step>`` atomically with its manifest and delete all but the newest ``keep``.
 
-    ``export(path)`` may write a user-facing copy of the model (e.g. peft ``save_pretrained``) inside.
-    With ``sharded=True`` (an FSDP2 model under torch.distributed; every rank calls this) the trainable
-    parameters and the optimizer go through torch.distributed.checkpoint, which can be loaded at any
-    world size, 1 included. On any failure (a full disk included) the partial directory is removed,
-    earlier checkpoints are untouched, and a CheckpointError explains what happened.
+    ``run_id`` (default: the one in ``run_dir/run.json``, see ``rundir.claim_run_dir``) is recorded in the
+    manifest. ``export(path)`` may write a user-facing copy of the model (e.g. peft ``save_pretrained``)
+    inside. With ``sharded=True`` (an FSDP2 model under torch.distributed; every rank calls this) the
+    trainable parameters and the optimizer go through torch.distributed.checkpoint, which can be loaded at
+    any world size, 1 included. Checkpoints of later steps (an abandoned timeline: this run resumed from an
+    earlier one) are removed. On any write error (a full disk included, on any rank) the partial directory
+    is removed, earlier checkpoints are untouched, and every rank raises one CheckpointError line.
     """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step}"
     main = not sharded or dist.get_rank() == 0
-    # Ranks share the temporary directory, so its name must not depend on the process.
-    tmp = root / (f".tmp-step_{step}" if sharded else f".tmp-step_{step}-{os.getpid()}")
-    error: OSError | None = None
-    try:
-        if main:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        if sharded:
-            dist.barrier()
-            _save_sharded(tmp / SHARDED_DIR, model, optimizer)
-            dist.barrier()
-        else:
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        if main:
-            torch.save(
-                {
-                    "optimizer": None if sharded else optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "rng": capture_rng(),
-                },
-                tmp / "trainer_state.pt",
-            )
-            (tmp / "cursor.json").write_text(json.dumps({"step": step, **data_cursor}))
-            if export is not None:
-                export(tmp / "model")
-            (tmp / DONE_MARKER).write_text("ok\n")
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-    except OSError as caught:
-        error = caught
-        shutil.rmtree(tmp, ignore_errors=True)
+    writer = current_process()
     if sharded:
-        dist.barrier()
+        # Ranks share the temporary directory: rank 0's process names it.
+        shared = [writer]
+        dist.broadcast_object_list(shared, src=0)
+        writer = shared[0]
+    tmp = root / _temp_name(step, writer)
+
+    error = None
+    if main:
+        error = _attempt("the checkpoint directory", lambda: tmp.mkdir(parents=True))
+    if sharded:
+        error = _first_error(error)
+        if error is None:
+            error = _first_error(
+                _attempt(f"{SHARDED_DIR}/", lambda: _save_sharded(tmp / SHARDED_DIR, model, optimizer))
+            )
+    if main and error is None:
+        writing = "run.json"
+        try:
+            if run_id is None:
+                run_id = _run_id_of(run_dir)
+            writing = "trainable.safetensors"
+            if not sharded:
+                save_file(trainable_state(model), str(tmp / writing))
+            writing = "trainer_state.pt"
+            trainer_state = {
+                "optimizer": None if sharded else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": capture_rng(),
+            }
+            # Through a Python file so that a failed write keeps its OSError (as __context__).
+            with open(tmp / writing, "wb") as handle:
+                torch.save(trainer_state, handle)
+            writing = "cursor.json"
+            (tmp / writing).write_text(json.dumps({"step": step, **data_cursor}))
+            if export is not None:
+                writing = "model/ (export)"
+                export(tmp / "model")
+            writing = MANIFEST
+            _write_manifest(tmp, run_id=run_id, step=step)
+            writing = f"step_{step} (rename)"
+            _publish(root, tmp, final, step)
+        except WRITE_ERRORS as caught:
+            error = f"{writing}: {_reason(caught)}"
+        except BaseException:
+            # Not a write error (a bug in ``export``, Ctrl-C): still leave no partial directory behind.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if sharded:
+        error = _first_error(error)
     if error is not None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        free = _free_bytes(root)
         raise CheckpointError(
-            f"could not write checkpoint step_{step} in {root} ({error.strerror or error}); "
-            "earlier checkpoints are intact. Free disk space or point run_dir elsewhere, then resume."
-        ) from error
+            f"could not write checkpoint step_{step} in {root}: {error}{free}; earlier checkpoints are "
+            "intact. Free disk space or point run_dir elsewhere, then resume."
+        )
     if main:
         prune_checkpoints(run_dir, keep)
     return final
+
+
+def _temp_name(step: int, writer: ProcessTag, *, old: bool = False) -> str:
+    return f".tmp-step_{step}{'.old' if old else ''}-{writer.host}-{writer.pid}-{writer.start}"
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Rename out of sight first, so a reader sees the whole checkpoint or none of it, then delete."""
+    doomed = path.with_name(_temp_name(_step_of(path), current_process(), old=True))
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def _attempt(what: str, write: Callable[[], Any]) -> str | None:
+    """Run one write; on failure return ``"<what>: <reason>"`` (picklable, so ranks can share it)."""
+    try:
+        write()
+    except WRITE_ERRORS as error:
+        return f"{what}: {_reason(error)}"
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    text = str(error).strip()
+    # safetensors wraps the OS error: IoError(Os { code: 28, kind: StorageFull, message: "No space ..." })
+    found = re.search(r'message: "([^"]+)"', text)
+    if found:
+        return found.group(1)
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
+def _free_bytes(root: Path) -> str:
+    for path in (root, *root.parents):
+        if path.exists():
+            free = shutil.disk_usage(path).free
+            return f" ({free / 2**20:.1f} MiB free on that file system)"
+    return ""
+
+
+def _first_error(error: str | None) -> str | None:
+    """The first rank's error, on every rank (so all ranks take the same path)."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def _run_id_of(run_dir: str | Path) -> str | None:
+    try:
+        return read_run_id(run_dir)
+    except RunDirError as error:
+        raise CheckpointError(str(error)) from error
+
+
+def _files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(tmp: Path, *, run_id: str | None, step: int) -> None:
+    """fsync every file, then write the manifest of their sizes and SHA-256 (read back from disk)."""
+    files = _files(tmp)
+    for file in files:
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "run_id": run_id,
+        "step": step,
+        "files": {
+            file.relative_to(tmp).as_posix(): {"size": file.stat().st_size, "sha256": _sha256(file)}
+            for file in files
+        },
+    }
+    with open(tmp / MANIFEST, "w") as handle:
+        json.dump(manifest, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        _fsync_dir(directory)
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int) -> None:
+    # Checkpoints of this or later steps belong to an abandoned timeline (the run resumed before them).
+    for path in _step_dirs(root):
+        if _step_of(path) >= step:
+            _remove_checkpoint(path)
+    os.replace(tmp, final)
+    _fsync_dir(root)
 
 
 def _state_options(strict: bool = True):
@@ -167,10 +313,6 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def _fsync_dir(path: Path) -> None:
-    for file in [path, *path.iterdir()] if path.is_dir() else [path]:
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -178,29 +320,148 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Every ``step_N`` directory (verified or not), oldest first."""
+    found = [p for p in root.glob("step_*") if STEP_DIR.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=_step_of)
+
+
+def remove_dead_leftovers(run_dir: str | Path) -> list[Path]:
+    """Remove temporary checkpoint directories whose writer process is gone; return them.
+
+    One being written by a live process (or by a process on another host, which cannot be checked) is
+    left alone, so a reader never breaks a running save.
+    """
+    removed = []
+    for leftover in sorted(checkpoint_dir(run_dir).glob(".tmp-step_*")):
+        found = TEMP_DIR.fullmatch(leftover.name)
+        if found is None:
+            logger.warning(
+                "leaving %s alone: its name does not say which process wrote it (an older duca_fast?); "
+                "delete it by hand when no run writes there",
+                leftover,
+            )
+            continue
+        writer = ProcessTag(found["host"], int(found["pid"]), int(found["start"]))
+        if process_alive(writer) is False:
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+    return removed
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first; leftovers of interrupted writes are removed."""
+    """Checkpoints with a manifest (not yet verified), oldest first; dead writers' leftovers are removed."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    for leftover in root.glob(".tmp-step_*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    complete = [p for p in root.glob("step_*") if (p / DONE_MARKER).exists()]
-    return sorted(complete, key=lambda p: int(p.name.split("_")[1]))
+    remove_dead_leftovers(run_dir)
+    return [p for p in _step_dirs(root) if (p / MANIFEST).is_file()]
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Delete all but the newest ``keep`` checkpoint directories (by step; unverifiable ones included)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return
+    remove_dead_leftovers(run_dir)
+    for old in _step_dirs(root)[:-keep]:
+        with contextlib.suppress(OSError):
+            _remove_checkpoint(old)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+def verify_checkpoint(path: str | Path, *, run_id: str | None = None) -> dict[str, Any]:
+    """Check the manifest of a checkpoint against its files (sizes, SHA-256) and return the manifest.
+
+    With ``run_id`` the checkpoint must have been written by that run. Raises CheckpointError naming the
+    checkpoint and the first file that fails (missing, truncated or changed) or the missing manifest.
+    """
+    path = Path(path)
+    where = f"checkpoint {path}"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = {
+            name: (int(entry["size"]), str(entry["sha256"])) for name, entry in manifest["files"].items()
+        }
+        step = int(manifest["step"])
+    except FileNotFoundError as error:
+        raise CheckpointError(
+            f"{where}: no {MANIFEST} (an interrupted or foreign write, or an older duca_fast), so it cannot "
+            "be verified"
+        ) from error
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{where}: {MANIFEST} is unreadable ({error})") from error
+    if STEP_DIR.fullmatch(path.name) and _step_of(path) != step:
+        raise CheckpointError(f"{where}: {MANIFEST} is for step {step}, not {path.name}")
+    if run_id is not None and manifest.get("run_id") != run_id:
+        raise CheckpointError(f"{where} belongs to run {manifest.get('run_id')}, not to this run ({run_id})")
+    for name, (size, sha256) in files.items():
+        file = path / name
+        try:
+            found = file.stat().st_size
+            digest = _sha256(file) if found == size else None
+        except FileNotFoundError as error:
+            raise CheckpointError(f"{where}: {name} is missing") from error
+        except OSError as error:
+            raise CheckpointError(f"{where}: cannot read {name} ({_reason(error)})") from error
+        if found != size:
+            raise CheckpointError(f"{where}: {name} has {found} bytes, the manifest says {size} (truncated?)")
+        if digest != sha256:
+            raise CheckpointError(f"{where}: {name} is corrupt (its SHA-256 differs from the manifest)")
+    return manifest
+
+
+def latest_checkpoint(run_dir: str | Path, *, run_id: str | None = None) -> Path | None:
+    """The newest checkpoint of this run that verifies, or None.
+
+    ``run_id`` defaults to the run recorded in ``run_dir/run.json`` (any run when there is none).
+    Checkpoints that fail verification or belong to another run are skipped with a warning on the
+    ``duca_fast.train.checkpoint`` logger that names the checkpoint and the file.
+    """
+    if run_id is None:
+        run_id = _run_id_of(run_dir)
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return None
+    remove_dead_leftovers(run_dir)
+    skipped: list[str] = []
+    candidates = list(reversed(_step_dirs(root)))
+    while candidates:
+        path = candidates.pop(0)
+        try:
+            verify_checkpoint(path, run_id=run_id)
+        except CheckpointError as error:
+            if not path.exists():
+                # Pruned or replaced by a live writer while we read it: newer ones exist now.
+                candidates = [p for p in reversed(_step_dirs(root)) if p.name not in skipped]
+                continue
+            logger.warning("skipping %s; trying an earlier checkpoint", error)
+            skipped.append(path.name)
+            continue
+        if skipped:
+            logger.warning("using checkpoint %s (skipped %s)", path, ", ".join(skipped))
+        return path
+    if skipped:
+        logger.warning("no checkpoint under %s verifies (skipped %s)", root, ", ".join(skipped))
+    return None
+
+
+@contextlib.contextmanager
+def _reading(path: Path, name: str) -> Iterator[None]:
+    try:
+        yield
+    except READ_ERRORS as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {path}: cannot read {name} ({_reason(error)})") from error
 
 
 def _load_trainable(path: Path, model: torch.nn.Module) -> None:
-    state = load_file(str(path / "trainable.safetensors"))
+    with _reading(path, "trainable.safetensors"):
+        state = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = sorted(k for k, p in params.items() if p.requires_grad and k not in state)
     unknown = sorted(k for k in state if k not in params)
@@ -219,20 +480,38 @@ def _load_trainable(path: Path, model: torch.nn.Module) -> None:
 
 
 def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer=None, scheduler=None
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer=None,
+    scheduler=None,
+    *,
+    run_id: str | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
-    """Load trainable parameters (and optimizer, scheduler, RNG states); return the data cursor."""
+    """Load trainable parameters (and optimizer, scheduler, RNG states); return the data cursor.
+
+    The checkpoint is verified first (``verify_checkpoint``; with ``run_id`` it must be that run's);
+    every read error is a CheckpointError naming the file. Nothing is restored unless every file reads.
+    """
     path = Path(path)
-    if not (path / DONE_MARKER).exists():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {DONE_MARKER} marker)")
+    if verify:
+        verify_checkpoint(path, run_id=run_id)
+    elif not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a directory")
+    with _reading(path, "trainer_state.pt"):
+        trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+        rng = trainer_state["rng"]
+    with _reading(path, "cursor.json"):
+        cursor = json.loads((path / "cursor.json").read_text())
     if (path / SHARDED_DIR).is_dir():
-        _load_sharded(path / SHARDED_DIR, model, optimizer)
+        with _reading(path, f"{SHARDED_DIR}/"):
+            _load_sharded(path / SHARDED_DIR, model, optimizer)
     else:
         _load_trainable(path, model)
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
-    if optimizer is not None and trainer_state["optimizer"] is not None:
-        optimizer.load_state_dict(trainer_state["optimizer"])
-    if scheduler is not None and trainer_state["scheduler"] is not None:
-        scheduler.load_state_dict(trainer_state["scheduler"])
-    restore_rng(trainer_state["rng"])
-    return json.loads((path / "cursor.json").read_text())
+    with _reading(path, "trainer_state.pt (optimizer, scheduler and RNG states)"):
+        if optimizer is not None and trainer_state["optimizer"] is not None:
+            optimizer.load_state_dict(trainer_state["optimizer"])
+        if scheduler is not None and trainer_state["scheduler"] is not None:
+            scheduler.load_state_dict(trainer_state["scheduler"])
+        restore_rng(rng)
+    return cursor

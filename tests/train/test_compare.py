@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from duca_fast.train.acts_trainer import evaluate_acts, train_acts
+from duca_fast.train.checkpoint import save_checkpoint
 from duca_fast.train.compare import TABLE_COLUMNS, compare
 
 from .acts_configs import tiny_acts_config
@@ -47,10 +49,12 @@ def test_two_algorithms_two_seeds_on_the_act_twin(tmp_path):
 
 
 def fake_train(config):
-    """Stands in for a trainer: leaves a complete checkpoint directory the way train_acts does."""
-    checkpoint = Path(config.run_dir) / "checkpoints" / f"step_{config.steps}"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "COMPLETE").write_text("ok\n")
+    """Stands in for a trainer: leaves a real (verifiable) checkpoint the way train_acts does."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(
+        config.run_dir, config.steps, model=model, optimizer=optimizer, scheduler=None, data_cursor={}, keep=1
+    )
     return Path(config.run_dir)
 
 
