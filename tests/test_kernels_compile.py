@@ -8,7 +8,7 @@ import sys
 def test_all_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "duca_fast.ops.compile_check", "90"],
+        [sys.executable, "-m", "tools.compile_check", "90"],
         env=env,
         capture_output=True,
         text=True,

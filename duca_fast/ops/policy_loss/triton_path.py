@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from duca_fast.ops.policy_loss import HeadOutput, PolicyLossOptions, TokenInputs, policy_head
+from duca_fast.ops.policy_loss.head import policy_head
+from duca_fast.ops.policy_loss.options import HeadOutput, PolicyLossOptions, TokenInputs
 
 # Bytes of the per-chunk logit-gradient buffer in backward: bounds peak extra memory independent of N.
 GRAD_CHUNK_BYTES = 1 << 29
@@ -290,7 +291,8 @@ def _logits_fwd_kernel(
             mask=row_mask[:, None] & col_mask[None, :],
             other=0.0,
         ).to(tl.float32)
-        z = z * inv_temperature
+        # -inf logits (masked vocabulary entries) to a finite floor: exp() is still 0, 0 * z is not NaN.
+        z = tl.maximum(z * inv_temperature, -1e30)
         running_max, sum_exp, weighted, target_logit = _online_update(
             z, cols, col_mask, targets, running_max, sum_exp, weighted, target_logit
         )
@@ -331,7 +333,7 @@ def _logits_grad_kernel(
         mask=row_mask[:, None] & col_mask[None, :],
         other=0.0,
     ).to(tl.float32)
-    z = z * inv_temperature
+    z = tl.maximum(z * inv_temperature, -1e30)
     targets = tl.load(target_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)

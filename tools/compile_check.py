@@ -4,7 +4,7 @@ The interpreter (TRITON_INTERPRET=1) runs kernels as numpy code and accepts prog
 compiler rejects (type mismatches between branches, unsupported casts). This check runs the real
 front end, the LLVM back end and ptxas for sm_90 (Hopper) so that such errors show up in CPU CI.
 
-Usage: ``python -m duca_fast.ops.compile_check`` (must run without TRITON_INTERPRET).
+Usage: ``python -m tools.compile_check`` (must run without TRITON_INTERPRET).
 """
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ _HIAN_COMPONENTS = dict(
 
 KERNELS = [
     KernelSpec(
-        "duca_fast.ops.advantages_triton",
+        "duca_fast.ops.advantages.triton_path",
         "_hian_moments_kernel",
         _HIAN_POINTERS,
         dict(_HIAN_COMPONENTS, SECOND_PASS=[False, True], BATCH_SCALE=[False, True]),
     ),
     KernelSpec(
-        "duca_fast.ops.advantages_triton",
+        "duca_fast.ops.advantages.triton_path",
         "_hian_finalize_kernel",
         dict(
             _HIAN_POINTERS,
@@ -86,7 +86,7 @@ KERNELS = [
 ]
 
 
-_PL = "duca_fast.ops.policy_loss_triton"
+_PL = "duca_fast.ops.policy_loss.triton_path"
 _LOGPROB_POINTERS = {
     "hidden_ptr": "*bf16",
     "weight_ptr": "*bf16",
