@@ -152,7 +152,7 @@ def _fused_policy_loss(
     if kernel_backend(backend, hidden) == "triton":
         from duca_fast.ops.policy_loss.triton_path import fused_loss_triton
 
-        head, _, _, grads = fused_loss_triton(hidden_loss, weight, bias, inputs, options, needs, chunk)
+        head, _, _, grads = fused_loss_triton(hidden_loss, weight, bias, inputs, options, needs, chunk_size)
     else:
         head, _, _, grads = fused_loss_torch(hidden_loss, weight, bias, inputs, options, needs, chunk)
     grad_hidden = grads["hidden"]
@@ -309,7 +309,9 @@ def _token_logprobs(
     if kernel_backend(backend, hidden) == "triton":
         from duca_fast.ops.policy_loss.triton_path import logprob_stats_triton
 
-        lse, logprobs, entropy = logprob_stats_triton(hidden, weight, bias, target.long(), temperature)
+        lse, logprobs, entropy = logprob_stats_triton(
+            hidden, weight, bias, target.long(), temperature, chunk_size
+        )
     else:
         lse, logprobs, entropy = logprob_stats_torch(hidden, weight, bias, target.long(), temperature, chunk)
     return logprobs, entropy, lse
@@ -351,7 +353,7 @@ def _token_logprobs_backward(
     if kernel_backend(backend, hidden) == "triton":
         from duca_fast.ops.policy_loss.triton_path import logprob_grads_triton
 
-        grads = logprob_grads_triton(*args)
+        grads = logprob_grads_triton(*args, chunk_size)
     else:
         grads = logprob_grads_torch(*args, chunk)
     return tuple(

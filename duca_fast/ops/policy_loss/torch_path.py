@@ -124,7 +124,7 @@ def fused_loss_torch(
         lse, logprobs[rows], entropy[rows], probs = _chunk_stats(logits, inputs.target[rows])
         if not want_grads:
             continue
-        chunk_inputs = _slice_inputs(inputs, rows)
+        chunk_inputs = slice_inputs(inputs, rows)
         head = policy_head(logprobs[rows], entropy[rows], chunk_inputs, options)
         grad_logits = _grad_logits_(
             logits,
@@ -142,7 +142,7 @@ def fused_loss_torch(
     return head, logprobs, entropy, grads
 
 
-def _slice_inputs(inputs: TokenInputs, rows: slice) -> TokenInputs:
+def slice_inputs(inputs: TokenInputs, rows: slice) -> TokenInputs:
     def cut(values: torch.Tensor | None) -> torch.Tensor | None:
         return None if values is None else values[rows]
 
