@@ -267,7 +267,8 @@ def _fused_backward(ctx, grad_loss, *unused_grads):
                 f"duca::fused_policy_loss was called with needs_{name}_grad=False but {name} needs a "
                 "gradient; pass needs_*_grad from requires_grad (ops.fused_policy_loss does)"
             )
-        grads[position] = (saved * grad_loss.to(saved.dtype)).to(dtype)
+        # Scale and cast in one pass, straight into the input dtype: no full-size fp32 temporary.
+        grads[position] = torch.mul(saved, grad_loss.to(saved.dtype), out=saved.new_empty(shape, dtype=dtype))
     return tuple(grads)
 
 

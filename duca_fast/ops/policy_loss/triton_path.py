@@ -25,8 +25,9 @@ from duca_fast.ops.policy_loss.head import policy_head
 from duca_fast.ops.policy_loss.options import HeadOutput, PolicyLossOptions, TokenInputs
 from duca_fast.ops.policy_loss.torch_path import slice_inputs
 
-# fp32 logits buffer budget on CUDA: 2 GiB = 3,456 rows at V=151,936 (a multiple of 128 rows).
-LOGIT_BUFFER_BYTES = 1 << 31
+# fp32 logits buffer budget on CUDA: 1.25 GiB = 2,176 rows at V=151,936 (a multiple of 128 rows); with
+# the bf16 d-logits and the fp32 dW accumulator that keeps the extra memory under 4.5 GiB there.
+LOGIT_BUFFER_BYTES = 1280 << 20
 MIN_CUDA_CHUNK = 2048
 
 
@@ -36,17 +37,22 @@ def _interpreted() -> bool:
 
 def _row_blocks() -> dict[str, int]:
     """Row-kernel tiles: memory-bound, wide vocabulary tiles. The interpreter gets small ones."""
-    return dict(BLOCK_N=16, BLOCK_V=32) if _interpreted() else dict(BLOCK_N=16, BLOCK_V=512)
+    # 16 x 256 fp32 tiles: 16 x 512 spilled 64-320 bytes on sm_90 (make check-kernels).
+    return dict(BLOCK_N=16, BLOCK_V=32) if _interpreted() else dict(BLOCK_N=16, BLOCK_V=256)
+
+
+def _multiprocessors(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 def _vocab_splits(num_rows: int, vocab_size: int, device: torch.device) -> int:
     """Programs per row block along the vocabulary: about two waves of programs over the SMs."""
     blocks = _row_blocks()
     max_splits = triton.cdiv(vocab_size, blocks["BLOCK_V"])
-    if device.type != "cuda":
+    sms = _multiprocessors(device)
+    if sms is None:
         return min(2, max_splits)  # the interpreter exercises the combine
     row_programs = triton.cdiv(num_rows, blocks["BLOCK_N"])
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(max_splits, triton.cdiv(2 * sms, row_programs)))
 
 
