@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DUCA_EXTRAS ?= cpu,train,integrations,dev
 VERL_DIR := $(VENV)/verl-nodeps
 
-.PHONY: install native demo test lint format bench clean
+.PHONY: install native demo test lint format bench clean check-kernels mutate
 
 install: $(STAMP)
 
@@ -46,14 +46,25 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	$(MAKE) native
+	PATH="$(abspath $(VENV))/bin:$$PATH" ctest --test-dir build --output-on-failure
+	$(MAKE) check-kernels
+
+# Every Triton kernel compiled for sm_90 and sm_80 as the JIT launches it; fails on a spill (no GPU needed).
+check-kernels: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m tools.check_kernels --arch 90 80
+
+# Planted bugs in the op math, each applied to a copy and run against the op tests (a few minutes).
+mutate: $(STAMP)
+	$(PY) -m tools.mutate
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check duca_fast tests bench examples
-	$(VENV)/bin/ruff format --check duca_fast tests bench examples
+	$(VENV)/bin/ruff check duca_fast tests bench examples tools
+	$(VENV)/bin/ruff format --check duca_fast tests bench examples tools
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix duca_fast tests bench examples
-	$(VENV)/bin/ruff format duca_fast tests bench examples
+	$(VENV)/bin/ruff check --fix duca_fast tests bench examples tools
+	$(VENV)/bin/ruff format duca_fast tests bench examples tools
 
 bench: $(STAMP)
 	$(PY) -m duca_fast.cli bench

@@ -206,6 +206,94 @@ def measure_one(args) -> dict[str, object]:
     return row
 
 
+# ---------------------------------------------------------------------------------------------------
+# performance model of the CUDA path (duca_fast.ops.policy_loss.triton_path), per pass
+
+# Stated H100 SXM rates the prediction uses (sustained, not peak): cuBLAS dense bf16/fp16 GEMM, fp32
+# GEMM without tf32 (FMA), HBM3 bandwidth.
+RATES = {"bf16_gemm_flops": 700e12, "fp16_gemm_flops": 700e12, "fp32_gemm_flops": 50e12, "hbm_bytes": 3.0e12}
+
+
+def performance_model(
+    tokens: int, hidden: int, vocab: int, dtype: str
+) -> tuple[list[dict[str, object]], dict]:
+    """FLOPs, bytes and predicted H100 time of every pass; peak extra memory by live-buffer accounting.
+
+    All tokens carry loss (N_loss = N). Chunk rows come from the launcher itself. A pass takes
+    max(FLOPs / GEMM rate, bytes / HBM rate).
+    """
+    from duca_fast.ops.policy_loss.triton_path import chunk_rows
+
+    size = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+    gemm_rate = RATES[f"{dtype.replace('bfloat', 'bf').replace('float', 'fp')}_gemm_flops"]
+    chunk = chunk_rows(tokens, vocab, None, torch.device("cuda"))
+    chunks = -(-tokens // chunk)
+    n, h, v = tokens, hidden, vocab
+    passes = [
+        # name, FLOPs, bytes (all chunks together)
+        (
+            "GEMM1 logits = h_c @ W.T (fp32 out)",
+            2 * n * h * v,
+            n * h * size + chunks * v * h * size + n * v * 4,
+        ),
+        ("row kernel (vocabulary split) + combine", 0, n * v * 4 + chunks * v * size),
+        ("policy head on [chunk] vectors", 0, 0),
+        ("d-logits kernel", 0, n * v * 4 + n * v * size + chunks * v * size),
+        ("GEMM2 dH_c = G @ W", 2 * n * h * v, n * v * size + chunks * v * h * size + n * h * 4),
+        (
+            "GEMM3 dW += G.T @ h_c (fp32 accumulate)",
+            2 * n * h * v,
+            n * v * size + n * h * size + chunks * v * h * 8,
+        ),
+        ("backward: scale by grad_loss and cast dW, dH", 0, v * h * (4 + size) + n * h * (4 + size)),
+    ]
+    rows = []
+    for name, flops, moved in passes:
+        seconds = max(flops / gemm_rate, moved / RATES["hbm_bytes"])
+        rows.append(
+            {"pass": name, "GFLOP": flops / 1e9, "GB moved": moved / 1e9, "predicted_ms": seconds * 1e3}
+        )
+    live = {
+        "fp32 logits buffer [chunk, V]": chunk * v * 4,
+        f"d-logits buffer [chunk, V] ({dtype}; aliases the logits for fp32)": 0
+        if size == 4
+        else chunk * v * size,
+        "fp32 dW accumulator [V, H]": v * h * 4,
+        "fp32 dH [N, H]": n * h * 4,
+        "per-token vectors and vocabulary-split partials": n * 4 * 16 + 4 * 4 * n,
+    }
+    summary = {
+        "chunk_rows": chunk,
+        "chunks": chunks,
+        "total_predicted_ms": sum(row["predicted_ms"] for row in rows),
+        "floor_6NHV_ms": 6 * n * h * v / gemm_rate * 1e3,
+        "peak_extra_GiB": sum(live.values()) / 2**30,
+        "live_buffers_GiB": {name: value / 2**30 for name, value in live.items()},
+    }
+    return rows, summary
+
+
+def write_model(tokens: int, hidden: int, vocab: int, dtype: str) -> Path:
+    rows, summary = performance_model(tokens, hidden, vocab, dtype)
+    buffers = "; ".join(f"{name} {gib:.2f} GiB" for name, gib in summary["live_buffers_GiB"].items())
+    rates = (
+        f"{RATES['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s bf16 GEMM, "
+        f"{RATES['fp32_gemm_flops'] / 1e12:.0f} TFLOP/s fp32 GEMM (no tf32), "
+        f"{RATES['hbm_bytes'] / 1e12:.1f} TB/s HBM"
+    )
+    notes = (
+        f"Performance model (no measurement) of the CUDA path at N={tokens}, H={hidden}, V={vocab}, "
+        f"{dtype}, every token with loss: {summary['chunks']} chunks of {summary['chunk_rows']} rows. "
+        f"Rates: {rates}; a pass takes max(FLOPs/rate, bytes/bandwidth). Predicted forward+backward "
+        f"{summary['total_predicted_ms']:.1f} ms (6NHV floor {summary['floor_6NHV_ms']:.1f} ms). "
+        f"Peak extra memory by accounting of live buffers {summary['peak_extra_GiB']:.2f} GiB: {buffers}."
+    )
+    path = write_results(f"policy_loss_model_{dtype}", rows, run_identity("cpu"), notes=notes)
+    print(markdown_table(rows))
+    print(notes)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,7 +307,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
     parser.add_argument("--cpu", action="store_true", help="force CPU even when CUDA is present")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--model", action="store_true", help="print and write the performance model only")
     args = parser.parse_args()
+
+    if args.model:
+        print(f"wrote {write_model(args.tokens, args.hidden, args.vocab, args.dtype)}")
+        return
 
     if args.variant:
         print(json.dumps(measure_one(args)))

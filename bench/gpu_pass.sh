@@ -13,7 +13,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install --quiet --no-deps --no-index .whl/*.whl
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_advantages.py tests/test_policy_loss.py tests/test_library.py \
+python3 -m pytest -q -p no:cacheprovider tests/ops tests/test_advantages.py tests/test_policy_loss.py tests/test_library.py \
     > "$OUT/gpu_tests.txt" 2>&1
 tail -5 "$OUT/gpu_tests.txt"
 python3 bench/bench_advantages.py --sessions 16000 128000

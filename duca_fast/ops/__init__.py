@@ -3,9 +3,11 @@
 - ``hian_advantages`` / ``grpo_advantages``: grouped per-horizon advantage normalization.
 - ``fused_policy_loss``: hidden states + lm_head -> clipped policy loss, without ``[N, V]`` logits.
 - ``token_logprobs``: per-token log-probs (and entropies) from hidden states, differentiable.
-- ``policy_loss_from_logits``: the same loss for stacks that already hold logits.
+- ``policy_loss_from_logits`` / ``policy_loss_from_logprobs``: the same loss for stacks that already
+  hold logits or log-probs.
 
-Importing this package also registers the custom operators ``torch.ops.duca.*`` (``library``).
+Every function is a thin wrapper over a ``torch.ops.duca.*`` custom operator (registered on import).
+The manual: docs/ops.md.
 """
 
 from duca_fast.ops import library
@@ -14,6 +16,7 @@ from duca_fast.ops.policy_loss import (
     PolicyLossOptions,
     fused_policy_loss,
     policy_loss_from_logits,
+    policy_loss_from_logprobs,
     token_logprobs,
 )
 
@@ -25,5 +28,6 @@ __all__ = [
     "hian_advantages",
     "library",
     "policy_loss_from_logits",
+    "policy_loss_from_logprobs",
     "token_logprobs",
 ]

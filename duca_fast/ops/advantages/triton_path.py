@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from duca_fast.ops.advantages import AdvantageOptions, HianProblem
+from duca_fast.ops.advantages.options import AdvantageOptions, HianProblem
 
 # Items per program. Memory-bound: large blocks amortize the per-program atomics of batch scaling.
 BLOCK = 1024

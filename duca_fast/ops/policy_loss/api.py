@@ -1,0 +1,404 @@
+"""Public policy-loss functions: thin wrappers over the ``torch.ops.duca`` custom ops.
+
+Options come as keywords or as one ``PolicyLossOptions`` (``options=``); ``backend="reference"`` runs
+the float64 ground truth of ``reference.py`` (autograd, materialized logits: tests and debugging).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from duca_fast.ops.policy_loss import custom_ops, reference
+from duca_fast.ops.policy_loss.checks import (
+    check_chunk_size,
+    check_logprob_args,
+    check_loss_shapes,
+    choose_backend,
+    prepare_loss_call,
+)
+from duca_fast.ops.policy_loss.options import PolicyLossOptions
+
+_DEFAULTS = PolicyLossOptions()
+_FIELDS = tuple(field.name for field in dataclasses.fields(PolicyLossOptions))
+
+
+def resolve_options(options: PolicyLossOptions | None, **keywords) -> dict:
+    """The option values from ``options=`` or the keywords; both at once only when they agree.
+
+    The custom ops validate the values; not building the dataclass here keeps the wrapper free of
+    Python-float checks that ``torch.compile(fullgraph=True)`` cannot trace.
+    """
+    if options is None:
+        return {name: getattr(_DEFAULTS, name) for name in _FIELDS} | keywords
+    if not isinstance(options, PolicyLossOptions):
+        raise ValueError(f"options must be a PolicyLossOptions, got {type(options).__name__}")
+    for name, value in keywords.items():
+        if value != getattr(_DEFAULTS, name) and value != getattr(options, name):
+            raise ValueError(f"{name}={value!r} conflicts with options.{name}={getattr(options, name)!r}")
+    return {name: getattr(options, name) for name in _FIELDS}
+
+
+def _present(options: dict, ref_logprobs, behavior_logprobs) -> dict[str, bool]:
+    return {
+        "kl_ref": ref_logprobs is not None,
+        "tis_frac_capped": behavior_logprobs is not None and options["tis_cap"] is not None,
+        "dual_clip_frac": options["dual_clip"] is not None,
+        "behavior_logprob_gap": behavior_logprobs is not None,
+    }
+
+
+def _option_args(options: dict) -> tuple:
+    return tuple(options[name] for name in _FIELDS)
+
+
+def fused_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    behavior_logprobs: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    loss_agg: str = "token_mean",
+    max_tokens: int | None = None,
+    tis_cap: float | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    options: PolicyLossOptions | None = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy loss straight from hidden states and the lm_head, never holding ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[N, H]`` final hidden states of the packed tokens whose next token is ``target``.
+        weight: ``[V, H]`` lm_head weight (same dtype as hidden). Gradients flow to hidden, weight, bias.
+        target: ``[N]`` int token ids.
+        advantages: ``[N]`` per-token advantages (multi-turn needs them per token).
+        old_logprobs: ``[N]`` log-probs under the policy that generated the data; None = on-policy.
+        bias: optional ``[V]`` lm_head bias (``-inf`` entries mask vocabulary entries exactly).
+        mask: optional ``[N]`` bool, False = no loss (targets there may be anything, e.g. -100). Masked
+            tokens are dropped before the lm_head GEMMs (compaction); their hidden gradient is 0.
+        seq_ids: ``[N]`` int sequence of each token (needed by the seq_* aggregations).
+        ref_logprobs: ``[N]`` reference-model log-probs for the KL penalty (and the kl_ref metric).
+        behavior_logprobs: ``[N]`` the engine's sampler log-probs, for truncated importance sampling.
+        clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, temperature, loss_agg,
+        max_tokens, tis_cap: see ``PolicyLossOptions``; or pass ``options=`` instead.
+        chunk_size: tokens per chunk on the torch path (default: chunk x V <= 2^24 elements).
+        backend: "auto" (CUDA -> triton, else torch), "torch", "triton" or "reference".
+        validate: check that hidden, weight and bias are finite (``-inf`` allowed in bias), one
+            reduction each; ``False`` skips it (NaN in, NaN out).
+
+    Returns:
+        ``(loss, metrics)``: scalar float32 loss (float64 for float64 inputs) and detached scalar
+        diagnostics: clip_frac, clip_frac_low, clip_frac_high, approx_kl, ratio_mean, entropy, pg_loss,
+        plus kl_ref (with ref_logprobs), tis_frac_capped (with tis_cap), dual_clip_frac (with dual_clip),
+        behavior_logprob_gap (mean |logp - behavior_logprobs|, with behavior_logprobs).
+    """
+    options = resolve_options(
+        options,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        entropy_coef=entropy_coef,
+        temperature=temperature,
+        loss_agg=loss_agg,
+        max_tokens=max_tokens,
+        tis_cap=tis_cap,
+    )
+    if choose_backend(backend, hidden) == "reference":
+        options = PolicyLossOptions(**options)
+        check_loss_shapes(
+            hidden,
+            weight,
+            target,
+            advantages,
+            old_logprobs,
+            bias,
+            mask,
+            seq_ids,
+            ref_logprobs,
+            behavior_logprobs,
+            options,
+        )
+        prepare_loss_call(
+            ("hidden", hidden),
+            weight.shape[0],
+            {"weight": weight, "bias": bias},
+            target,
+            advantages,
+            old_logprobs,
+            mask=mask,
+            seq_ids=seq_ids,
+            ref_logprobs=ref_logprobs,
+            behavior_logprobs=behavior_logprobs,
+            options=options,
+        )
+        return reference.reference_fused_policy_loss(
+            hidden,
+            weight,
+            target,
+            advantages,
+            old_logprobs,
+            bias=bias,
+            options=options,
+            mask=mask,
+            seq_ids=seq_ids,
+            ref_logprobs=ref_logprobs,
+            behavior_logprobs=behavior_logprobs,
+        )
+    grad_on = torch.is_grad_enabled()
+    loss, metrics, _, _, _ = torch.ops.duca.fused_policy_loss(
+        hidden,
+        weight,
+        target,
+        advantages,
+        old_logprobs,
+        bias,
+        mask,
+        seq_ids,
+        ref_logprobs,
+        behavior_logprobs,
+        *_option_args(options),
+        chunk_size,
+        backend,
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+        validate,
+    )
+    return loss, custom_ops.metrics_dict(metrics, _present(options, ref_logprobs, behavior_logprobs))
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``log_softmax((h @ W.T + b) / temperature)[target]`` per token, ``[N]`` float32, differentiable.
+
+    With ``return_entropy=True`` also the entropy of each token's tempered distribution. Never holds
+    ``[N, V]`` logits: forward keeps the log-sum-exp, backward recomputes the logits chunk by chunk.
+    ``validate``: hidden, weight and bias must be finite (``-inf`` allowed in bias).
+    """
+    check_logprob_args(hidden, weight, target, bias, temperature)
+    if choose_backend(backend, hidden) == "reference":
+        logprobs, entropy = reference.reference_token_logprobs(hidden, weight, target, bias, temperature)
+    else:
+        logprobs, entropy, _ = torch.ops.duca.token_logprobs(
+            hidden, weight, target, bias, float(temperature), chunk_size, backend, validate
+        )
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+def policy_loss_from_logits(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    behavior_logprobs: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    loss_agg: str = "token_mean",
+    max_tokens: int | None = None,
+    tis_cap: float | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    options: PolicyLossOptions | None = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``fused_policy_loss`` for stacks that already hold ``[N, V]`` logits; gradient flows to logits.
+
+    One pass over the logits forward (log-sum-exp, target, entropy) and one backward (writes the
+    gradient); no ``log_softmax`` copy. ``-inf`` logits (masked vocabulary entries) are exact (0 log 0 = 0);
+    ``validate`` rejects NaN / +inf in the rows with mask True, and rows that are all ``-inf``.
+    """
+    options = resolve_options(
+        options,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        entropy_coef=entropy_coef,
+        temperature=temperature,
+        loss_agg=loss_agg,
+        max_tokens=max_tokens,
+        tis_cap=tis_cap,
+    )
+    if choose_backend(backend, logits) == "reference":
+        options = PolicyLossOptions(**options)
+        from duca_fast.ops._checks import check_tensor
+
+        check_tensor("logits", logits, ndims=(2,), kind="float")
+        prepare_loss_call(
+            ("logits", logits),
+            logits.shape[1],
+            {},
+            target,
+            advantages,
+            old_logprobs,
+            mask=mask,
+            seq_ids=seq_ids,
+            ref_logprobs=ref_logprobs,
+            behavior_logprobs=behavior_logprobs,
+            options=options,
+        )
+        return reference.reference_policy_loss_from_logits(
+            logits,
+            target,
+            advantages,
+            old_logprobs,
+            options=options,
+            tempered=False,
+            mask=mask,
+            seq_ids=seq_ids,
+            ref_logprobs=ref_logprobs,
+            behavior_logprobs=behavior_logprobs,
+        )
+    check_chunk_size(chunk_size, logits.shape[0], max(logits.shape[-1], 1))
+    loss, metrics, *_ = torch.ops.duca.policy_loss_from_logits(
+        logits,
+        target,
+        advantages,
+        old_logprobs,
+        mask,
+        seq_ids,
+        ref_logprobs,
+        behavior_logprobs,
+        *_option_args(options),
+        chunk_size,
+        backend,
+        validate,
+    )
+    return loss, custom_ops.metrics_dict(metrics, _present(options, ref_logprobs, behavior_logprobs))
+
+
+def policy_loss_from_logprobs(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    *,
+    entropy: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    behavior_logprobs: torch.Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    entropy_coef: float = 0.0,
+    loss_agg: str = "token_mean",
+    max_tokens: int | None = None,
+    tis_cap: float | None = None,
+    backend: str = "auto",
+    options: PolicyLossOptions | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The same policy head on log-probs a stack already has (verl, TRL, your own forward pass).
+
+    Args:
+        logprobs: ``[N]`` current-policy log-probs of the sampled tokens; the gradient flows here.
+        advantages, old_logprobs, mask, seq_ids, ref_logprobs, behavior_logprobs: as in
+            ``fused_policy_loss``.
+        entropy: optional ``[N]`` per-token entropies: needed by ``entropy_coef != 0`` (the gradient
+            flows to it) and for the ``entropy`` metric, which is left out without it.
+        backend: "auto" / "torch" (the custom op) or "reference" (float64 autograd).
+        options: a ``PolicyLossOptions`` instead of the keywords (its ``temperature`` is not used:
+            the log-probs already carry it).
+
+    Returns:
+        ``(loss, metrics)`` with the metric keys of ``fused_policy_loss`` (``entropy`` only when given).
+    """
+    options = resolve_options(
+        options,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        entropy_coef=entropy_coef,
+        loss_agg=loss_agg,
+        max_tokens=max_tokens,
+        tis_cap=tis_cap,
+    )
+    from duca_fast.ops._checks import check_choice, check_tensor
+
+    check_choice("backend", backend, ("auto", "torch", "reference"))
+    check_tensor("logprobs", logprobs, ndims=(1,), kind="float")
+    if backend == "reference":
+        options = PolicyLossOptions(**options)
+        custom_ops.check_logprob_inputs(logprobs, entropy, options)
+        target = torch.zeros(logprobs.shape[0], dtype=torch.long, device=logprobs.device)
+        prepare_loss_call(
+            ("logprobs", logprobs[:, None]),
+            1,
+            {},
+            target,
+            advantages,
+            old_logprobs,
+            mask=mask,
+            seq_ids=seq_ids,
+            ref_logprobs=ref_logprobs,
+            behavior_logprobs=behavior_logprobs,
+            options=options,
+        )
+        return reference.reference_policy_loss_from_logprobs(
+            logprobs,
+            entropy,
+            advantages,
+            old_logprobs,
+            mask=mask,
+            seq_ids=seq_ids,
+            ref_logprobs=ref_logprobs,
+            behavior_logprobs=behavior_logprobs,
+            options=options,
+        )
+    fields = _option_args(options)
+    # The schema has no temperature (index 6 of the dataclass): log-probs already carry it.
+    option_args = fields[:6] + fields[7:]
+    loss, metrics, _, _ = torch.ops.duca.policy_loss_from_logprobs(
+        logprobs,
+        advantages,
+        old_logprobs,
+        entropy,
+        mask,
+        seq_ids,
+        ref_logprobs,
+        behavior_logprobs,
+        *option_args,
+    )
+    present = _present(options, ref_logprobs, behavior_logprobs)
+    present["entropy"] = entropy is not None
+    return loss, custom_ops.metrics_dict(metrics, present)

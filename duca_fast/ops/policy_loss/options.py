@@ -1,0 +1,122 @@
+"""Options and per-token types of the policy loss (a leaf module: kernels and paths import it)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from duca_fast.ops._checks import check_choice
+
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+
+
+KL_TYPES = ("k1", "k2", "k3")
+
+
+# exp() arguments are clamped here (as verl does for log-ratios) so a stale old log-prob cannot overflow.
+LOG_RATIO_LIMIT = 20.0
+# -inf logits (a masked vocabulary entry or bias) are raised to this floor: exp() still gives exactly 0,
+# and 0 * floor is 0 where 0 * -inf would be NaN (entropy, d-logits).
+NEG_LOGIT_FLOOR = -1e30
+
+
+# Default token-chunk budget for the torch path: chunk x V logits of at most this many elements.
+CHUNK_ELEMENTS = 1 << 24
+METRIC_KEYS = (
+    "clip_frac",
+    "clip_frac_low",
+    "clip_frac_high",
+    "approx_kl",
+    "ratio_mean",
+    "entropy",
+    "pg_loss",
+    "kl_ref",
+    "tis_frac_capped",
+    "dual_clip_frac",
+    "behavior_logprob_gap",
+)
+"""Order of the custom ops' metrics tensor; absent metrics are 0 there and left out of the dicts."""
+
+
+@dataclass(frozen=True)
+class PolicyLossOptions:
+    """Everything that shapes the per-token objective (one frozen object through autograd)."""
+
+    clip_low: float = 0.2
+    """PPO clip below 1: ratios under ``1 - clip_low`` stop pushing (for A < 0)."""
+    clip_high: float = 0.2
+    """PPO clip above 1 (DAPO's clip-higher uses a larger value than clip_low)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1: for A < 0 the loss is capped at ``-c * A``."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to ``ref_logprobs``."""
+    kl_type: str = "k3"
+    """KL estimator with ``d = logp - ref``: "k1" d, "k2" d^2/2, "k3" exp(-d) + d - 1."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    temperature: float = 1.0
+    """Logits are divided by this before the softmax (match the sampler's temperature)."""
+    loss_agg: str = "token_mean"
+    """"token_mean", "seq_mean_token_mean", "seq_mean_token_sum" or "token_sum_norm"."""
+    max_tokens: int | None = None
+    """Divisor of "token_sum_norm" (sequences x max length for Dr.GRPO)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling cap on ``exp(old - behavior)``; needs ``behavior_logprobs``."""
+
+    def __post_init__(self) -> None:
+        check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
+        check_choice("kl_type", self.kl_type, KL_TYPES)
+        for name in ("clip_low", "clip_high", "kl_coef", "entropy_coef", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.clip_low < 0 or self.clip_high < 0:
+            raise ValueError(f"clip_low and clip_high must be >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.clip_low >= 1:
+            raise ValueError(f"clip_low must be < 1 (the lower bound is 1 - clip_low), got {self.clip_low}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.dual_clip is not None and not (math.isfinite(self.dual_clip) and self.dual_clip > 1):
+            raise ValueError(f"dual_clip must be a finite number > 1, got {self.dual_clip}")
+        if self.tis_cap is not None and not (math.isfinite(self.tis_cap) and self.tis_cap > 0):
+            raise ValueError(f"tis_cap must be a finite number > 0, got {self.tis_cap}")
+        if self.loss_agg == "token_sum_norm":
+            if self.max_tokens is None:
+                raise ValueError("loss_agg='token_sum_norm' needs max_tokens (sequences x max length)")
+            if (
+                isinstance(self.max_tokens, bool)
+                or not isinstance(self.max_tokens, int)
+                or self.max_tokens < 1
+            ):
+                raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+
+
+@dataclass(frozen=True)
+class TokenInputs:
+    """Validated per-token tensors (compute dtype) that the objective needs besides the log-probs."""
+
+    target: torch.Tensor
+    """int64 [N]; masked tokens point at 0 so they can be gathered safely."""
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None
+    behavior_logprobs: torch.Tensor | None
+    token_weights: torch.Tensor
+    """Aggregation weight of each token: the loss is ``sum(token_weights * l)``; 0 when masked."""
+    active: torch.Tensor
+    """bool [N]: the token counts (mask)."""
+
+
+@dataclass(frozen=True)
+class HeadOutput:
+    """Per-token objective and its derivatives, from ``policy_head``."""
+
+    loss: torch.Tensor
+    """Scalar: ``sum(token_weights * l)``."""
+    grad_logprobs: torch.Tensor
+    """[N] d loss / d logp."""
+    grad_entropy: torch.Tensor | None
+    """[N] d loss / d H, None when entropy_coef is 0."""
+    metrics: dict[str, torch.Tensor]

@@ -1,0 +1,158 @@
+"""Float64 ground truth of the policy-loss ops, written from the raw inputs as DESIGN.md states them.
+
+Materialized logits, autograd for the gradients, explicit loops for the per-sequence aggregations.
+It shares no helper with the fast paths (no ``policy_head``, no aggregation weights, no metric code):
+an aggregation or metric bug there shows up as a difference in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from duca_fast.ops.policy_loss.options import LOG_RATIO_LIMIT, PolicyLossOptions
+
+
+def _mean_over(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``selected``; 0 when nothing is selected."""
+    chosen = values[selected]
+    return chosen.mean() if chosen.numel() else values.new_zeros(())
+
+
+def reference_token_stats(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target and entropy of each row of (already tempered) float64 logits."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    probs = log_probs.exp()
+    # 0 * log 0 = 0 for -inf logits; the where also keeps their gradient at 0 instead of NaN.
+    safe = torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
+    entropy = -(probs * safe).sum(-1)
+    return log_probs.gather(1, target.long().clamp_min(0)[:, None])[:, 0], entropy
+
+
+def _aggregate(
+    values: torch.Tensor, active: torch.Tensor, seq_ids, options: PolicyLossOptions
+) -> torch.Tensor:
+    if options.loss_agg == "token_mean":
+        return values[active].sum() / max(int(active.sum()), 1)
+    if options.loss_agg == "token_sum_norm":
+        return values[active].sum() / options.max_tokens
+    per_sequence = []
+    for seq in sorted(set(seq_ids[active].tolist())):
+        members = active & (seq_ids == seq)
+        total = values[members].sum()
+        per_sequence.append(
+            total / int(members.sum()) if options.loss_agg == "seq_mean_token_mean" else total
+        )
+    if not per_sequence:
+        return values.sum() * 0.0
+    return torch.stack(per_sequence).mean()
+
+
+def reference_policy_loss_from_logprobs(
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor | None,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    *,
+    mask: torch.Tensor | None,
+    seq_ids: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    behavior_logprobs: torch.Tensor | None,
+    options: PolicyLossOptions,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy objective on float64 log-probs (differentiable through ``logprobs`` and ``entropy``)."""
+    count = logprobs.shape[0]
+    active = torch.ones(count, dtype=torch.bool) if mask is None else mask.bool().cpu()
+    active = active.to(logprobs.device)
+    zero = torch.zeros((), dtype=torch.float64, device=logprobs.device)
+
+    def clean(values: torch.Tensor | None) -> torch.Tensor | None:
+        # Masked tokens may carry anything (NaN included); they take no part in the sums below.
+        return None if values is None else torch.where(active, values.double(), zero)
+
+    logp = torch.where(active, logprobs.double(), zero)
+    adv = clean(advantages)
+    old = logp.detach() if old_logprobs is None else clean(old_logprobs)
+    log_ratio = (logp - old).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = torch.exp(log_ratio)
+    low, high = 1.0 - options.clip_low, 1.0 + options.clip_high
+    surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(low, high))
+    clipped_low = (adv < 0) & (ratio < low)
+    clipped_high = (adv > 0) & (ratio > high)
+    metrics = {
+        "clip_frac_low": _mean_over(clipped_low.double(), active),
+        "clip_frac_high": _mean_over(clipped_high.double(), active),
+        "clip_frac": _mean_over((clipped_low | clipped_high).double(), active),
+        "approx_kl": _mean_over((ratio - 1.0 - log_ratio).detach(), active),
+        "ratio_mean": _mean_over(ratio.detach(), active),
+    }
+    if options.dual_clip is not None:
+        capped = (adv < 0) & (surrogate > -options.dual_clip * adv)
+        surrogate = torch.where(capped, -options.dual_clip * adv, surrogate)
+        metrics["dual_clip_frac"] = _mean_over(capped.double(), active)
+    if behavior_logprobs is not None:
+        behavior = clean(behavior_logprobs)
+        metrics["behavior_logprob_gap"] = _mean_over((logp - behavior).abs().detach(), active)
+        if options.tis_cap is not None:
+            importance = torch.exp((old - behavior).clamp(max=LOG_RATIO_LIMIT)).detach()
+            surrogate = surrogate * importance.clamp(max=options.tis_cap)
+            metrics["tis_frac_capped"] = _mean_over((importance > options.tis_cap).double(), active)
+    per_token = surrogate
+    if ref_logprobs is not None:
+        diff = logp - clean(ref_logprobs)
+        if options.kl_type == "k1":
+            kl = diff
+        elif options.kl_type == "k2":
+            kl = diff**2 / 2
+        else:
+            kl = torch.exp((-diff).clamp(max=LOG_RATIO_LIMIT)) + diff - 1
+        metrics["kl_ref"] = _mean_over(kl.detach(), active)
+        per_token = per_token + options.kl_coef * kl
+    if entropy is not None:
+        entropy64 = torch.where(active, entropy.double(), zero)
+        metrics["entropy"] = _mean_over(entropy64.detach(), active)
+        per_token = per_token - options.entropy_coef * entropy64
+    seq = None if seq_ids is None else seq_ids.long()
+    metrics["pg_loss"] = _aggregate(surrogate.detach(), active, seq, options)
+    loss = _aggregate(per_token, active, seq, options)
+    return loss, {name: value.detach().float() for name, value in metrics.items()}
+
+
+def _tempered_logits(hidden, weight, bias, temperature) -> torch.Tensor:
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    return logits / temperature
+
+
+def reference_token_logprobs(hidden, weight, target, bias, temperature) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference_token_stats(_tempered_logits(hidden, weight, bias, temperature), target)
+
+
+def reference_fused_policy_loss(
+    hidden, weight, target, advantages, old_logprobs, *, bias, options: PolicyLossOptions, **token_args
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    logits = _tempered_logits(hidden, weight, bias, options.temperature)
+    return reference_policy_loss_from_logits(
+        logits, target, advantages, old_logprobs, options=options, **token_args
+    )
+
+
+def reference_policy_loss_from_logits(
+    logits,
+    target,
+    advantages,
+    old_logprobs,
+    *,
+    options: PolicyLossOptions,
+    tempered: bool = True,
+    **token_args,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``tempered=False``: divide the logits by the temperature first."""
+    logits = logits.double() if tempered else logits.double() / options.temperature
+    mask = token_args.get("mask")
+    if mask is not None:
+        target = torch.where(mask.bool(), target.long(), torch.zeros_like(target, dtype=torch.long))
+    logprobs, entropy = reference_token_stats(logits, target)
+    return reference_policy_loss_from_logprobs(
+        logprobs, entropy, advantages, old_logprobs, options=options, **token_args
+    )

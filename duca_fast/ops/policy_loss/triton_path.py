@@ -1,0 +1,469 @@
+"""Triton path of the policy loss: cuBLAS for every product over H, Triton only for the row work.
+
+Per token chunk (DESIGN.md, "How it runs"):
+1. GEMM1 ``logits = h_c @ W.T`` (fp32 output) into a reused ``[chunk, V]`` buffer;
+2. ``_row_partials_kernel``: the vocabulary is split across programs (so a chunk of a few thousand
+   rows still fills the GPU); each keeps an online max / sum-exp / sum p z / target logit over its
+   columns (bias and 1/temperature applied on load); a tiny torch combine merges the splits into
+   log-sum-exp, target log-prob and entropy per row;
+3. the per-token policy head on ``[chunk]`` vectors (``head.policy_head``);
+4. ``_logits_grad_kernel`` turns the buffer into d loss / d logits (in place for fp32 inputs, into a
+   buffer of the input dtype otherwise);
+5. GEMM2 ``dH_c = G @ W`` and GEMM3 ``dW += G.T @ h_c``, accumulated in fp32 (no bf16 round trip).
+Three GEMM passes in all: 6 N_loss H V FLOPs. No Triton kernel multiplies over H.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from duca_fast.ops.policy_loss.head import policy_head
+from duca_fast.ops.policy_loss.options import HeadOutput, PolicyLossOptions, TokenInputs
+from duca_fast.ops.policy_loss.torch_path import slice_inputs
+
+# fp32 logits buffer budget on CUDA: 1.25 GiB = 2,176 rows at V=151,936 (a multiple of 128 rows); with
+# the bf16 d-logits and the fp32 dW accumulator that keeps the extra memory under 4.5 GiB there.
+LOGIT_BUFFER_BYTES = 1280 << 20
+MIN_CUDA_CHUNK = 2048
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _row_blocks() -> dict[str, int]:
+    """Row-kernel tiles: memory-bound, wide vocabulary tiles. The interpreter gets small ones."""
+    # 16 x 256 fp32 tiles: 16 x 512 spilled 64-320 bytes on sm_90 (make check-kernels).
+    return dict(BLOCK_N=16, BLOCK_V=32) if _interpreted() else dict(BLOCK_N=16, BLOCK_V=256)
+
+
+def _multiprocessors(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def _vocab_splits(num_rows: int, vocab_size: int, device: torch.device) -> int:
+    """Programs per row block along the vocabulary: about two waves of programs over the SMs."""
+    blocks = _row_blocks()
+    max_splits = triton.cdiv(vocab_size, blocks["BLOCK_V"])
+    sms = _multiprocessors(device)
+    if sms is None:
+        return min(2, max_splits)  # the interpreter exercises the combine
+    row_programs = triton.cdiv(num_rows, blocks["BLOCK_N"])
+    return max(1, min(max_splits, triton.cdiv(2 * sms, row_programs)))
+
+
+def chunk_rows(num_tokens: int, vocab_size: int, chunk_size: int | None, device: torch.device) -> int:
+    if chunk_size is not None:
+        return max(1, min(chunk_size, max(num_tokens, 1)))
+    if device.type != "cuda":
+        return max(1, min(num_tokens, 64))
+    rows = max(MIN_CUDA_CHUNK, LOGIT_BUFFER_BYTES // (4 * vocab_size) // 128 * 128)
+    return max(1, min(num_tokens, rows))
+
+
+def _check_triton_dtype(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"the Triton path takes float32, bfloat16 or float16 {name}, got {tensor.dtype}; "
+            "use backend='torch' for float64"
+        )
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` with an fp32 result; 16-bit operands stay 16-bit on CUDA (fp32 accumulate in cuBLAS)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in fp32 whatever the operand dtype (the dW accumulation)."""
+    if a.dtype == torch.float32:
+        torch.addmm(acc, a, b, out=acc)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        torch.addmm(acc, a.float(), b.float(), out=acc)
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _grad_tile(
+    z, cols, col_mask, targets, lse, entropy, grad_logp, grad_entropy, HAS_ENTROPY_GRAD: tl.constexpr
+):
+    """d loss / d z of a tile: ``g_logp (onehot - p) - g_H p (z - lse + H)``; 0 outside the vocabulary."""
+    z_safe = tl.where(col_mask[None, :], z, 0.0)
+    probs = tl.where(col_mask[None, :], tl.exp(z_safe - lse[:, None]), 0.0)
+    coefficient = grad_logp[:, None] + tl.zeros_like(z_safe)
+    if HAS_ENTROPY_GRAD:
+        coefficient += grad_entropy[:, None] * (z_safe - lse[:, None] + entropy[:, None])
+    grad = -probs * coefficient
+    return grad + tl.where(cols[None, :] == targets[:, None], grad_logp[:, None], 0.0)
+
+
+@triton.jit
+def _online_update(z, cols, col_mask, targets, running_max, sum_exp, weighted, target_logit):
+    """Fold one ``[BLOCK_N, BLOCK_V]`` logit tile into the running statistics of its rows.
+
+    ``weighted`` is ``sum exp(z - max) * z``, rescaled like ``sum_exp``: entropy = lse - weighted / sum_exp.
+    """
+    z_masked = tl.where(col_mask[None, :], z, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(z_masked, axis=1))
+    rescale = tl.exp(running_max - new_max)
+    exps = tl.exp(z_masked - new_max[:, None])
+    sum_exp = sum_exp * rescale + tl.sum(exps, axis=1)
+    weighted = weighted * rescale + tl.sum(exps * tl.where(col_mask[None, :], z, 0.0), axis=1)
+    target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
+    return new_max, sum_exp, weighted, target_logit
+
+
+@triton.jit
+def _row_partials_kernel(
+    logits_ptr,
+    bias_ptr,
+    target_ptr,
+    partials_ptr,
+    num_rows,
+    vocab_size,
+    cols_per_split,
+    stride_logits_n,
+    stride_logits_v,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Online max / sum-exp / sum exp*z / target logit of rows over one vocabulary split.
+
+    ``partials`` is ``[4, splits, num_rows]`` fp32; the combine in ``_combine`` merges the splits.
+    """
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    num_splits = tl.num_programs(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < num_rows
+    targets = tl.load(target_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    sum_exp = tl.zeros([BLOCK_N], tl.float32)
+    weighted = tl.zeros([BLOCK_N], tl.float32)
+    target_logit = tl.zeros([BLOCK_N], tl.float32)
+    v_begin = pid_s * cols_per_split
+    v_end = tl.minimum(v_begin + cols_per_split, vocab_size)
+    for v_start in range(v_begin, v_end, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < v_end
+        z = tl.load(
+            logits_ptr + rows[:, None] * stride_logits_n + cols[None, :] * stride_logits_v,
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        # -inf logits (masked vocabulary entries) to a finite floor: exp() is still 0, 0 * z is not NaN.
+        z = tl.maximum(z * inv_temperature, -1e30)
+        running_max, sum_exp, weighted, target_logit = _online_update(
+            z, cols, col_mask, targets, running_max, sum_exp, weighted, target_logit
+        )
+    base = partials_ptr + pid_s * num_rows + rows
+    plane = num_splits * num_rows
+    tl.store(base, running_max, mask=row_mask)
+    tl.store(base + plane, sum_exp, mask=row_mask)
+    tl.store(base + 2 * plane, weighted, mask=row_mask)
+    tl.store(base + 3 * plane, target_logit, mask=row_mask)
+
+
+@triton.jit
+def _logits_grad_kernel(
+    logits_ptr,
+    bias_ptr,
+    target_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    grad_logits_ptr,
+    num_rows,
+    vocab_size,
+    stride_logits_n,
+    stride_logits_v,
+    stride_grad_n,
+    stride_grad_v,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One read of a logit tile, one write of its gradient (the same buffer may be both)."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    row_mask = rows < num_rows
+    col_mask = cols < vocab_size
+    z = tl.load(
+        logits_ptr + rows[:, None] * stride_logits_n + cols[None, :] * stride_logits_v,
+        mask=row_mask[:, None] & col_mask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    z = tl.maximum(z * inv_temperature, -1e30)
+    targets = tl.load(target_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
+    grad_logp = tl.load(grad_logp_ptr + rows, mask=row_mask, other=0.0)
+    grad_entropy = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0)
+    grad = _grad_tile(z, cols, col_mask, targets, lse, entropy, grad_logp, grad_entropy, HAS_ENTROPY_GRAD)
+    tl.store(
+        grad_logits_ptr + rows[:, None] * stride_grad_n + cols[None, :] * stride_grad_v,
+        (grad * inv_temperature).to(grad_logits_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _combine(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge the vocabulary splits: ``(lse, target log-prob, entropy)`` per row."""
+    maxes, sum_exp, weighted, target_logit = partials.unbind(0)
+    row_max = maxes.amax(0)
+    rescale = torch.exp(maxes - row_max)
+    total = (sum_exp * rescale).sum(0)
+    lse = row_max + torch.log(total)
+    entropy = lse - (weighted * rescale).sum(0) / total
+    return lse, target_logit.sum(0) - lse, entropy
+
+
+def row_stats(
+    logits: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-sum-exp, target log-prob and entropy (fp32) of every row of ``(logits + bias) / temperature``."""
+    num_rows, vocab_size = logits.shape
+    blocks = _row_blocks()
+    splits = _vocab_splits(num_rows, vocab_size, logits.device)
+    cols_per_split = triton.cdiv(triton.cdiv(vocab_size, splits), blocks["BLOCK_V"]) * blocks["BLOCK_V"]
+    partials = logits.new_empty(4, splits, num_rows, dtype=torch.float32)
+    _row_partials_kernel[(triton.cdiv(num_rows, blocks["BLOCK_N"]), splits)](
+        logits,
+        bias if bias is not None else logits,
+        target,
+        partials,
+        num_rows,
+        vocab_size,
+        cols_per_split,
+        logits.stride(0),
+        logits.stride(1),
+        1.0 / temperature,
+        HAS_BIAS=bias is not None,
+        **blocks,
+    )
+    return _combine(partials)
+
+
+def logits_to_grad(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """d loss / d logits into ``out`` (may be ``logits`` itself: each tile is read before it is written)."""
+    num_rows, vocab_size = logits.shape
+    if num_rows == 0:
+        return out
+    blocks = _row_blocks()
+    grad_logprobs = grad_logprobs.float().contiguous()
+    grad_entropy_arg = grad_entropy.float().contiguous() if grad_entropy is not None else grad_logprobs
+    grid = (triton.cdiv(num_rows, blocks["BLOCK_N"]), triton.cdiv(vocab_size, blocks["BLOCK_V"]))
+    _logits_grad_kernel[grid](
+        logits,
+        bias if bias is not None else logits,
+        target,
+        lse,
+        entropy,
+        grad_logprobs,
+        grad_entropy_arg,
+        out,
+        num_rows,
+        vocab_size,
+        logits.stride(0),
+        logits.stride(1),
+        out.stride(0),
+        out.stride(1),
+        1.0 / temperature,
+        HAS_BIAS=bias is not None,
+        HAS_ENTROPY_GRAD=grad_entropy is not None,
+        **blocks,
+    )
+    return out
+
+
+class _ChunkBuffers:
+    """The reused ``[chunk, V]`` buffers: fp32 logits, and d-logits in the input dtype (aliased for fp32)."""
+
+    def __init__(self, hidden: torch.Tensor, vocab_size: int, rows: int, with_grad: bool) -> None:
+        self.logits = hidden.new_empty(rows, vocab_size, dtype=torch.float32)
+        same = hidden.dtype == torch.float32
+        self.grad = None
+        if with_grad:
+            self.grad = self.logits if same else hidden.new_empty(rows, vocab_size, dtype=hidden.dtype)
+
+
+def _new_grads(hidden, weight, bias, needs) -> dict[str, torch.Tensor | None]:
+    return {
+        "hidden": hidden.new_empty(hidden.shape, dtype=torch.float32) if needs[0] else None,
+        "weight": torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None,
+        "bias": torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None,
+    }
+
+
+def _backward_gemms(grad_logits, hidden_rows, weight, rows, grads) -> None:
+    if grads["hidden"] is not None:
+        _mm_fp32(grad_logits, weight, out=grads["hidden"][rows])
+    if grads["weight"] is not None:
+        _addmm_fp32_(grads["weight"], grad_logits.T, hidden_rows)
+    if grads["bias"] is not None:
+        grads["bias"] += grad_logits.sum(0, dtype=torch.float32)
+
+
+def fused_loss_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    inputs: TokenInputs,
+    options: PolicyLossOptions,
+    needs: tuple[bool, bool, bool],
+    chunk_size: int | None,
+) -> tuple[HeadOutput, torch.Tensor, torch.Tensor, dict]:
+    """Three GEMM passes per chunk around the row kernels; gradients computed in the forward."""
+    _check_triton_dtype("hidden", hidden)
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    logprobs = hidden.new_empty(num_tokens, dtype=torch.float32)
+    entropy = hidden.new_empty(num_tokens, dtype=torch.float32)
+    grads = _new_grads(hidden, weight, bias, needs)
+    want_grads = any(g is not None for g in grads.values())
+    rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device)
+    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, want_grads)
+    for start in range(0, num_tokens, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, num_tokens))
+        count = rows.stop - rows.start
+        hidden_rows = hidden[rows]
+        logits = _mm_fp32(hidden_rows, weight.T, out=buffers.logits[:count])
+        lse, logprobs[rows], entropy[rows] = row_stats(logits, bias, inputs.target[rows], options.temperature)
+        if not want_grads:
+            continue
+        head = policy_head(logprobs[rows], entropy[rows], slice_inputs(inputs, rows), options)
+        grad_logits = logits_to_grad(
+            logits,
+            bias,
+            inputs.target[rows],
+            lse,
+            entropy[rows],
+            head.grad_logprobs,
+            head.grad_entropy,
+            options.temperature,
+            out=buffers.grad[:count],
+        )
+        _backward_gemms(grad_logits, hidden_rows, weight, rows, grads)
+    return policy_head(logprobs, entropy, inputs, options), logprobs, entropy, grads
+
+
+def logprob_stats_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    temperature: float,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-sum-exp, target log-prob and entropy per token (fp32): GEMM1 + row kernel per chunk."""
+    _check_triton_dtype("hidden", hidden)
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    out = [hidden.new_empty(num_tokens, dtype=torch.float32) for _ in range(3)]
+    rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device)
+    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, with_grad=False)
+    for start in range(0, num_tokens, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, num_tokens))
+        logits = _mm_fp32(hidden[rows], weight.T, out=buffers.logits[: rows.stop - rows.start])
+        out[0][rows], out[1][rows], out[2][rows] = row_stats(logits, bias, target[rows], temperature)
+    return out[0], out[1], out[2]
+
+
+def logprob_grads_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+    needs: tuple[bool, bool, bool],
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Backward of ``logprob_stats_triton``: GEMM1 recomputed, d-logits in place, GEMM2 and GEMM3."""
+    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+    grads = _new_grads(hidden, weight, bias, needs)
+    if num_tokens == 0 or not any(g is not None for g in grads.values()):
+        return grads
+    rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device)
+    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, with_grad=True)
+    for start in range(0, num_tokens, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, num_tokens))
+        count = rows.stop - rows.start
+        hidden_rows = hidden[rows]
+        logits = _mm_fp32(hidden_rows, weight.T, out=buffers.logits[:count])
+        grad_logits = logits_to_grad(
+            logits,
+            bias,
+            target[rows],
+            lse[rows],
+            entropy[rows],
+            grad_logprobs[rows],
+            None if grad_entropy is None else grad_entropy[rows],
+            temperature,
+            out=buffers.grad[:count],
+        )
+        _backward_gemms(grad_logits, hidden_rows, weight, rows, grads)
+    return grads
+
+
+def logits_stats_triton(
+    logits: torch.Tensor, target: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_triton_dtype("logits", logits)
+    if logits.shape[0] == 0:
+        return tuple(logits.new_empty(0, dtype=torch.float32) for _ in range(3))
+    return row_stats(logits, None, target, temperature)
+
+
+def logits_grad_triton(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    _check_triton_dtype("logits", logits)
+    return logits_to_grad(
+        logits, None, target, lse, entropy, grad_logprobs, grad_entropy, temperature, torch.empty_like(logits)
+    )

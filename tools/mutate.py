@@ -1,0 +1,230 @@
+"""Mutation check of the op tests: plant bugs in the advantage and loss math, one at a time, in a copy.
+
+Each mutant is one textual edit of one file of ``duca_fast/ops``. The package and the tests are copied
+into a temporary directory, the edit is applied there (the working tree is never touched), and the
+op test files that cover that file run against the copy with ``-x``. A mutant is caught when the
+tests fail. The last line reads ``caught N of M planted bugs``; the exit status is 1 if any survived.
+
+Usage: ``python -m tools.mutate [--only NAME ...] [--list]`` (``make mutate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOSS_TESTS = ("tests/ops/test_loss_math.py", "tests/test_policy_loss.py")
+ADVANTAGE_TESTS = ("tests/test_advantages.py", "tests/ops/test_validation.py")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+PL = "duca_fast/ops/policy_loss/"
+ADV = "duca_fast/ops/advantages/"
+MUTANTS = [
+    Mutant(
+        "seq_mean_token_sum drops the division by the number of sequences",
+        PL + "head.py",
+        "        else:\n            weights = weights / num_nonempty\n",
+        "        else:\n            weights = weights\n",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "seq_mean_token_mean: off-by-one sequence id in the per-sequence count",
+        PL + "head.py",
+        "counts[seq].clamp_min(1.0)",
+        "counts[(seq - 1).clamp_min(0)].clamp_min(1.0)",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "token_mean divides by all tokens, masked ones included",
+        PL + "head.py",
+        "weights = weights / weights.sum().clamp_min(1.0)",
+        "weights = weights / max(num_tokens, 1)",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "clip bounds swapped (clip_low above, clip_high below)",
+        PL + "head.py",
+        "ratio.clamp(1.0 - options.clip_low, 1.0 + options.clip_high)",
+        "ratio.clamp(1.0 - options.clip_high, 1.0 + options.clip_low)",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "approx_kl sign flipped",
+        PL + "head.py",
+        'metrics["approx_kl"] = _masked_mean(',
+        'metrics["approx_kl"] = -_masked_mean(',
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "k3 KL gradient sign flipped",
+        PL + "head.py",
+        "1.0 - torch.where(live, exp_neg, torch.zeros_like(exp_neg))",
+        "torch.where(live, exp_neg, torch.zeros_like(exp_neg)) - 1.0",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "dual clip also caps positive advantages",
+        PL + "head.py",
+        "dual = (advantages < 0) & (pg_loss > cap)",
+        "dual = pg_loss > cap",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "TIS weight clamped from below instead of above",
+        PL + "head.py",
+        "tis_weight = raw_weight.clamp(max=options.tis_cap)",
+        "tis_weight = raw_weight.clamp(min=options.tis_cap)",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "entropy bonus gradient with the wrong sign",
+        PL + "head.py",
+        "grad_entropy = -options.entropy_coef * weights",
+        "grad_entropy = options.entropy_coef * weights",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "mask ignored in the behavior_logprob_gap metric",
+        PL + "head.py",
+        "_masked_mean((logprobs - inputs.behavior_logprobs).abs(), active)",
+        "(logprobs - inputs.behavior_logprobs).abs().mean()",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "temperature multiplies the logits instead of dividing",
+        PL + "torch_path.py",
+        "        logits = logits / temperature\n",
+        "        logits = logits * temperature\n",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "d-logits miss the 1/temperature factor",
+        PL + "torch_path.py",
+        "        grad.div_(temperature)\n",
+        "        grad.mul_(1.0)\n",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "Triton d-logits kernel: wrong sign of the entropy term",
+        PL + "triton_path.py",
+        "(z_safe - lse[:, None] + entropy[:, None])",
+        "(z_safe - lse[:, None] - entropy[:, None])",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "Triton vocabulary-split combine forgets to rescale the partial sums",
+        PL + "triton_path.py",
+        "total = (sum_exp * rescale).sum(0)",
+        "total = sum_exp.sum(0)",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "biased (n) instead of unbiased (n-1) group std",
+        ADV + "torch_path.py",
+        "(counts - 1.0).clamp_min(1.0)",
+        "counts.clamp_min(1.0)",
+        ADVANTAGE_TESTS,
+    ),
+    Mutant(
+        "groups of one member normalized instead of 0",
+        ADV + "torch_path.py",
+        "has_stats = member_counts >= 2 if valid is None",
+        "has_stats = member_counts >= 1 if valid is None",
+        ADVANTAGE_TESTS,
+    ),
+    Mutant(
+        "batch scale with a biased std",
+        ADV + "torch_path.py",
+        "squared.sum() / (num_members - 1).clamp_min(1)",
+        "squared.sum() / num_members.clamp_min(1)",
+        ADVANTAGE_TESTS,
+    ),
+    Mutant(
+        "turn horizon fused with the session weight",
+        ADV + "torch_path.py",
+        "fused = options.turn_weight * turn_advantages",
+        "fused = options.session_weight * turn_advantages",
+        ADVANTAGE_TESTS,
+    ),
+]
+
+
+def apply(mutant: Mutant, root: Path) -> None:
+    path = root / mutant.path
+    text = path.read_text()
+    count = text.count(mutant.old)
+    if count != 1:
+        raise SystemExit(f"mutant {mutant.name!r}: expected the text once in {mutant.path}, found {count}")
+    path.write_text(text.replace(mutant.old, mutant.new))
+
+
+def run_mutant(mutant: Mutant, timeout: float) -> tuple[bool, float, str]:
+    """``(caught, seconds, last line of pytest)`` for one mutant run in a fresh copy."""
+    with tempfile.TemporaryDirectory(prefix="duca-mutant-") as tmp:
+        copy = Path(tmp)
+        shutil.copytree(ROOT / "duca_fast", copy / "duca_fast", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "tests", copy / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        for name in ("pyproject.toml",):
+            shutil.copy(ROOT / name, copy / name)
+        apply(mutant, copy)
+        env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+        # Triton caches interpreted kernels by source; a fresh cache keeps the planted kernel bug live.
+        env["TRITON_CACHE_DIR"] = str(copy / ".triton")
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
+        started = time.perf_counter()
+        try:
+            result = subprocess.run(
+                command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            return (
+                False,
+                time.perf_counter() - started,
+                f"timed out after {timeout:.0f} s (not counted as caught)",
+            )
+        lines = [line for line in result.stdout.splitlines() if line.strip()]
+        return result.returncode != 0, time.perf_counter() - started, lines[-1] if lines else ""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="run the mutants whose name contains one of these words")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant")
+    args = parser.parse_args()
+    mutants = [m for m in MUTANTS if not args.only or any(word in m.name for word in args.only)]
+    if args.list:
+        for mutant in mutants:
+            print(f"{mutant.path}: {mutant.name}")
+        return 0
+    caught = 0
+    for mutant in mutants:
+        was_caught, seconds, last = run_mutant(mutant, args.timeout)
+        caught += was_caught
+        print(
+            f"{'caught  ' if was_caught else 'SURVIVED'} {seconds:6.1f} s  {mutant.name}  [{last}]",
+            flush=True,
+        )
+    print(f"caught {caught} of {len(mutants)} planted bugs")
+    return 0 if caught == len(mutants) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
