@@ -1,16 +1,26 @@
 """hian_advantages / grpo_advantages: every backend against the float64 reference, and bad input."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from duca_fast import ops
+from duca_fast import native, ops
 from tests.conftest import KERNEL_DEVICE
+from tests.native import ensure_native_library
 
-FAST_BACKENDS = [("torch", "cpu"), ("triton", KERNEL_DEVICE)]
+FAST_BACKENDS = [("torch", "cpu"), ("triton", KERNEL_DEVICE), ("native", "cpu")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_library():
+    return ensure_native_library()
 
 
 def make_batch(group_sizes, turns_per_session, *, components=(1, 1), seed=0, session_scale=1.0):
@@ -222,6 +232,81 @@ def test_property_all_backends_agree(batch, scale, scope):
     for backend, device in FAST_BACKENDS:
         got = run(batch, backend, device, scale=scale, turn_scope=scope)
         torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=tolerance)
+
+
+@pytest.mark.parametrize("backend,device", FAST_BACKENDS)
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("nan_policy", ["raise", "omit"])
+def test_grpo_advantages_match_reference(backend, device, scale, nan_policy):
+    gen = torch.Generator().manual_seed(5)
+    rewards = torch.randn(40, 3, generator=gen, dtype=torch.float64) * 10
+    group = torch.randint(0, 9, (40,), generator=gen) * 1000  # sparse ids: renumbered
+    if nan_policy == "omit":
+        rewards[[3, 17], 1] = float("nan")
+    weights = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    kwargs = dict(scale=scale, nan_policy=nan_policy, component_weights=weights)
+    expected = ops.grpo_advantages(rewards, group, backend="reference", **kwargs)
+    got = ops.grpo_advantages(rewards.float().to(device), group.to(device), backend=backend, **kwargs).cpu()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
+    got64 = ops.grpo_advantages(rewards.to(device), group.to(device), backend=backend, **kwargs).cpu()
+    torch.testing.assert_close(got64, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_picks_native_on_cpu(monkeypatch):
+    calls = []
+    real = native.hian_advantages
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].device)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "hian_advantages", spy)
+    batch = make_batch([3, 2], [2, 1, 3, 1, 2])
+    auto = run(batch, "auto", "cpu")
+    assert calls == [torch.device("cpu")]
+    torch.testing.assert_close(auto, reference(batch).float(), rtol=1e-5, atol=1e-6)
+    run(batch, "torch", "cpu")
+    ops.grpo_advantages(torch.randn(5), torch.tensor([0, 0, 1, 1, 1]))
+    assert len(calls) == 2, "backend='torch' must not reach the library; GRPO auto must"
+
+
+def test_native_backend_bf16_rewards_match_the_torch_path():
+    batch = make_batch([4, 3], [2, 3, 1, 2, 2, 1, 3])
+    torch.testing.assert_close(
+        run(batch, "native", "cpu", dtype=torch.bfloat16), run(batch, "torch", "cpu", dtype=torch.bfloat16)
+    )
+
+
+_FALLBACK_SCRIPT = """
+import torch
+from duca_fast import ops
+rewards = torch.tensor([0.1, 0.5, 0.2])
+args = (rewards, torch.tensor([0, 0, 1]), torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+auto = ops.hian_advantages(*args)
+ops.grpo_advantages(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0, 0, 0]))
+assert torch.equal(auto, ops.hian_advantages(*args, backend="torch")), auto
+try:
+    ops.hian_advantages(*args, backend="native")
+except RuntimeError as error:
+    print("explicit:", error)
+else:
+    raise SystemExit("backend='native' without the library did not raise")
+"""
+
+
+def test_auto_falls_back_to_torch_with_one_log_line_when_the_library_is_missing(tmp_path):
+    missing = tmp_path / "libduca_kernels.so"
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, DUCA_KERNELS_LIB=str(missing), PYTHONPATH=str(root))
+    result = subprocess.run(
+        [sys.executable, "-c", _FALLBACK_SCRIPT], capture_output=True, text=True, env=env, cwd=root
+    )
+    assert result.returncode == 0, result.stderr
+    log_lines = [line for line in result.stderr.splitlines() if "native kernels not built" in line]
+    assert len(log_lines) == 1 and str(missing) in log_lines[0], result.stderr
+    assert "explicit: backend='native' needs the native kernels" in result.stdout
+    assert str(missing) in result.stdout and "make native" in result.stdout
 
 
 def test_grpo_advantages_matches_formula():

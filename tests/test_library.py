@@ -7,6 +7,7 @@ import torch
 from duca_fast import ops
 from duca_fast.ops.library import METRIC_KEYS, fused_policy_loss_op, token_logprobs_op
 from tests.conftest import KERNEL_DEVICE
+from tests.native import ensure_native_library
 from tests.test_advantages import make_batch
 from tests.test_policy_loss import make_problem
 
@@ -71,6 +72,34 @@ def test_hian_opcheck_and_same_numbers(case):
     got = call_hian_op(tensors, options)
     assert got.dtype == expected.dtype and got.shape == expected.shape
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("case", HIAN_CASES.values(), ids=HIAN_CASES.keys())
+def test_hian_opcheck_per_backend(case, backend):
+    ensure_native_library()
+    tensors, options = split_hian_case(case)
+    args = tuple(tensors[k] for k in ("turn_rewards", "turn_session", "session_rewards", "session_group"))
+    kwargs = dict(turn_index=tensors["turn_index"], token_turn=tensors["token_turn"], **options)
+    torch.library.opcheck(HIAN, (*args, 3), dict(kwargs, backend=backend))
+    expected = ops.hian_advantages(*args, backend="reference", **kwargs)
+    got = call_hian_op(tensors, dict(options, backend=backend))
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_grpo_opcheck_per_backend(backend):
+    ensure_native_library()
+    rewards = torch.tensor([[1.0, 0.5], [2.0, 0.0], [4.0, 1.0], [10.0, 2.0], [10.0, 3.0], [7.0, 1.0]])
+    group = torch.tensor([0, 0, 0, 1, 1, 2])
+    weights = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    grpo = torch.ops.duca.grpo_advantages.default
+    torch.library.opcheck(grpo, (rewards, group, 3, weights), dict(scale="batch", backend=backend))
+    expected = ops.grpo_advantages(
+        rewards, group, component_weights=weights, scale="batch", backend="reference"
+    )
+    got = grpo(rewards, group, 3, weights, scale="batch", backend=backend)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
 
 
 def test_hian_output_is_a_constant():

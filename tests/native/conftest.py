@@ -3,14 +3,9 @@ works; a failed build fails these tests with CMake's output, it never skips them
 
 import pytest
 
-from duca_fast import native
+from tests.native import ensure_native_library
 
 
 @pytest.fixture(scope="session", autouse=True)
 def native_library():
-    if not native.available():
-        native.build_library()
-    assert native.available(), (
-        f"the native library was built but cannot be loaded from {native.library_path()}"
-    )
-    return native.library_path()
+    return ensure_native_library()

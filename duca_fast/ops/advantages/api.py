@@ -13,11 +13,11 @@ import torch
 
 from duca_fast.ops._checks import check_choice, check_tensor
 from duca_fast.ops.advantages import reference
+from duca_fast.ops.advantages.custom_ops import BACKENDS
 from duca_fast.ops.advantages.options import AdvantageOptions
 from duca_fast.ops.advantages.prepare import prepare_hian_problem
 
 _DEFAULTS = AdvantageOptions()
-BACKENDS = ("auto", "torch", "triton", "reference")
 
 
 def resolve_options(options: AdvantageOptions | None, **keywords) -> AdvantageOptions:
@@ -86,7 +86,9 @@ def hian_advantages(
         validate: check id ranges and NaN/inf on the values (one host sync). With ``validate=False``,
             ``num_groups`` (<= number of sessions) and ``num_turn_positions`` given, the CUDA path does
             not synchronise with the host; out-of-range ids are then undefined behaviour.
-        backend: "auto" (CUDA -> triton, else torch), "torch", "triton" or "reference".
+        backend: "auto" (CUDA -> triton; CPU -> native when the library is built, else torch), "torch",
+            "triton", "native" (the C++/CUDA library of ``kernels/``; an error when it is not built) or
+            "reference".
         options: an ``AdvantageOptions`` instead of the option keywords.
 
     Returns:

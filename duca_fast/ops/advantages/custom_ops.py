@@ -10,11 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from duca_fast.ops._checks import check_tensor, select_backend
+from duca_fast import native
+from duca_fast.ops._checks import check_choice, check_tensor, select_backend
 from duca_fast.ops._custom_op import custom_op
 from duca_fast.ops.advantages.options import AdvantageOptions, HianProblem
 from duca_fast.ops.advantages.prepare import prepare_hian_problem
 from duca_fast.ops.advantages.torch_path import hian_advantages_torch
+
+BACKENDS = ("auto", "torch", "triton", "native", "reference")
 
 
 def compute_advantages(problem: HianProblem, options: AdvantageOptions, backend: str) -> Tensor:
@@ -23,11 +26,62 @@ def compute_advantages(problem: HianProblem, options: AdvantageOptions, backend:
         from duca_fast.ops.advantages.triton_path import hian_advantages_triton
 
         return hian_advantages_triton(problem, options)
-    # A backend="native" path (the C++/CUDA library) plugs in here, on the same validated problem.
+    if backend == "native":
+        return _hian_advantages_native(problem, options)
     return hian_advantages_torch(problem, options)
 
 
+def _native_rewards(rewards: Tensor) -> Tensor:
+    # The C ABI reads float32/float64; half-precision rewards are widened (exact).
+    return rewards if rewards.dtype in (torch.float32, torch.float64) else rewards.float()
+
+
+def _hian_advantages_native(problem: HianProblem, options: AdvantageOptions) -> Tensor:
+    """The validated problem through the C library (float64 statistics on the CPU or CUDA)."""
+    return native.hian_advantages(
+        _native_rewards(problem.turns.rewards),
+        problem.turn_session.contiguous(),
+        _native_rewards(problem.sessions.rewards),
+        problem.session_group.contiguous(),
+        None if problem.turn_index is None else problem.turn_index.contiguous(),
+        None if problem.token_turn is None else problem.token_turn.contiguous(),
+        problem.turns.weights,
+        problem.sessions.weights,
+        options.turn_weight,
+        options.session_weight,
+        options.turn_scope,
+        options.scale,
+        options.eps,
+        options.nan_policy,
+        problem.num_groups,
+        out_dtype=problem.out_dtype,
+        num_turn_positions=problem.num_turn_positions,
+    )
+
+
 def _kernel_backend(backend: str, tensor: Tensor) -> str:
+    """``select_backend`` plus the native library: explicit, or ``auto`` on the CPU when it is built.
+
+    On the CPU the native kernels are exact float64 and faster than the torch path
+    (bench/results/advantages_cpu.md); on CUDA the Triton kernels stay the default.
+    """
+    check_choice("backend", backend, BACKENDS)
+    if backend == "native":
+        if not native.available():
+            raise RuntimeError(
+                f"backend='native' needs the native kernels ({native.library_path()} is missing or "
+                "cannot be loaded): build them with `make native`, or use backend='auto'"
+            )
+        if tensor.device.type == "cuda" and not native.has_cuda():
+            raise ValueError(
+                "backend='native' got CUDA tensors but the native library was built without CUDA: "
+                "rebuild with nvcc available (`make native`) or use backend='triton'"
+            )
+        if tensor.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='native' runs on the CPU or CUDA, got tensors on {tensor.device}")
+        return "native"
+    if backend == "auto" and tensor.device.type == "cpu" and native.available():
+        return "native"
     chosen = select_backend(backend, tensor.device)
     if chosen == "reference":
         raise ValueError("backend='reference' is not offered by torch.ops.duca; use duca_fast.ops directly")
