@@ -102,6 +102,21 @@ def test_grpo_opcheck_per_backend(backend):
     torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_policy_loss_from_logprobs_opcheck(with_weights):
+    gen = torch.Generator().manual_seed(3)
+    num_tokens = 9
+    logprobs = (-torch.rand(num_tokens, generator=gen) * 2).requires_grad_()
+    entropy = torch.rand(num_tokens, generator=gen).requires_grad_()
+    advantages = torch.randn(num_tokens, generator=gen)
+    old = logprobs.detach() + 0.5 * torch.randn(num_tokens, generator=gen)
+    mask = torch.rand(num_tokens, generator=gen) > 0.2
+    weights = torch.rand(num_tokens, generator=gen) if with_weights else None
+    args = (logprobs, advantages, old, entropy, mask)
+    kwargs = dict(dual_clip=2.0, entropy_coef=0.1, token_weights=weights)
+    torch.library.opcheck(torch.ops.duca.policy_loss_from_logprobs.default, args, kwargs)
+
+
 def test_hian_output_is_a_constant():
     tensors, options = split_hian_case(HIAN_CASES["tokens"])
     tensors["turn_rewards"].requires_grad_()

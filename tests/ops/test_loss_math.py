@@ -188,6 +188,81 @@ def test_from_logprobs_matches_reference_and_fused(loss_agg):
     assert_close(metrics["clip_frac"].double(), fused_metrics["clip_frac"], "clip_frac vs fused")
 
 
+def logprob_inputs(problem):
+    """Exact float64 log-probs and entropies of the problem's tokens (at FULL's temperature)."""
+    with torch.no_grad():
+        logits = problem["hidden"].double() @ problem["weight"].double().T + problem["bias"].double()
+        log_probs = torch.log_softmax(logits / FULL["temperature"], -1)
+    logprobs = log_probs.gather(1, problem["target"].clamp_min(0)[:, None])[:, 0]
+    return logprobs, -(log_probs.exp() * log_probs).sum(-1)
+
+
+@pytest.mark.parametrize("loss_agg", AGGS)
+def test_from_logprobs_token_weights_match_reference(loss_agg):
+    problem = make_problem(seed=6)
+    gen = torch.Generator().manual_seed(1)
+    token_weights = torch.rand(problem["target"].shape[0], generator=gen) * 3
+    token_weights[~problem["mask"]] = float("nan")  # masked tokens may carry anything
+    options = dict(FULL, loss_agg=loss_agg, max_tokens=40 if loss_agg == "token_sum_norm" else None)
+    options.pop("temperature")
+    logprobs, entropy = logprob_inputs(problem)
+    rest = {k: problem[k] for k in ("advantages", "old_logprobs", "mask", "seq_ids", "ref_logprobs")}
+    rest["behavior_logprobs"] = problem["behavior_logprobs"]
+    results = {}
+    for backend in ("torch", "reference"):
+        leaf = logprobs.float().clone().requires_grad_()
+        ent = entropy.float().clone().requires_grad_()
+        loss, metrics = ops.policy_loss_from_logprobs(
+            leaf, entropy=ent, token_weights=token_weights, backend=backend, **rest, **options
+        )
+        loss.backward()
+        results[backend] = (loss.detach().double(), leaf.grad.double(), ent.grad.double(), metrics)
+    (loss, g_lp, g_ent, metrics), (r_loss, r_lp, r_ent, r_metrics) = results["torch"], results["reference"]
+    assert_close(loss, r_loss, "loss")
+    assert_close(g_lp, r_lp, "grad logprobs")
+    assert_close(g_ent, r_ent, "grad entropy")
+    assert metrics["dual_clip_frac"] > 0, "the dual clip must bite in this problem"
+    for name in METRIC_KEYS:
+        assert_close(metrics[name].double(), r_metrics[name].double(), name)
+    plain, plain_metrics = ops.policy_loss_from_logprobs(
+        logprobs.float(), entropy=entropy.float(), **rest, **options
+    )
+    assert not torch.allclose(loss.float(), plain), "the weights must change the loss"
+    assert_close(metrics["clip_frac"].double(), plain_metrics["clip_frac"].double(), "clip_frac unweighted")
+
+
+def test_from_logprobs_token_weights_scale_each_token():
+    logprobs = torch.tensor([-1.0, -2.0, -0.5, -1.5])
+    advantages = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    seq_ids = torch.tensor([0, 0, 1, 1])
+    common = dict(seq_ids=seq_ids, loss_agg="seq_mean_token_mean")
+    doubled, _ = ops.policy_loss_from_logprobs(
+        logprobs, advantages, token_weights=torch.full((4,), 2.0), **common
+    )
+    plain, _ = ops.policy_loss_from_logprobs(logprobs, advantages, **common)
+    torch.testing.assert_close(doubled, 2 * plain)
+    # On-policy the ratio is 1: token t contributes -A_t * w_t / (len(seq) * num_seqs).
+    weights = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    loss, metrics = ops.policy_loss_from_logprobs(logprobs, advantages, token_weights=weights, **common)
+    expected = -(1.0 * 1.0 / 2 + 0.5 * 0.5 / 2 + 3.0 * 2.0 / 2) / 2
+    torch.testing.assert_close(loss, torch.tensor(expected))
+    torch.testing.assert_close(metrics["pg_loss"], torch.tensor(expected))
+
+
+@pytest.mark.parametrize(
+    "token_weights,message",
+    [
+        (torch.ones(3), "token_weights has 3 entries but target has 4 tokens"),
+        (torch.tensor([1.0, float("nan"), 1.0, 1.0]), r"token_weights\[1\] = nan is not finite"),
+        (torch.ones(4, dtype=torch.long), "token_weights must have a floating dtype"),
+        (torch.ones(4, 1), "token_weights must be 1-D"),
+    ],
+)
+def test_from_logprobs_bad_token_weights(token_weights, message):
+    with pytest.raises(ValueError, match=message):
+        ops.policy_loss_from_logprobs(torch.zeros(4), torch.ones(4), token_weights=token_weights)
+
+
 def test_from_logprobs_needs_entropy_for_the_entropy_bonus():
     with pytest.raises(ValueError, match="entropy_coef != 0 needs entropy"):
         ops.policy_loss_from_logprobs(torch.zeros(3), torch.zeros(3), entropy_coef=0.1)

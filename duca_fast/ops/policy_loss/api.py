@@ -314,6 +314,7 @@ def policy_loss_from_logprobs(
     seq_ids: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     behavior_logprobs: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = None,
@@ -334,6 +335,9 @@ def policy_loss_from_logprobs(
             ``fused_policy_loss``.
         entropy: optional ``[N]`` per-token entropies: needed by ``entropy_coef != 0`` (the gradient
             flows to it) and for the ``entropy`` metric, which is left out without it.
+        token_weights: optional ``[N]`` float weights (no gradient) multiplying each token's loss
+            before the aggregation, e.g. rollout importance-sampling weights or a stack's own
+            loss-aggregation scaling; ``pg_loss`` is weighted the same way, the other metrics are not.
         backend: "auto" / "torch" (the custom op) or "reference" (float64 autograd).
         options: a ``PolicyLossOptions`` instead of the keywords (its ``temperature`` is not used:
             the log-probs already carry it).
@@ -373,6 +377,7 @@ def policy_loss_from_logprobs(
             ref_logprobs=ref_logprobs,
             behavior_logprobs=behavior_logprobs,
             options=options,
+            token_weights=token_weights,
         )
         return reference.reference_policy_loss_from_logprobs(
             logprobs,
@@ -384,6 +389,7 @@ def policy_loss_from_logprobs(
             ref_logprobs=ref_logprobs,
             behavior_logprobs=behavior_logprobs,
             options=options,
+            token_weights=token_weights,
         )
     fields = _option_args(options)
     # The schema has no temperature (index 6 of the dataclass): log-probs already carry it.
@@ -398,6 +404,7 @@ def policy_loss_from_logprobs(
         ref_logprobs,
         behavior_logprobs,
         *option_args,
+        token_weights=token_weights,
     )
     present = _present(options, ref_logprobs, behavior_logprobs)
     present["entropy"] = entropy is not None

@@ -202,6 +202,7 @@ def prepare_loss_call(
     ref_logprobs: torch.Tensor | None,
     behavior_logprobs: torch.Tensor | None,
     options: PolicyLossOptions,
+    token_weights: torch.Tensor | None = None,
 ) -> TokenInputs:
     """Checks shared by every loss entry point, then the per-token inputs (aggregation weights)."""
     name, values = rows_input
@@ -219,6 +220,7 @@ def prepare_loss_call(
             "seq_ids": seq_ids,
             "ref_logprobs": ref_logprobs,
             "behavior_logprobs": behavior_logprobs,
+            "token_weights": token_weights,
         }
     )
     return prepare_token_inputs(
@@ -232,4 +234,5 @@ def prepare_loss_call(
         behavior_logprobs=behavior_logprobs,
         options=options,
         compute_dtype=torch.float64 if values.dtype == torch.float64 else torch.float32,
+        token_weights=token_weights,
     )

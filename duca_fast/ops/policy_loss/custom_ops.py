@@ -29,7 +29,7 @@ from duca_fast.ops.policy_loss.checks import (
     choose_backend,
     prepare_loss_call,
 )
-from duca_fast.ops.policy_loss.head import compact, policy_head
+from duca_fast.ops.policy_loss.head import check_vector, compact, policy_head
 from duca_fast.ops.policy_loss.options import METRIC_KEYS, NEG_LOGIT_FLOOR, PolicyLossOptions
 from duca_fast.ops.policy_loss.torch_path import (
     fused_loss_torch,
@@ -647,8 +647,12 @@ def _policy_loss_from_logprobs(
     loss_agg: str = "token_mean",
     max_tokens: int | None = None,
     tis_cap: float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, metrics, grad_logprobs, grad_entropy)``: the policy head on given log-probs."""
+    """``(loss, metrics, grad_logprobs, grad_entropy)``: the policy head on given log-probs.
+
+    ``token_weights`` (``[N]``, no gradient) multiplies each token's loss before the aggregation.
+    """
     options = _options(
         clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, 1.0, loss_agg, max_tokens, tis_cap
     )
@@ -667,6 +671,7 @@ def _policy_loss_from_logprobs(
         ref_logprobs=ref_logprobs,
         behavior_logprobs=behavior_logprobs,
         options=options,
+        token_weights=token_weights,
     )
     compute = compute_dtype(logprobs)
     checks = ValueChecks()
@@ -721,11 +726,13 @@ def _policy_loss_from_logprobs_fake(
     loss_agg="token_mean",
     max_tokens=None,
     tis_cap=None,
+    token_weights=None,
 ):
     options = _options(
         clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, 1.0, loss_agg, max_tokens, tis_cap
     )
     check_logprob_inputs(logprobs, entropy, options)
+    check_vector("token_weights", token_weights, logprobs.shape[0], "float")
     compute = compute_dtype(logprobs)
     rows = logprobs.shape[0]
     return (

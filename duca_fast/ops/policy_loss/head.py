@@ -37,8 +37,12 @@ def prepare_token_inputs(
     behavior_logprobs: torch.Tensor | None,
     options: PolicyLossOptions,
     compute_dtype: torch.dtype,
+    token_weights: torch.Tensor | None = None,
 ) -> TokenInputs:
-    """Validate the per-token arguments (names in every message) and build the aggregation weights."""
+    """Validate the per-token arguments (names in every message) and build the aggregation weights.
+
+    ``token_weights`` (optional ``[N]``) multiplies each token's loss before the aggregation.
+    """
     check_tensor("target", target, ndims=(1,), kind="int")
     num_tokens = target.shape[0]
     check_vector("advantages", advantages, num_tokens, "float")
@@ -46,6 +50,7 @@ def prepare_token_inputs(
     check_vector("ref_logprobs", ref_logprobs, num_tokens, "float")
     check_vector("behavior_logprobs", behavior_logprobs, num_tokens, "float")
     check_vector("seq_ids", seq_ids, num_tokens, "int")
+    check_vector("token_weights", token_weights, num_tokens, "float")
     if mask is not None:
         check_tensor("mask", mask, ndims=(1,), kind="any")
         if mask.shape[0] != num_tokens:
@@ -68,6 +73,7 @@ def prepare_token_inputs(
         ("old_logprobs", old_logprobs),
         ("ref_logprobs", ref_logprobs),
         ("behavior_logprobs", behavior_logprobs),
+        ("token_weights", token_weights),
     ):
         if values is not None:
             checks.forbid(
@@ -99,6 +105,8 @@ def prepare_token_inputs(
             weights = weights / (counts[seq].clamp_min(1.0) * num_nonempty)
         else:
             weights = weights / num_nonempty
+    if token_weights is not None:
+        weights = weights * cast(token_weights)
     return TokenInputs(
         target=torch.where(active, target.long(), torch.zeros((), dtype=torch.long, device=target.device)),
         advantages=cast(advantages),

@@ -104,7 +104,8 @@ class TokenInputs:
     ref_logprobs: torch.Tensor | None
     behavior_logprobs: torch.Tensor | None
     token_weights: torch.Tensor
-    """Aggregation weight of each token: the loss is ``sum(token_weights * l)``; 0 when masked."""
+    """Aggregation weight of each token (times the caller's per-token weights, when given): the loss is
+    ``sum(token_weights * l)``; 0 when masked."""
     active: torch.Tensor
     """bool [N]: the token counts (mask)."""
 

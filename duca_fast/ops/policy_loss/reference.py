@@ -58,8 +58,13 @@ def reference_policy_loss_from_logprobs(
     ref_logprobs: torch.Tensor | None,
     behavior_logprobs: torch.Tensor | None,
     options: PolicyLossOptions,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The policy objective on float64 log-probs (differentiable through ``logprobs`` and ``entropy``)."""
+    """The policy objective on float64 log-probs (differentiable through ``logprobs`` and ``entropy``).
+
+    ``token_weights`` multiplies each token's loss (and its policy-gradient part, ``pg_loss``) before
+    the aggregation; the other metrics stay plain means over the active tokens.
+    """
     count = logprobs.shape[0]
     active = torch.ones(count, dtype=torch.bool) if mask is None else mask.bool().cpu()
     active = active.to(logprobs.device)
@@ -111,6 +116,9 @@ def reference_policy_loss_from_logprobs(
         entropy64 = torch.where(active, entropy.double(), zero)
         metrics["entropy"] = _mean_over(entropy64.detach(), active)
         per_token = per_token - options.entropy_coef * entropy64
+    if token_weights is not None:
+        weight = clean(token_weights)
+        surrogate, per_token = surrogate * weight, per_token * weight
     seq = None if seq_ids is None else seq_ids.long()
     metrics["pg_loss"] = _aggregate(surrogate.detach(), active, seq, options)
     loss = _aggregate(per_token, active, seq, options)
