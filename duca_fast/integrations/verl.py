@@ -35,11 +35,11 @@ extra keys). ``algorithm.norm_adv_by_std_in_grpo=False`` centers without scaling
 
 **What "duca_fused" fuses here.** verl's actor computes ``log_prob`` from its own logits, so the
 hidden-state fusion of ``ops.fused_policy_loss`` (no ``[N, V]`` logits) does not apply. The loss runs
-duca_fast's per-token objective (``ops.policy_loss.policy_head``: ratio, asymmetric clip, dual clip,
-analytic gradient) in one no-grad pass and hands verl the gradient w.r.t. ``log_prob`` directly, with
-the numbers of verl's ``vanilla`` loss (clip_ratio_low/high, clip_ratio_c dual clip, rollout IS weights,
-every ``loss_agg_mode`` with ``global_batch_info``). For the logits-free path use
-``ops.fused_policy_loss`` in a custom actor.
+duca_fast's per-token objective through the public ``ops.policy_loss_from_logprobs`` (ratio,
+asymmetric clip, dual clip, per-token weights; analytic gradient in one pass) with the numbers of
+verl's ``vanilla`` loss (clip_ratio_low/high, clip_ratio_c dual clip, rollout IS weights, every
+``loss_agg_mode`` with ``global_batch_info``). For the logits-free path use ``ops.fused_policy_loss``
+in a custom actor.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ import torch
 
 from duca_fast import ops
 from duca_fast.integrations._layout import turn_layout
-from duca_fast.ops.policy_loss import PolicyLossOptions, TokenInputs, policy_head
 
 try:
     from verl.trainer.ppo.core_algos import (
@@ -255,26 +254,6 @@ def aggregation_weights(
     return weights
 
 
-class _LogprobPolicyLoss(torch.autograd.Function):
-    """Loss from given log-probs: ``policy_head`` gives the value and d loss / d logp in one pass."""
-
-    @staticmethod
-    def forward(ctx, log_prob, inputs, options, metrics_out):
-        compute = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
-        flat = log_prob.detach().reshape(-1).to(compute)
-        head = policy_head(flat, torch.zeros_like(flat), inputs, options)
-        metrics_out.update(head.metrics)
-        ctx.save_for_backward(head.grad_logprobs)
-        ctx.shape_dtype = (log_prob.shape, log_prob.dtype)
-        return head.loss.to(compute)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad_logprobs,) = ctx.saved_tensors
-        shape, dtype = ctx.shape_dtype
-        return (grad_logprobs * grad_loss).reshape(shape).to(dtype), None, None, None
-
-
 def weighted_policy_loss(
     log_prob: torch.Tensor,
     advantages: torch.Tensor,
@@ -287,22 +266,22 @@ def weighted_policy_loss(
     dual_clip: float | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``sum(token_weights * l)`` of duca_fast's per-token clipped loss ``l`` on log-probs (flat ``[N]``
-    inputs, detached except ``log_prob``; ``active`` bool). The one place this adapter calls into
-    ``duca_fast.ops.policy_loss``; returns the loss and the head's metrics (``clip_frac``,
-    ``dual_clip_frac``, ...)."""
-    options = PolicyLossOptions(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
-    inputs = TokenInputs(
-        target=torch.zeros(active.shape, dtype=torch.long, device=log_prob.device),
-        advantages=advantages,
-        old_logprobs=old_log_prob,
-        ref_logprobs=None,
-        behavior_logprobs=None,
-        token_weights=token_weights,
-        active=active,
+    inputs; the gradient flows to ``log_prob`` only; ``active`` bool). The one place this adapter calls
+    the loss: ``ops.policy_loss_from_logprobs``, whose "token_sum_norm" with ``max_tokens=1`` leaves the
+    aggregation to ``token_weights``. Returns the loss and its metrics (``clip_frac``, ``dual_clip_frac``,
+    ...)."""
+    return ops.policy_loss_from_logprobs(
+        log_prob,
+        advantages.detach(),
+        old_log_prob.detach(),
+        mask=active,
+        token_weights=token_weights.detach(),
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        loss_agg="token_sum_norm",
+        max_tokens=1,
     )
-    metrics: dict[str, torch.Tensor] = {}
-    loss = _LogprobPolicyLoss.apply(log_prob, inputs, options, metrics)
-    return loss, metrics
 
 
 def compute_policy_loss_duca_fused(
@@ -317,8 +296,9 @@ def compute_policy_loss_duca_fused(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """verl policy loss ``"duca_fused"``: duca_fast's clipped objective on log-probs ``[B, L]``.
 
-    Same numbers and metric names as verl's ``vanilla`` (``actor/pg_clipfrac``, ``actor/ppo_kl``,
-    ``actor/pg_clipfrac_lower``); the gradient w.r.t. ``log_prob`` is analytic (``policy_head``).
+        Same numbers and metric names as verl's ``vanilla`` (``actor/pg_clipfrac``, ``actor/ppo_kl``,
+        ``actor/pg_clipfrac_lower``); the gradient w.r.t. ``log_prob`` is analytic
+    (``ops.policy_loss_from_logprobs``).
     """
     if config is None:
         raise ValueError("duca_fused needs the actor config (clip_ratio, clip_ratio_low/high, clip_ratio_c)")
@@ -339,16 +319,11 @@ def compute_policy_loss_duca_fused(
     )
     if rollout_is_weights is not None:
         weights = weights * rollout_is_weights.detach()
-    zero = torch.zeros((), dtype=compute, device=log_prob.device)
-
-    def masked(values: torch.Tensor) -> torch.Tensor:
-        return torch.where(active, values.detach().reshape(-1).to(compute), zero)
-
     loss, head_metrics = weighted_policy_loss(
-        log_prob,
-        masked(advantages),
-        masked(old_log_prob),
-        masked(weights),
+        log_prob.reshape(-1),
+        advantages.reshape(-1),
+        old_log_prob.reshape(-1),
+        weights.reshape(-1),
         active,
         clip_low=clip_low,
         clip_high=clip_high,
