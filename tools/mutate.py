@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from duca_fast import native
+
 ROOT = Path(__file__).resolve().parent.parent
 LOSS_TESTS = ("tests/ops/test_loss_math.py", "tests/test_policy_loss.py")
 ADVANTAGE_TESTS = ("tests/test_advantages.py", "tests/ops/test_validation.py")
@@ -163,6 +165,20 @@ MUTANTS = [
         "fused = options.session_weight * turn_advantages",
         ADVANTAGE_TESTS,
     ),
+    Mutant(
+        "native backend gets the turn weight for the session horizon too",
+        ADV + "custom_ops.py",
+        "        options.turn_weight,\n        options.session_weight,\n",
+        "        options.turn_weight,\n        options.turn_weight,\n",
+        ADVANTAGE_TESTS,
+    ),
+    Mutant(
+        "token_weights of policy_loss_from_logprobs ignored",
+        PL + "head.py",
+        "        weights = weights * cast(token_weights)\n",
+        "        weights = weights * 1.0\n",
+        LOSS_TESTS,
+    ),
 ]
 
 
@@ -185,6 +201,8 @@ def run_mutant(mutant: Mutant, timeout: float) -> tuple[bool, float, str]:
             shutil.copy(ROOT / name, copy / name)
         apply(mutant, copy)
         env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+        # The copy has no build/: point it at this checkout's native library (built in main()).
+        env.setdefault(native.LIBRARY_ENV, str(native.library_path()))
         # Triton caches interpreted kernels by source; a fresh cache keeps the planted kernel bug live.
         env["TRITON_CACHE_DIR"] = str(copy / ".triton")
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
@@ -214,6 +232,8 @@ def main() -> int:
         for mutant in mutants:
             print(f"{mutant.path}: {mutant.name}")
         return 0
+    if not native.available():
+        native.build_library()
     caught = 0
     for mutant in mutants:
         was_caught, seconds, last = run_mutant(mutant, args.timeout)
