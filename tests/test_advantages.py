@@ -278,6 +278,21 @@ def test_native_backend_bf16_rewards_match_the_torch_path():
     )
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("options", OPTION_GRID, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_native_backend_on_cuda_through_the_public_op(options, monkeypatch):
+    assert native.has_cuda(), "the native library was built without CUDA on a CUDA machine"
+    calls = []
+    real = native.hian_advantages
+    monkeypatch.setattr(native, "hian_advantages", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = make_batch([5, 1, 8, 3], [2, 0, 3, 1, 4, 2, 2, 1, 3, 1, 1, 2, 3, 2, 1, 4, 2])
+    expected = reference(batch, **options)
+    got = run(batch, "native", "cuda", dtype=torch.float64, **options)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    run(batch, "auto", "cuda", **options)
+    assert len(calls) == 1, "auto on CUDA must stay on the Triton kernels"
+
+
 _FALLBACK_SCRIPT = """
 import torch
 from duca_fast import ops
