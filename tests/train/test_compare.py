@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from duca_fast.train.acts_trainer import evaluate_acts, train_acts
 from duca_fast.train.compare import TABLE_COLUMNS, compare
+from duca_fast.train.loop import evaluate, train
 
 from .acts_configs import tiny_acts_config
 
@@ -17,7 +17,7 @@ from .acts_configs import tiny_acts_config
 def test_two_algorithms_two_seeds_on_the_act_twin(tmp_path):
     config = tiny_acts_config(tmp_path / "unused", "checkpoint_every=0")
     out_dir = tmp_path / "compare"
-    markdown = compare(config, ["duca", "grpo"], [0, 1], out_dir, train_acts, evaluate_acts, eval_sessions=8)
+    markdown = compare(config, ["duca", "grpo"], [0, 1], out_dir, train, evaluate, eval_sessions=8)
 
     lines = markdown.splitlines()
     assert lines[0] == "| Algorithm | " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
@@ -47,7 +47,7 @@ def test_two_algorithms_two_seeds_on_the_act_twin(tmp_path):
 
 
 def fake_train(config):
-    """Stands in for a trainer: leaves a complete checkpoint directory the way train_acts does."""
+    """Stands in for a trainer: leaves a complete checkpoint directory the way train does."""
     checkpoint = Path(config.run_dir) / "checkpoints" / f"step_{config.steps}"
     checkpoint.mkdir(parents=True)
     (checkpoint / "COMPLETE").write_text("ok\n")
