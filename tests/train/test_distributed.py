@@ -183,14 +183,14 @@ def test_ranks_with_different_configs_refuse_to_start(monkeypatch):
 
 
 def test_ranks_run_as_many_micro_batches_as_the_busiest_rank(monkeypatch):
-    from duca_fast.train import trainer as trainer_module
     from duca_fast.train.distributed import DistContext
-    from duca_fast.train.trainer import MicroBatch, Trainer
+    from duca_fast.train.tasks import sales
+    from duca_fast.train.tasks.sales import MicroBatch, SalesTask
 
     chunks = [MicroBatch(slice(0, 10), 1), MicroBatch(slice(10, 30), 2)]
-    fake = Trainer.__new__(Trainer)  # only the rank bookkeeping of _pad_for_ranks is exercised
+    fake = SalesTask.__new__(SalesTask)  # only the rank bookkeeping of _pad_for_ranks is exercised
     fake.dist = DistContext(rank=1, world_size=3)
-    monkeypatch.setattr(trainer_module, "all_gather_objects", lambda ctx, value: [4, value, 1])
+    monkeypatch.setattr(sales, "all_gather_objects", lambda ctx, value: [4, value, 1])
     passes = fake._pad_for_ranks(chunks)
     # Two real passes, then the first micro-batch twice more with its loss masked out.
     assert passes == [(chunks[0], False), (chunks[1], False), (chunks[0], True), (chunks[0], True)]
