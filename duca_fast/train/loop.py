@@ -23,7 +23,14 @@ from duca_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_
 from duca_fast.train.config import ConfigError, TrainConfig, to_yaml
 from duca_fast.train.distributed import DistContext, check_same_config, init_distributed, shutdown
 from duca_fast.train.records import RunRecords, write_before_after
-from duca_fast.train.task import ScenarioCursor, StepRollout, Task, derive_seed
+from duca_fast.train.task import (
+    ScenarioCursor,
+    StepRollout,
+    Task,
+    derive_seed,
+    evaluation_metrics,
+    task_metrics,
+)
 
 HELD_OUT_SCENARIO_SEED_OFFSET = 1_000_003
 """Evaluation scenarios are generated with ``env.scenario_seed`` plus this: never the training ones."""
@@ -133,22 +140,12 @@ class Trainer:
         # 1. rollout: this step's scenarios, each a group of rollout.group_size sessions
         picked = self.cursor.take(config.rollout.groups_per_step)
         played: StepRollout = task.rollout(step, [self.scenarios[i] for i in picked])
-        metrics = dict(played.metrics)
+        metrics = {**task_metrics(played.outcomes), **played.metrics}
         metrics["time/rollout"] = time.perf_counter() - started
 
         # 2. advantages over the whole step's rewards
         phase = time.perf_counter()
-        rewards = played.rewards
-        advantages = compute_advantages(
-            config.algo,
-            turn_rewards=rewards.turn_rewards,
-            turn_session=rewards.turn_session,
-            turn_index=rewards.turn_index,
-            session_rewards=rewards.session_rewards,
-            session_group=rewards.session_group,
-            turn_reward_names=rewards.turn_reward_names,
-            session_reward_names=rewards.session_reward_names,
-        )
+        advantages = compute_advantages(config.algo, **played.rewards.as_kwargs())
         metrics.update(advantages.metrics)
         per_turn = advantages.per_turn[played.local_turns]
         metrics["time/advantage"] = time.perf_counter() - phase
@@ -206,7 +203,7 @@ class Trainer:
         """Held-out evaluation of the current weights, written to ``eval/<name>.json``."""
         config = self.config
         scenarios, customers = held_out_sessions(config, config.eval_sessions, config.eval_seed)
-        result = self.task.evaluate(scenarios, customers)
+        result = evaluation_metrics(self.task.evaluate(scenarios, customers), len(scenarios))
         if self.dist.is_main:
             (self.run_dir / "eval").mkdir(exist_ok=True)
             (self.run_dir / "eval" / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -277,6 +274,6 @@ def evaluate(config: TrainConfig, checkpoint: Path | None, num_sessions: int, se
             load_checkpoint(checkpoint, task.model)
             task.sync(0)
         scenarios, customers = held_out_sessions(config, num_sessions, seed)
-        return task.evaluate(scenarios, customers)
+        return evaluation_metrics(task.evaluate(scenarios, customers), num_sessions)
     finally:
         task.close()

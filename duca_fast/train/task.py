@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from duca_fast.env import Scenario, compute_metrics
+from duca_fast.env import Outcome, Scenario, compute_metrics
 from duca_fast.train.config import TrainConfig
 
 
@@ -79,6 +79,15 @@ class TwoHorizonRewards:
     """Names of the session reward columns."""
 
     @staticmethod
+    def of(batch: Any) -> TwoHorizonRewards:
+        """The reward fields of a batch that has them all (a rollout's ``RolloutBatch``)."""
+        return TwoHorizonRewards(**{f.name: getattr(batch, f.name) for f in fields(TwoHorizonRewards)})
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The fields by name, as ``compute_advantages`` takes them."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @staticmethod
     def concat(parts: list[TwoHorizonRewards]) -> TwoHorizonRewards:
         """One batch from several: session ids offset, group ids kept (they are the step's global ones)."""
         sessions, turn_session = 0, []
@@ -106,8 +115,24 @@ class StepRollout:
     """This rank's turns within ``rewards`` (all of them on a single process)."""
     data: Any
     """The task's own batch (token ids, observations, ...), passed back to its update."""
+    outcomes: list[Outcome]
+    """How the step's finished sessions ended (every rank's; failed sessions left out)."""
     metrics: dict[str, float]
-    """Task metrics (``task/``) and rollout diagnostics (``rollout/``) of the whole step."""
+    """Rollout diagnostics (``rollout/``) of the whole step."""
+
+
+@dataclass
+class PlayedSessions:
+    """What a task's ``evaluate`` played: the loop turns it into metrics."""
+
+    outcomes: list[Outcome]
+    """How the finished sessions ended."""
+    turn_rewards: torch.Tensor
+    """[T, Kt] turn rewards of every agent turn."""
+    session_rewards: torch.Tensor
+    """[S, Ks] session rewards (NaN rows: cut or failed sessions)."""
+    failed: int
+    """Sessions that failed (environment or engine error) and have no outcome."""
 
 
 class Task(Protocol):
@@ -130,7 +155,7 @@ class Task(Protocol):
 
     def export(self) -> Callable[[Any], None] | None: ...
 
-    def evaluate(self, scenarios: list[Scenario], customer_seeds: list[int]) -> dict[str, float]:
+    def evaluate(self, scenarios: list[Scenario], customer_seeds: list[int]) -> PlayedSessions:
         """Greedy sessions of the current weights, one per (scenario, customer seed)."""
 
     def close(self) -> None: ...
@@ -151,14 +176,14 @@ def task_metrics(outcomes: list, prefix: str = "task/") -> dict[str, float]:
     return {f"{prefix}{key}": value for key, value in metrics.items()}
 
 
-def evaluation_metrics(
-    outcomes: list, turn_rewards: torch.Tensor, session_rewards: torch.Tensor, num_sessions: int
-) -> dict[str, float]:
-    """What ``evaluate`` returns in both tasks (finished sessions only for the rates)."""
-    finite = session_rewards[torch.isfinite(session_rewards).all(dim=1)]
+def evaluation_metrics(played: PlayedSessions, num_sessions: int) -> dict[str, float]:
+    """What an evaluation returns with either task (the rates over finished sessions)."""
+    turn, session = played.turn_rewards, played.session_rewards
+    finite = session[torch.isfinite(session).all(dim=1)]
     return {
-        **task_metrics(outcomes, prefix=""),
-        "mean_turn_reward": turn_rewards.sum(dim=1).mean().item() if len(turn_rewards) else 0.0,
+        **task_metrics(played.outcomes, prefix=""),
+        "mean_turn_reward": turn.sum(dim=1).mean().item() if len(turn) else 0.0,
         "mean_session_reward": finite.sum(dim=1).mean().item() if len(finite) else 0.0,
+        "failed_sessions": float(played.failed),
         "num_sessions": float(num_sessions),
     }

@@ -125,6 +125,7 @@ def test_evaluation_returns_the_papers_metrics(tmp_path):
             "mean_turns",
             "mean_turn_reward",
             "mean_session_reward",
+            "failed_sessions",
             "num_sessions",
         }
         assert 0 <= metrics["conversion_rate"] <= 1 and 1 <= metrics["mean_turns"] <= config.env.max_turns

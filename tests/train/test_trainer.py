@@ -11,7 +11,7 @@ from duca_fast.train import checkpoint as checkpoint_module
 from duca_fast.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
 from duca_fast.train.config import load_config
 from duca_fast.train.loop import Trainer
-from duca_fast.train.task import ScenarioCursor
+from duca_fast.train.task import ScenarioCursor, TwoHorizonRewards
 from duca_fast.train.tasks.sales import env_factory, micro_batches
 
 from .runs import cli, read_metrics, tiny_overrides
@@ -111,16 +111,7 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path, cache_dir):
             specs,
             RolloutConfig(sampling=SamplingConfig(max_new_tokens=8), max_turns=2, seed=1),
         )
-        adv = compute_advantages(
-            config.algo,
-            turn_rewards=batch.turn_rewards,
-            turn_session=batch.turn_session,
-            turn_index=batch.turn_index,
-            session_rewards=batch.session_rewards,
-            session_group=batch.session_group,
-            turn_reward_names=batch.turn_reward_names,
-            session_reward_names=batch.session_reward_names,
-        )
+        adv = compute_advantages(config.algo, **TwoHorizonRewards.of(batch).as_kwargs())
         start = {k: v.clone() for k, v in task.model.state_dict().items()}
         params = [p for p in task.model.parameters() if p.requires_grad]
         after = {}

@@ -18,14 +18,7 @@ from duca_fast import ops
 from duca_fast.env import ACTS, Outcome, SalesActsEnv, Scenario, make_env
 from duca_fast.train.config import ConfigError, TrainConfig
 from duca_fast.train.distributed import DistContext
-from duca_fast.train.task import (
-    StepRollout,
-    TwoHorizonRewards,
-    derive_seed,
-    evaluation_metrics,
-    loss_options,
-    task_metrics,
-)
+from duca_fast.train.task import PlayedSessions, StepRollout, TwoHorizonRewards, derive_seed, loss_options
 
 
 class ActsPolicy(nn.Module):
@@ -199,8 +192,8 @@ class ActsTask:
             temperature=config.rollout.temperature,
             generator=generator,
         )
-        metrics = {**task_metrics(batch.outcomes), "rollout/turns": float(len(batch.actions))}
-        return StepRollout(batch.rewards, slice(0, len(batch.actions)), batch, metrics)
+        metrics = {"rollout/turns": float(len(batch.actions))}
+        return StepRollout(batch.rewards, slice(0, len(batch.actions)), batch, batch.outcomes, metrics)
 
     def prepare_update(self, data: ActsBatch, per_turn: torch.Tensor) -> PreparedUpdate:
         temperature = self.config.rollout.temperature
@@ -247,7 +240,7 @@ class ActsTask:
     def export(self):
         return None
 
-    def evaluate(self, scenarios: list[Scenario], customer_seeds: list[int]) -> dict[str, float]:
+    def evaluate(self, scenarios: list[Scenario], customer_seeds: list[int]) -> PlayedSessions:
         self.model.eval()
         batch = play(
             self.model,
@@ -258,9 +251,8 @@ class ActsTask:
             temperature=self.config.rollout.temperature,
             generator=None,
         )
-        return evaluation_metrics(
-            batch.outcomes, batch.rewards.turn_rewards, batch.rewards.session_rewards, len(scenarios)
-        )
+        rewards = batch.rewards
+        return PlayedSessions(batch.outcomes, rewards.turn_rewards, rewards.session_rewards, failed=0)
 
     def close(self) -> None:
         pass

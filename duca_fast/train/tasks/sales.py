@@ -27,14 +27,7 @@ from duca_fast.train.distributed import (
     barrier,
     shard_policy,
 )
-from duca_fast.train.task import (
-    StepRollout,
-    TwoHorizonRewards,
-    derive_seed,
-    evaluation_metrics,
-    loss_options,
-    task_metrics,
-)
+from duca_fast.train.task import PlayedSessions, StepRollout, TwoHorizonRewards, derive_seed, loss_options
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_MODEL_DIR = "tiny-llama-{hidden}"
@@ -293,24 +286,15 @@ class SalesTask:
                 "failed": int(batch.failed.sum()),
                 "truncated": int(batch.truncated.sum()),
                 "tokens": int(batch.input_ids.numel()),
-                "rewards": TwoHorizonRewards(
-                    turn_rewards=batch.turn_rewards,
-                    turn_session=batch.turn_session,
-                    turn_index=batch.turn_index,
-                    session_rewards=batch.session_rewards,
-                    session_group=batch.session_group,
-                    turn_reward_names=batch.turn_reward_names,
-                    session_reward_names=batch.session_reward_names,
-                ),
+                "rewards": TwoHorizonRewards.of(batch),
             },
         )
-        metrics = task_metrics([o for part in everyone for o in part["outcomes"]])
-        metrics["rollout/failed_sessions"] = float(sum(part["failed"] for part in everyone))
-        metrics["rollout/truncated_sessions"] = float(sum(part["truncated"] for part in everyone))
-        metrics["rollout/tokens"] = float(sum(part["tokens"] for part in everyone))
-        metrics["rollout/generated_tokens_per_s"] = batch.num_generated_tokens / max(
-            batch.generate_seconds, 1e-9
-        )
+        metrics = {
+            "rollout/failed_sessions": float(sum(part["failed"] for part in everyone)),
+            "rollout/truncated_sessions": float(sum(part["truncated"] for part in everyone)),
+            "rollout/tokens": float(sum(part["tokens"] for part in everyone)),
+            "rollout/generated_tokens_per_s": batch.num_generated_tokens / max(batch.generate_seconds, 1e-9),
+        }
         first = sum(part["rewards"].turn_rewards.shape[0] for part in everyone[: dist.rank])
         local = slice(first, first + batch.turn_rewards.shape[0])
         bounds = batch.cu_seqlens.tolist()
@@ -318,7 +302,9 @@ class SalesTask:
         self._check_prompts = [
             batch.input_ids[bounds[s] : bounds[s + 1]].tolist() for s in range(min(2, len(bounds) - 1))
         ]
-        return StepRollout(TwoHorizonRewards.concat([p["rewards"] for p in everyone]), local, batch, metrics)
+        rewards = TwoHorizonRewards.concat([part["rewards"] for part in everyone])
+        outcomes = [o for part in everyone for o in part["outcomes"]]
+        return StepRollout(rewards, local, batch, outcomes, metrics)
 
     # -- update ----------------------------------------------------------------------------------------
 
@@ -471,7 +457,7 @@ class SalesTask:
     def export(self):
         return None if self.dist.enabled else self.model.save_pretrained
 
-    def evaluate(self, scenarios: list[Scenario], customer_seeds: list[int]) -> dict[str, float]:
+    def evaluate(self, scenarios: list[Scenario], customer_seeds: list[int]) -> PlayedSessions:
         from duca_fast.rollout import RolloutConfig, SessionSpec, rollout
 
         specs = [
@@ -481,9 +467,7 @@ class SalesTask:
         config = RolloutConfig(sampling=self._sampling(greedy=True), max_turns=self.config.env.max_turns)
         batch = rollout(self.engine, env_factory(self.config), specs, config)
         finished = [o for o, failed in zip(batch.outcomes, batch.failed.tolist()) if not failed]
-        result = evaluation_metrics(finished, batch.turn_rewards, batch.session_rewards, len(specs))
-        result["failed_sessions"] = float(batch.failed.sum())
-        return result
+        return PlayedSessions(finished, batch.turn_rewards, batch.session_rewards, int(batch.failed.sum()))
 
     def close(self) -> None:
         self.engine.close()
