@@ -214,7 +214,8 @@ class Trainer:
 
         config = self.config
         before_path = self.run_dir / "eval" / "before.json"
-        if config.eval_before_after and not before_path.exists():
+        # A resumed run keeps the "before" of the run it continues.
+        if config.eval_before_after and (self.start_step == 1 or not before_path.exists()):
             self.evaluate("before")
         bar = tqdm(
             range(self.start_step, config.steps + 1),
