@@ -32,6 +32,7 @@ def tiny_overrides(run_dir: Path, cache: Path, engine: str, steps: int = 2) -> l
         f"run_dir={run_dir}",
         "progress=false",
         "optim.lr=1e-2",
+        "eval_before_after=false",
     ]
 
 

@@ -24,6 +24,7 @@ def overrides(run_dir: Path, cache: Path, steps: int) -> list[str]:
         "env.max_turns=2",
         "env.num_scenarios=8",
         "optim.lr=1e-2",
+        "eval_before_after=false",
         "checkpoint_every=1",
         f"steps={steps}",
         f"run_dir={run_dir}",
