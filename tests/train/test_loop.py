@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from duca_fast.train.checkpoint import latest_checkpoint
 from duca_fast.train.config import load_config
-from duca_fast.train.loop import evaluate
+from duca_fast.train.loop import NonFiniteGradientError, clip_gradients, evaluate
+from duca_fast.train.task import derive_seed
 
 from .runs import ROOT, cli, read_metrics, stable, tiny_overrides
 
@@ -121,3 +123,22 @@ def test_eval_checkpoint_none_is_the_initial_policy(tmp_path, cache_dir, task):
 def test_eval_rejects_zero_sessions(tmp_path):
     result = cli("eval", "--config", "configs/acts.yaml", "--checkpoint", "none", "--sessions", "0")
     assert result.returncode == 2 and "--sessions must be >= 1" in result.stderr
+
+
+def test_a_non_finite_gradient_stops_the_update_before_the_weights_change():
+    layer = torch.nn.Linear(3, 2)
+    layer(torch.tensor([[1.0, float("nan"), 0.0]])).sum().backward()
+    before = layer.weight.detach().clone()
+    with pytest.raises(NonFiniteGradientError, match="gradient norm is nan"):
+        clip_gradients(list(layer.parameters()), max_norm=1.0)
+    torch.testing.assert_close(layer.weight.detach(), before)
+    layer.zero_grad()
+    layer(torch.ones(1, 3)).sum().backward()
+    assert clip_gradients(list(layer.parameters()), max_norm=0.0) > 0, "0 = no clip, still checked"
+
+
+def test_seeds_depend_on_purpose_and_position_only():
+    assert derive_seed(0, "sampling", 3) == derive_seed(0, "sampling", 3)
+    seeds = {derive_seed(0, "sampling", 3), derive_seed(0, "customer", 3), derive_seed(0, "sampling", 4)}
+    seeds.add(derive_seed(1, "sampling", 3))
+    assert len(seeds) == 4 and all(0 <= s < 2**31 for s in seeds)
