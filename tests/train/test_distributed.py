@@ -98,8 +98,12 @@ def test_two_ranks_match_one_and_resume_on_one(tmp_path, cache_dir):
     w_two = adapter_weights(double / "checkpoints" / "step_2")
     # The sharded checkpoint also carries the tied lm_head (frozen, unchanged); all adapters are in both.
     assert set(w_one) <= set(w_two) and all("lora_" in name for name in w_one)
+    # Adam divides by sqrt(v): where a gradient entry is a near-cancelling sum, the ranks' summation order
+    # can move the weight by a visible share of one lr=1e-2 step (4e-6, 3.3e-5, 1.1e-4 measured on three
+    # runs); the statistics and gradient norms above are the tight comparison, this one catches a wrong or
+    # missing update (which moves weights by ~lr).
     for name in w_one:
-        torch.testing.assert_close(w_two[name], w_one[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w_two[name], w_one[name], rtol=1e-4, atol=1e-3)
 
     # The world-size-2 checkpoint resumes at world size 1 and continues like the single-rank run.
     result = launch(
@@ -166,7 +170,7 @@ def test_a_dying_rank_gives_the_others_a_clear_error_not_a_hang():
             )
         )
     out, _ = processes[0].communicate(timeout=120)
-    processes[1].wait(timeout=30)
+    processes[1].communicate(timeout=30)  # also closes its pipes
     assert processes[1].returncode == 3
     assert processes[0].returncode == 7, out
     assert "another rank probably died or hung" in out
