@@ -1,7 +1,7 @@
 """`duca-fast`: train, eval, compare, bench.
 
     duca-fast train   [--config FILE] [--resume] [key=value ...]
-    duca-fast eval    [--config FILE] [--checkpoint DIR|latest] [--sessions N] [--seed S] [key=value ...]
+    duca-fast eval    [--config FILE] [--checkpoint DIR|latest|none] [--sessions N] [--seed S] [key=value ...]
     duca-fast compare [--config FILE] --algos duca,grpo,gdpo --seeds 3 [--out DIR] [key=value ...]
     duca-fast bench   [--only advantages,policy_loss,rollout,train]
 
@@ -35,10 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="run sessions with a checkpoint and print the metrics table")
     evaluate.add_argument("--config", help="YAML config of the run")
     evaluate.add_argument(
-        "--checkpoint", default="latest", help="checkpoint dir, 'latest' (of run_dir) or 'none'"
+        "--checkpoint",
+        default="latest",
+        help="checkpoint dir, 'latest' (of run_dir) or 'none' (the initial policy, before any training)",
     )
     evaluate.add_argument("--sessions", type=int, help="sessions to run (default: eval_sessions)")
-    evaluate.add_argument("--seed", type=int, default=12345, help="seed of the evaluation sessions")
+    evaluate.add_argument("--seed", type=int, help="seed of the held-out customers (default: eval_seed)")
     evaluate.add_argument("--out", help="also write the metrics as JSON here")
     evaluate.add_argument("overrides", nargs="*", help="key=value config overrides")
 
@@ -55,16 +57,6 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run the benchmark suite (results in bench/results/)")
     bench.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {BENCHES}")
     return parser
-
-
-def _train_eval_functions(config):
-    if config.env.name == "sales-acts":
-        from duca_fast.train.acts_trainer import evaluate_acts, train_acts
-
-        return train_acts, evaluate_acts
-    from duca_fast.train.trainer import evaluate, train
-
-    return train, evaluate
 
 
 def _resolve_checkpoint(spec: str, run_dir: str) -> Path | None:
@@ -97,18 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     from duca_fast.train.checkpoint import CheckpointError
     from duca_fast.train.config import ConfigError, load_config
     from duca_fast.train.distributed import DistributedError
+    from duca_fast.train.loop import NonFiniteGradientError, evaluate, train
 
     try:
         if args.command == "bench":
             return _bench(args.only)
         config = load_config(args.config, args.overrides)
-        train_fn, eval_fn = _train_eval_functions(config)
         if args.command == "train":
-            run_dir = train_fn(config, resume=args.resume)
+            run_dir = train(config, resume=args.resume)
             print(f"run directory: {run_dir}")
         elif args.command == "eval":
+            if args.sessions is not None and args.sessions < 1:
+                raise ConfigError(f"--sessions must be >= 1, got {args.sessions}")
             checkpoint = _resolve_checkpoint(args.checkpoint, config.run_dir)
-            metrics = eval_fn(config, checkpoint, args.sessions or config.eval_sessions, args.seed)
+            seed = config.eval_seed if args.seed is None else args.seed
+            metrics = evaluate(config, checkpoint, args.sessions or config.eval_sessions, seed)
             _print_table(metrics)
             if args.out:
                 Path(args.out).write_text(json.dumps(metrics, indent=2))
@@ -123,14 +118,17 @@ def main(argv: list[str] | None = None) -> int:
                 algos,
                 list(range(args.seeds)),
                 Path(args.out),
-                train_fn,
-                eval_fn,
+                train,
+                evaluate,
                 args.sessions or config.eval_sessions,
             )
             print(table)
     except (ConfigError, CheckpointError) as error:
         print(f"duca-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteGradientError as error:
+        print(f"duca-fast {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except DistributedError as error:
         print(f"duca-fast {args.command}: error: {error}", file=sys.stderr, flush=True)
         sys.stdout.flush()

@@ -1,21 +1,15 @@
 """Environments for two-horizon dialogue RL: the sales task in free text and its dialogue-act twin.
 
 Nothing here imports torch. ``make_env("sales")`` / ``make_env("sales-acts")`` build the two environments;
-both follow the ``DialogueEnv`` contract of ``duca_fast.env.base``.
+both follow the ``DialogueEnv`` contract of ``duca_fast.env.base``. The LLM customer's names load on first
+use: they need ``openai`` (the ``train`` extra), the rest of the package does not.
 """
+
+import importlib
 
 from duca_fast.env.acts import ACTS, HIDDEN_OBSERVATION_SIZE, OBSERVATION_SIZE, SalesActsEnv, render_act
 from duca_fast.env.base import DialogueEnv, Observation, Outcome, TurnResult, step_many
 from duca_fast.env.customer import CUSTOMER_INTENTS, Customer, CustomerReply, CustomerState, ScriptedCustomer
-from duca_fast.env.llm_customer import (
-    CustomerDecision,
-    CustomerEndpointError,
-    LLMCustomer,
-    LLMCustomerConfig,
-    LLMCustomerFactory,
-    LLMCustomerStats,
-    parse_decision,
-)
 from duca_fast.env.metrics import SalesMetrics, compute_metrics
 from duca_fast.env.regimes import REGIMES, SESSION_SCALES, RegimeCustomer, TwinRegime, make_regime
 from duca_fast.env.rewards import (
@@ -44,6 +38,27 @@ from duca_fast.env.scenarios import (
 from duca_fast.env.text import AgentTurnReading, read_agent_message
 
 ENV_NAMES: tuple[str, ...] = ("sales", "sales-acts")
+_LLM_CUSTOMER_NAMES = (
+    "CustomerDecision",
+    "CustomerEndpointError",
+    "LLMCustomer",
+    "LLMCustomerConfig",
+    "LLMCustomerFactory",
+    "LLMCustomerStats",
+    "parse_decision",
+)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LLM_CUSTOMER_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        module = importlib.import_module("duca_fast.env.llm_customer")
+    except ModuleNotFoundError as error:
+        raise ImportError(
+            f"duca_fast.env.{name} needs openai ({error}); pip install 'duca-fast[train]'"
+        ) from error
+    return getattr(module, name)
 
 
 def make_env(name: str, **kwargs: object) -> DialogueEnv:

@@ -66,7 +66,8 @@ def compute_advantages(
         session_reward_names, algo.session_component_weights, "algo.session_component_weights"
     )
     num_groups = int(session_group.max().item()) + 1 if session_group.numel() else 0
-    common = dict(scale=algo.scale, num_groups=num_groups, nan_policy="omit")
+    options = algo.advantage
+    common = dict(scale=options.scale, eps=options.eps, num_groups=num_groups, nan_policy=options.nan_policy)
     metrics: dict[str, float] = {}
     for k, name in enumerate(turn_reward_names):
         metrics.update({f"reward/turn/{name}": turn_rewards[:, k].mean().item()} if len(turn_rewards) else {})
@@ -88,7 +89,7 @@ def compute_advantages(
             session_group,
             turn_weight=turn_weight,
             session_weight=session_weight,
-            turn_scope=algo.turn_scope,
+            turn_scope=options.turn_scope,
             turn_index=turn_index,
             turn_component_weights=turn_w,
             session_component_weights=session_w,
@@ -98,7 +99,7 @@ def compute_advantages(
     if algo.name == "duca":
         # Each horizon once (they are logged too); the fusion is then a weighted sum.
         turn_horizon, session_horizon = hian(1.0, 0.0), hian(0.0, 1.0)
-        per_turn = algo.turn_weight * turn_horizon + algo.session_weight * session_horizon
+        per_turn = options.turn_weight * turn_horizon + options.session_weight * session_horizon
         metrics.update(_stats("advantage/turn_horizon", turn_horizon))
         metrics.update(_stats("advantage/session_horizon", session_horizon))
     else:

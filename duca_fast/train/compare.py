@@ -1,10 +1,9 @@
 """Same budget, several algorithms and seeds: train each, evaluate its final checkpoint, tabulate.
 
-Generic over the trainer: ``train_fn(config) -> run_dir`` and
-``eval_fn(config, checkpoint, num_sessions, seed) -> metrics`` (``train_acts``/``evaluate_acts`` for the
-act twin, the LLM trainer's pair for natural language). Writes ``compare.md`` (a table like the DuCA
-paper's: mean ± std over seeds, relative change vs GRPO), ``compare.csv`` (one row per run) and
-``compare.json`` (runs and summary).
+Generic over the task: ``train_fn(config) -> run_dir`` and ``eval_fn(config, checkpoint, num_sessions,
+seed) -> metrics`` (``train`` and ``evaluate`` of ``train/loop.py``). Writes ``compare.md`` (a table
+like the DuCA paper's: mean ± std over seeds, relative change vs GRPO), ``compare.csv`` (one row per run)
+and ``compare.json`` (runs and summary).
 """
 
 from __future__ import annotations

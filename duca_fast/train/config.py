@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from duca_fast.ops import AdvantageOptions, PolicyLossOptions
+
 ALGORITHMS = ("duca", "grpo", "gdpo")
 ENVS = ("sales", "sales-acts")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
 
 class ConfigError(ValueError):
@@ -95,34 +98,19 @@ class AlgoConfig:
     name: str = "duca"
     """"duca" (HIAN: turn and session rewards normalized separately per group), "grpo" (all rewards summed
     into one session reward) or "gdpo" (each reward component normalized per group, then summed)."""
-    turn_weight: float = 1.0
-    """Weight of the turn horizon in the fused DuCA advantage."""
-    session_weight: float = 1.0
-    """Weight of the session horizon."""
-    turn_scope: str = "group"
-    """HIAN turn statistics over the group ("group") or per turn position ("group_turn")."""
-    scale: str = "group"
-    """"group", "batch" or "none" (see ops.hian_advantages)."""
+    advantage: AdvantageOptions = field(default_factory=lambda: AdvantageOptions(nan_policy="omit"))
+    """The advantage op's options (``duca_fast.ops.AdvantageOptions``: turn_weight, session_weight,
+    turn_scope, scale, eps, nan_policy). ``nan_policy`` defaults to "omit" here: a cut or failed session
+    has NaN session rewards and is left out of the statistics."""
     turn_component_weights: dict[str, float] = field(default_factory=dict)
     """Weight per turn reward component (missing = 1)."""
     session_component_weights: dict[str, float] = field(default_factory=dict)
     """Weight per session reward component (missing = 1)."""
-    clip_low: float = 0.2
-    """PPO clip below 1."""
-    clip_high: float = 0.28
-    """PPO clip above 1 (DAPO clip-higher)."""
-    dual_clip: float | None = None
-    """Dual-clip constant (> 1) for negative advantages."""
-    kl_coef: float = 0.0
-    """KL penalty to the reference (the base model: adapters disabled under LoRA)."""
-    kl_type: str = "k3"
-    """KL estimator k1, k2 or k3."""
-    entropy_coef: float = 0.0
-    """Entropy bonus."""
-    loss_agg: str = "token_mean"
-    """token_mean, seq_mean_token_mean or seq_mean_token_sum over the whole step."""
-    tis_cap: float | None = 2.0
-    """Truncated importance sampling cap against the engine's sampler log-probs (None = off)."""
+    loss: PolicyLossOptions = field(default_factory=lambda: PolicyLossOptions(tis_cap=2.0))
+    """The policy-loss op's options (``duca_fast.ops.PolicyLossOptions``: clip_low, clip_high, dual_clip,
+    kl_coef, kl_type, entropy_coef, loss_agg, tis_cap). ``tis_cap`` defaults to 2 here (the engine samples,
+    the trainer learns). ``temperature`` and ``max_tokens`` are the trainer's: it uses rollout.temperature
+    and the step's token count, so they must stay unset."""
     ppo_epochs: int = 1
     """Optimizer passes over each rollout batch (> 1 recomputes old log-probs first)."""
 
@@ -163,7 +151,12 @@ class TrainConfig:
     samples_per_step: int = 2
     """Transcripts written per step to samples/step_N.jsonl."""
     eval_sessions: int = 32
-    """Sessions run by `duca-fast eval`."""
+    """Held-out sessions of an evaluation (`duca-fast eval`, and eval_before_after)."""
+    eval_seed: int = 12345
+    """Seed of the held-out customers: the same seed meets the same customers, before and after training."""
+    eval_before_after: bool = False
+    """Evaluate the policy (greedy) on the held-out sessions before the first step and after the last;
+    writes eval/before.json, eval/after.json, eval/before_after.md and plots/eval_before_after.png."""
     progress: bool = True
     """Show a progress bar."""
     distributed_timeout_s: int = 600
@@ -212,9 +205,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except OmegaConfBaseException as error:
         detail = str(getattr(error, "msg", None) or error).splitlines()[0]
         raise ConfigError(f"invalid value for {_full_key(error)!r}: {detail}") from None
+    for key, options in (("algo.advantage", AdvantageOptions), ("algo.loss", PolicyLossOptions)):
+        _check_options(key, options, OmegaConf.to_container(OmegaConf.select(schema, key)))
     config: TrainConfig = OmegaConf.to_object(schema)
     validate(config)
     return config
+
+
+def _check_options(key: str, options: type, values: dict[str, Any]) -> None:
+    """Build the op's frozen options once: their own checks are the only ones (the message gets the key)."""
+    try:
+        options(**values)
+    except ValueError as error:
+        raise ConfigError(f"{key}.{error}") from None
 
 
 def _require(condition: bool, message: str) -> None:
@@ -228,6 +231,21 @@ def validate(config: TrainConfig) -> None:
     _require(config.steps >= 1, f"steps must be >= 1, got {config.steps}")
     _require(config.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {config.checkpoint_every}")
     _require(config.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+    _require(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
+    _require(config.eval_seed >= 0, f"eval_seed must be >= 0, got {config.eval_seed}")
+    _require(config.samples_per_step >= 0, f"samples_per_step must be >= 0, got {config.samples_per_step}")
+    _require(config.eval_sessions >= 1, f"eval_sessions must be >= 1, got {config.eval_sessions}")
+    _require(m.lora_alpha > 0, f"model.lora_alpha must be > 0, got {m.lora_alpha}")
+    _require(m.hidden_size >= 1, f"model.hidden_size must be >= 1, got {m.hidden_size}")
+    _require(
+        e.scenarios_path is None or Path(e.scenarios_path).is_file(),
+        f"env.scenarios_path {e.scenarios_path!r} is not a file",
+    )
+    _require(
+        e.name != "sales-acts" or e.customer == "scripted",
+        "env.name=sales-acts runs the scripted customer only; set env.customer=scripted",
+    )
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(
         m.dtype in ("float32", "bfloat16", "float16"),
         f"model.dtype must be float32/bfloat16/float16, got {m.dtype!r}",
@@ -255,11 +273,18 @@ def validate(config: TrainConfig) -> None:
         f"rollout.group_size must be >= 2 for {a.name} (group statistics need 2 members), got {r.group_size}",
     )
     _require(a.ppo_epochs >= 1, f"algo.ppo_epochs must be >= 1, got {a.ppo_epochs}")
+    _check_options("algo.advantage", AdvantageOptions, asdict(a.advantage))
+    _check_options("algo.loss", PolicyLossOptions, asdict(a.loss))
     _require(
-        a.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
-        f"algo.loss_agg must be token_mean, seq_mean_token_mean or seq_mean_token_sum, got {a.loss_agg!r}",
+        a.loss.loss_agg in LOSS_AGGREGATIONS,
+        f"algo.loss.loss_agg must be one of {LOSS_AGGREGATIONS}, got {a.loss.loss_agg!r}",
     )
-    _require(a.kl_coef >= 0, f"algo.kl_coef must be >= 0, got {a.kl_coef}")
+    _require(
+        a.loss.temperature == 1.0 and a.loss.max_tokens is None,
+        "algo.loss.temperature and algo.loss.max_tokens are set by the trainer; use rollout.temperature",
+    )
+    _require(a.loss.kl_coef >= 0, f"algo.loss.kl_coef must be >= 0, got {a.loss.kl_coef}")
+    _require(a.loss.entropy_coef >= 0, f"algo.loss.entropy_coef must be >= 0, got {a.loss.entropy_coef}")
     _require(o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be a positive number, got {o.lr}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _require(

@@ -8,29 +8,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# Panels of the plots: (file, title, [(metric key prefix or exact key, label)]).
+# Figures: (file, title, [metric key prefix or exact key]); every matching metric gets its own panel.
 PLOTS = [
     (
         "rewards_per_horizon.png",
         "Rewards per horizon",
-        [("reward/turn/", "turn: "), ("reward/session/", "session: ")],
+        ["reward/turn/", "reward/session/", "reward/turn_total/mean"],
     ),
     (
         "advantages.png",
         "Advantage spread per horizon (std)",
-        [
-            ("advantage/turn_horizon/std", "turn horizon"),
-            ("advantage/session_horizon/std", "session horizon"),
-            ("advantage/fused/std", "fused"),
-        ],
+        ["advantage/turn_horizon/std", "advantage/session_horizon/std", "advantage/fused/std"],
     ),
-    ("task_metrics.png", "Task metrics", [("task/", "")]),
-    (
-        "loss.png",
-        "Loss and diagnostics",
-        [("loss/", ""), ("grad_norm", "grad_norm"), ("sync/logprob_gap", "engine-trainer logprob gap")],
-    ),
+    ("task_metrics.png", "Task metrics (rates in [0, 1])", ["task/"]),
+    ("loss.png", "Loss and diagnostics", ["loss/", "grad_norm", "sync/logprob_gap"]),
 ]
+RATE_SUFFIX = "_rate"
+"""Metrics whose name ends so are shares: their panels get a fixed [0, 1] axis."""
 TIME_KEYS = ("time/rollout", "time/advantage", "time/train", "time/sync")
 
 
@@ -101,6 +95,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` points (fewer at the start)."""
+    out, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        out.append(total / min(index + 1, window))
+    return out
+
+
 def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     if not rows:
         return []
@@ -112,26 +117,32 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = [row["step"] for row in rows]
     keys = sorted({k for row in rows for k in row if k != "step"})
+    window = max(1, len(rows) // 10)
     written = []
     for filename, title, selectors in PLOTS:
-        series = []
-        for selector, label in selectors:
-            for key in keys:
-                if key == selector or (selector.endswith("/") and key.startswith(selector)):
-                    series.append(
-                        (label + key.removeprefix(selector) if selector.endswith("/") else label, key)
-                    )
-        if not series:
+        chosen = [
+            k for sel in selectors for k in keys if k == sel or (sel.endswith("/") and k.startswith(sel))
+        ]
+        if not chosen:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for label, key in series:
+        columns = min(3, len(chosen))
+        lines = -(-len(chosen) // columns)
+        fig, axes = plt.subplots(lines, columns, figsize=(4 * columns, 2.8 * lines), squeeze=False)
+        for ax, key in zip(axes.flat, chosen):
             points = [(s, row[key]) for s, row in zip(steps, rows) if isinstance(row.get(key), (int, float))]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=label or key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, "o", markersize=2.5, alpha=0.35, color="tab:blue")
+                ax.plot(xs, _smoothed(list(ys), window), color="tab:blue", linewidth=1.8)
+            if key.endswith(RATE_SUFFIX):
+                ax.set_ylim(-0.03, 1.03)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(chosen) :]:
+            ax.set_visible(False)
+        fig.suptitle(f"{title}: points per step, line = mean of the last {window}", fontsize=10)
         fig.tight_layout()
         path = out_dir / filename
         fig.savefig(path, dpi=100)
@@ -154,3 +165,33 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def write_before_after(
+    before: Mapping[str, float], after: Mapping[str, float], keys: Sequence[str], run_dir: Path
+) -> str:
+    """The held-out before/after table (``eval/before_after.md``) and its bar plot; returns the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if k in before and k in after]
+    lines = ["| held-out metric | before | after | change |", "|---|---|---|---|"]
+    lines += [f"| {k} | {before[k]:.3f} | {after[k]:.3f} | {after[k] - before[k]:+.3f} |" for k in keys]
+    table = "\n".join(lines) + "\n"
+    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval" / "before_after.md").write_text(table)
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.3 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        ax.bar(["before", "after"], [before[key], after[key]], color=["tab:gray", "tab:green"])
+        if key.endswith(RATE_SUFFIX):
+            ax.set_ylim(0, 1)
+        ax.set_title(key, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"Held-out evaluation ({int(after.get('num_sessions', 0))} sessions, greedy)", fontsize=10)
+    fig.tight_layout()
+    (run_dir / "plots").mkdir(exist_ok=True)
+    fig.savefig(run_dir / "plots" / "eval_before_after.png", dpi=100)
+    plt.close(fig)
+    return table

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from duca_fast.train.acts_trainer import evaluate_acts, train_acts
 from duca_fast.train.checkpoint import save_checkpoint
 from duca_fast.train.compare import TABLE_COLUMNS, compare
+from duca_fast.train.loop import evaluate, train
 
 from .acts_configs import tiny_acts_config
 
@@ -19,7 +19,7 @@ from .acts_configs import tiny_acts_config
 def test_two_algorithms_two_seeds_on_the_act_twin(tmp_path):
     config = tiny_acts_config(tmp_path / "unused", "checkpoint_every=0")
     out_dir = tmp_path / "compare"
-    markdown = compare(config, ["duca", "grpo"], [0, 1], out_dir, train_acts, evaluate_acts, eval_sessions=8)
+    markdown = compare(config, ["duca", "grpo"], [0, 1], out_dir, train, evaluate, eval_sessions=8)
 
     lines = markdown.splitlines()
     assert lines[0] == "| Algorithm | " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
@@ -49,7 +49,7 @@ def test_two_algorithms_two_seeds_on_the_act_twin(tmp_path):
 
 
 def fake_train(config):
-    """Stands in for a trainer: leaves a real (verifiable) checkpoint the way train_acts does."""
+    """Stands in for a trainer: leaves a real (verifiable) checkpoint the way train does."""
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     save_checkpoint(

@@ -24,6 +24,7 @@ def overrides(run_dir: Path, cache: Path, steps: int) -> list[str]:
         "env.max_turns=2",
         "env.num_scenarios=8",
         "optim.lr=1e-2",
+        "eval_before_after=false",
         "checkpoint_every=1",
         f"steps={steps}",
         f"run_dir={run_dir}",
@@ -97,8 +98,12 @@ def test_two_ranks_match_one_and_resume_on_one(tmp_path, cache_dir):
     w_two = adapter_weights(double / "checkpoints" / "step_2")
     # The sharded checkpoint also carries the tied lm_head (frozen, unchanged); all adapters are in both.
     assert set(w_one) <= set(w_two) and all("lora_" in name for name in w_one)
+    # Adam divides by sqrt(v): where a gradient entry is a near-cancelling sum, the ranks' summation order
+    # can move the weight by a visible share of one lr=1e-2 step (4e-6, 3.3e-5, 1.1e-4 measured on three
+    # runs); the statistics and gradient norms above are the tight comparison, this one catches a wrong or
+    # missing update (which moves weights by ~lr).
     for name in w_one:
-        torch.testing.assert_close(w_two[name], w_one[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w_two[name], w_one[name], rtol=1e-4, atol=1e-3)
 
     # The world-size-2 checkpoint resumes at world size 1 and continues like the single-rank run.
     result = launch(
@@ -165,7 +170,7 @@ def test_a_dying_rank_gives_the_others_a_clear_error_not_a_hang():
             )
         )
     out, _ = processes[0].communicate(timeout=120)
-    processes[1].wait(timeout=30)
+    processes[1].communicate(timeout=30)  # also closes its pipes
     assert processes[1].returncode == 3
     assert processes[0].returncode == 7, out
     assert "another rank probably died or hung" in out
@@ -183,14 +188,14 @@ def test_ranks_with_different_configs_refuse_to_start(monkeypatch):
 
 
 def test_ranks_run_as_many_micro_batches_as_the_busiest_rank(monkeypatch):
-    from duca_fast.train import trainer as trainer_module
     from duca_fast.train.distributed import DistContext
-    from duca_fast.train.trainer import MicroBatch, Trainer
+    from duca_fast.train.tasks import sales
+    from duca_fast.train.tasks.sales import MicroBatch, SalesTask
 
     chunks = [MicroBatch(slice(0, 10), 1), MicroBatch(slice(10, 30), 2)]
-    fake = Trainer.__new__(Trainer)  # only the rank bookkeeping of _pad_for_ranks is exercised
+    fake = SalesTask.__new__(SalesTask)  # only the rank bookkeeping of _pad_for_ranks is exercised
     fake.dist = DistContext(rank=1, world_size=3)
-    monkeypatch.setattr(trainer_module, "all_gather_objects", lambda ctx, value: [4, value, 1])
+    monkeypatch.setattr(sales, "all_gather_objects", lambda ctx, value: [4, value, 1])
     passes = fake._pad_for_ranks(chunks)
     # Two real passes, then the first micro-batch twice more with its loss masked out.
     assert passes == [(chunks[0], False), (chunks[1], False), (chunks[0], True), (chunks[0], True)]

@@ -1,0 +1,258 @@
+"""The ``sales-acts`` twin as a task of the training loop: a tiny MLP picks one dialogue act per turn.
+
+Every agent turn is one "token": the MLP torso output is its hidden state and the act head is the
+lm_head, so the loss goes through ``ops.fused_policy_loss`` exactly as the LLM's does. Sampling draws
+its seeds from ``(seed, step)`` only; the rollout reads the trained weights directly (nothing to sync).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from duca_fast import ops
+from duca_fast.env import ACTS, Outcome, SalesActsEnv, Scenario, make_env
+from duca_fast.train.config import ConfigError, TrainConfig
+from duca_fast.train.distributed import DistContext
+from duca_fast.train.task import PlayedSessions, StepRollout, TwoHorizonRewards, derive_seed, loss_options
+
+
+class ActsPolicy(nn.Module):
+    """MLP torso (observation -> hidden) and a linear act head (``num_actions x hidden``, with bias)."""
+
+    def __init__(self, observation_size: int, hidden_size: int, num_actions: int) -> None:
+        super().__init__()
+        self.torso = nn.Sequential(
+            nn.Linear(observation_size, hidden_size),
+            nn.Tanh(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.Tanh(),
+        )
+        self.out = nn.Linear(hidden_size, num_actions)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        """``[N, observation_size]`` -> ``[N, hidden_size]`` hidden states."""
+        return self.torso(observations)
+
+    def logits(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.out(self.torso(observations))
+
+    def token_logprobs(self, batch: ActsBatch, temperature: float) -> torch.Tensor:
+        return ops.token_logprobs(
+            self(batch.observations),
+            self.out.weight,
+            batch.actions,
+            temperature=temperature,
+            bias=self.out.bias,
+        )
+
+
+@dataclass
+class ActsBatch:
+    """Every agent turn of one rollout, packed turn by turn."""
+
+    observations: torch.Tensor
+    """[T, observation_size] what the policy saw before each turn."""
+    actions: torch.Tensor
+    """[T] index into ``ACTS`` of the act taken."""
+    behavior_logprobs: torch.Tensor
+    """[T] log-prob of the act under the tempered sampling distribution."""
+    rewards: TwoHorizonRewards
+    """Turn and session rewards of the batch."""
+    outcomes: list[Outcome]
+    """How each session ended."""
+    transcripts: list[dict[str, Any]]
+    """Per session: scenario id, acts, rendered dialogue, outcome (for samples/step_N.jsonl)."""
+
+
+@torch.no_grad()
+def play(
+    policy: ActsPolicy,
+    scenarios: list[Scenario],
+    customer_seeds: list[int],
+    *,
+    group_size: int,
+    max_turns: int,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> ActsBatch:
+    """Play ``group_size`` sessions of each scenario; session ``g * group_size + i`` belongs to group ``g``.
+
+    All sessions of a group meet the same customer (same seed), so the group statistics compare the
+    policy's choices rather than customers' luck. ``generator=None`` plays greedily (argmax).
+    """
+    envs: list[SalesActsEnv] = []
+    for scenario, customer_seed in zip(scenarios, customer_seeds):
+        for _ in range(group_size):
+            env = make_env("sales-acts", max_turns=max_turns)
+            env.reset(scenario, customer_seed)
+            envs.append(env)
+    num_sessions = len(envs)
+    observations, actions, logprobs, turn_rewards, turn_session, turn_index = [], [], [], [], [], []
+    session_rewards: list[list[float]] = [[] for _ in envs]
+    outcomes: list[Outcome | None] = [None] * num_sessions
+    acts_taken: list[list[str]] = [[] for _ in envs]
+    turn_names, session_names = envs[0].turn_reward_names, envs[0].session_reward_names
+    live, turn = list(range(num_sessions)), 0
+    while live:
+        observation = torch.tensor([envs[s].observation_vector() for s in live], dtype=torch.float32)
+        log_probs = torch.log_softmax(policy.logits(observation) / temperature, dim=-1)
+        if generator is None:
+            chosen = log_probs.argmax(dim=-1)
+        else:
+            chosen = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+        still_live = []
+        for row, session in enumerate(live):
+            act = int(chosen[row])
+            result = envs[session].step(act)
+            observations.append(observation[row])
+            actions.append(act)
+            logprobs.append(log_probs[row, act])
+            turn_rewards.append([result.turn_rewards[name] for name in turn_names])
+            turn_session.append(session)
+            turn_index.append(turn)
+            acts_taken[session].append(ACTS[act])
+            if result.done:
+                session_rewards[session] = [result.session_rewards[name] for name in session_names]
+                outcomes[session] = result.outcome
+            else:
+                still_live.append(session)
+        live, turn = still_live, turn + 1
+    transcripts = [
+        {
+            "session": session,
+            "group": session // group_size,
+            "scenario_id": envs[session].scenario.scenario_id,
+            "acts": acts_taken[session],
+            "dialogue": [f"{role}: {text}" for role, text in envs[session].transcript],
+            "outcome": outcomes[session].reason,
+            "session_rewards": dict(zip(session_names, session_rewards[session])),
+        }
+        for session in range(num_sessions)
+    ]
+    rewards = TwoHorizonRewards(
+        turn_rewards=torch.tensor(turn_rewards, dtype=torch.float32),
+        turn_session=torch.tensor(turn_session, dtype=torch.long),
+        turn_index=torch.tensor(turn_index, dtype=torch.long),
+        session_rewards=torch.tensor(session_rewards, dtype=torch.float32),
+        session_group=torch.arange(num_sessions, dtype=torch.long) // group_size,
+        turn_reward_names=turn_names,
+        session_reward_names=session_names,
+    )
+    return ActsBatch(
+        observations=torch.stack(observations),
+        actions=torch.tensor(actions, dtype=torch.long),
+        behavior_logprobs=torch.stack(logprobs),
+        rewards=rewards,
+        outcomes=outcomes,
+        transcripts=transcripts,
+    )
+
+
+@dataclass
+class PreparedUpdate:
+    batch: ActsBatch
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None
+
+
+class ActsTask:
+    """The twin: one process, the rollout and the update share the policy's weights."""
+
+    sharded = False
+
+    def __init__(self, config: TrainConfig, dist: DistContext) -> None:
+        if dist.enabled:
+            raise ConfigError("env.name=sales-acts trains on a single process; launch it without torchrun")
+        self.config = config
+        self.model = ActsPolicy(
+            SalesActsEnv.observation_size, config.model.hidden_size, SalesActsEnv.num_actions
+        )
+        # KL reference: the initial policy (on resume rebuilt from the seed before the checkpoint loads).
+        self.reference = (
+            copy.deepcopy(self.model).requires_grad_(False) if config.algo.loss.kl_coef > 0 else None
+        )
+
+    def rollout(self, step: int, scenarios: list[Scenario]) -> StepRollout:
+        config = self.config
+        customers = [derive_seed(config.seed, "customer", step, group) for group in range(len(scenarios))]
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, "sampling", step))
+        self.model.eval()
+        batch = play(
+            self.model,
+            scenarios,
+            customers,
+            group_size=config.rollout.group_size,
+            max_turns=config.env.max_turns,
+            temperature=config.rollout.temperature,
+            generator=generator,
+        )
+        metrics = {"rollout/turns": float(len(batch.actions))}
+        return StepRollout(batch.rewards, slice(0, len(batch.actions)), batch, batch.outcomes, metrics)
+
+    def prepare_update(self, data: ActsBatch, per_turn: torch.Tensor) -> PreparedUpdate:
+        temperature = self.config.rollout.temperature
+        self.model.train()
+        with torch.no_grad():
+            # Later passes are off-policy: their ratios are taken against the weights that sampled.
+            old = self.model.token_logprobs(data, temperature) if self.config.algo.ppo_epochs > 1 else None
+            ref = None if self.reference is None else self.reference.token_logprobs(data, temperature)
+        return PreparedUpdate(data, per_turn, old, ref)
+
+    def backward(self, prepared: PreparedUpdate) -> dict[str, float]:
+        batch = prepared.batch
+        loss, op_metrics = ops.fused_policy_loss(
+            self.model(batch.observations),
+            self.model.out.weight,
+            batch.actions,
+            prepared.advantages,
+            prepared.old_logprobs,
+            bias=self.model.out.bias,
+            seq_ids=batch.rewards.turn_session,
+            ref_logprobs=prepared.ref_logprobs,
+            behavior_logprobs=batch.behavior_logprobs,
+            **loss_options(self.config),
+        )
+        loss.backward()
+        return {
+            "loss/total": loss.item(),
+            **{f"loss/{key}": value.item() for key, value in op_metrics.items()},
+        }
+
+    def sync(self, step: int) -> dict[str, float]:
+        return {}
+
+    def samples(self, data: ActsBatch, per_turn: torch.Tensor) -> list[dict[str, Any]]:
+        session_of = data.rewards.turn_session.tolist()
+        return [
+            {
+                **transcript,
+                "turn_advantages": [round(float(a), 4) for a, s in zip(per_turn, session_of) if s == n],
+            }
+            for n, transcript in enumerate(data.transcripts)
+        ]
+
+    def export(self):
+        return None
+
+    def evaluate(self, scenarios: list[Scenario], customer_seeds: list[int]) -> PlayedSessions:
+        self.model.eval()
+        batch = play(
+            self.model,
+            scenarios,
+            customer_seeds,
+            group_size=1,
+            max_turns=self.config.env.max_turns,
+            temperature=self.config.rollout.temperature,
+            generator=None,
+        )
+        rewards = batch.rewards
+        return PlayedSessions(batch.outcomes, rewards.turn_rewards, rewards.session_rewards, failed=0)
+
+    def close(self) -> None:
+        pass

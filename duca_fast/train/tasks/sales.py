@@ -1,0 +1,473 @@
+"""The LLM sales task of the training loop: a Hugging Face policy sells through a colocated engine.
+
+rollout: the step's groups (split over ranks under torchrun) through vLLM (or transformers) and the sales
+environment; update: packed (padding-free) sessions in token-budget micro-batches, final hidden states and
+the lm_head into ``ops.fused_policy_loss`` (no ``[tokens, vocab]`` logits); sync: the new weights (LoRA
+merged) pushed into the engine in place. Multi-rank runs shard the policy with FSDP2 (``train/distributed``).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from duca_fast import ops
+from duca_fast.env import SalesEnv, Scenario
+from duca_fast.train.algorithms import broadcast_to_tokens
+from duca_fast.train.config import ConfigError, TrainConfig
+from duca_fast.train.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    shard_policy,
+)
+from duca_fast.train.task import PlayedSessions, StepRollout, TwoHorizonRewards, derive_seed, loss_options
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_MODEL_DIR = "tiny-llama-{hidden}"
+
+
+def resolve_model_dir(config: TrainConfig) -> Path:
+    """The HF model directory the engine and the trainer load (converted or built once when needed)."""
+    from duca_fast.rollout import build_tiny_model_dir, load_default_model_dir
+
+    cache = Path(config.model.cache_dir)
+    if config.model.path == "default":
+        return load_default_model_dir(cache)
+    if config.model.path == "tiny":
+        target = cache / TINY_MODEL_DIR.format(hidden=config.model.hidden_size)
+        if not (target / "config.json").exists():
+            rng = torch.get_rng_state()
+            build_tiny_model_dir(target, hidden_size=config.model.hidden_size, seed=0)
+            torch.set_rng_state(rng)
+        return target
+    path = Path(config.model.path)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"model.path {str(path)!r} has no config.json (not a Hugging Face model directory)")
+    return path
+
+
+def attention_implementation(config: TrainConfig) -> str:
+    if config.model.attn_implementation != "auto":
+        return config.model.attn_implementation
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def build_policy(config: TrainConfig, model_dir: Path) -> torch.nn.Module:
+    """The trainable model: the HF causal LM, wrapped with LoRA adapters when ``lora_rank > 0``."""
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=DTYPES[config.model.dtype], attn_implementation=attention_implementation(config)
+    ).to(device)
+    model.config.use_cache = False
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if config.model.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.model.lora_rank,
+            lora_alpha=config.model.lora_alpha,
+            target_modules=list(config.model.lora_target_modules),
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def build_engine(config: TrainConfig, model_dir: Path):
+    from duca_fast.rollout import HFEngine, VLLMEngine
+
+    dtype = DTYPES[config.model.dtype]
+    if config.rollout.engine == "vllm":
+        return VLLMEngine(
+            model_dir,
+            max_model_len=config.rollout.max_model_len,
+            dtype=dtype,
+            seed=config.seed,
+            gpu_memory_utilization=config.rollout.gpu_memory_utilization,
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return HFEngine(
+        model_dir, max_model_len=config.rollout.max_model_len, dtype=dtype, device=device, seed=config.seed
+    )
+
+
+def env_factory(config: TrainConfig):
+    """A zero-argument callable making one fresh environment per session."""
+    if config.env.customer == "llm":
+        from duca_fast.env import LLMCustomerConfig, LLMCustomerFactory
+
+        customer = LLMCustomerFactory(
+            LLMCustomerConfig(base_url=config.env.customer_base_url, model=config.env.customer_model)
+        )
+        return lambda: SalesEnv(customer, max_turns=config.env.max_turns)
+    return lambda: SalesEnv(max_turns=config.env.max_turns)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying HF causal LM (a peft model keeps its LoRA layers inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@dataclass
+class MicroBatch:
+    rows: slice
+    """Token range in the packed batch (whole sessions)."""
+    num_sessions: int
+
+
+def micro_batches(cu_seqlens: torch.Tensor, budget: int) -> list[MicroBatch]:
+    """Whole sessions packed greedily up to ``budget`` tokens (a longer session gets its own)."""
+    bounds = cu_seqlens.tolist()
+    batches, start, count = [], bounds[0], 0
+    for s in range(len(bounds) - 1):
+        end = bounds[s + 1]
+        if count and end - start > budget:
+            batches.append(MicroBatch(slice(start, bounds[s]), count))
+            start, count = bounds[s], 0
+        count += 1
+    if bounds[-1] > start:
+        batches.append(MicroBatch(slice(start, bounds[-1]), count))
+    return batches
+
+
+def decoder_hidden_states(base: torch.nn.Module, batch, rows: slice, device) -> torch.Tensor:
+    """``[tokens, H]`` final hidden states of the whole sessions in ``rows`` of the packed batch.
+
+    With flash_attention_2 the micro-batch is one padding-free sequence whose position_ids restart
+    per session. Otherwise each session runs on its own: a packed sequence would need a block-diagonal
+    mask, which sends sdpa to its math kernel and stores [heads, L, L] attention weights per layer
+    (7 GB at 2.7k tokens on SmolLM2-135M, measured), while a lone causal sequence takes sdpa's
+    flash kernel with no mask at all.
+    """
+    decoder = base.get_decoder()
+    ids, positions = batch.input_ids, batch.position_ids
+    if getattr(base.config, "_attn_implementation", None) == "flash_attention_2":
+        out = decoder(
+            input_ids=ids[rows][None].to(device),
+            position_ids=positions[rows][None].to(device),
+            use_cache=False,
+        )
+        return out.last_hidden_state[0]
+    bounds = [b for b in batch.cu_seqlens.tolist() if rows.start <= b <= rows.stop]
+    pieces = []
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            out = decoder(input_ids=ids[start:end][None].to(device), use_cache=False)
+            pieces.append(out.last_hidden_state[0])
+    return torch.cat(pieces)
+
+
+class PolicyObjective(torch.nn.Module):
+    """The policy's forward and its loss in one module call.
+
+    Under FSDP2 the root unit gathers embeddings, final norm and the (tied) lm_head only inside its own
+    forward; computing the fused loss there gives the op the full head weight and lets the backward
+    hooks reduce-scatter its gradient.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, batch, rows: slice, loss_inputs: dict[str, Any] | None = None, temperature: float = 1.0
+    ):
+        """``(loss, metrics)`` of the micro-batch when ``loss_inputs`` is given, else its log-probs."""
+        base = unwrap(self.model)
+        device = next(self.model.parameters()).device
+        hidden = decoder_hidden_states(base, batch, rows, device)
+        weight = base.get_output_embeddings().weight
+        if loss_inputs is None:
+            target = torch.roll(batch.input_ids, -1)[rows].to(device)
+            return ops.token_logprobs(hidden, weight, target, temperature=temperature)
+        return ops.fused_policy_loss(hidden, weight, **loss_inputs)
+
+
+@dataclass
+class PreparedUpdate:
+    """What every pass of one step shares."""
+
+    batch: Any
+    """The step's ``RolloutBatch`` (this rank's sessions)."""
+    target: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor
+    behavior: torch.Tensor
+    num_loss_tokens: int
+    """Loss tokens of the whole step (all ranks): the token_mean divisor."""
+    num_loss_sessions: int
+    passes: list[tuple[MicroBatch, bool]]
+    old_logprobs: torch.Tensor | None
+
+
+class SalesTask:
+    """Owns the policy (FSDP2-sharded over torchrun ranks), the engine and the weight sync."""
+
+    def __init__(self, config: TrainConfig, dist: DistContext) -> None:
+        from duca_fast.rollout import WeightSync
+
+        if config.rollout.groups_per_step % dist.world_size:
+            raise ConfigError(
+                f"rollout.groups_per_step={config.rollout.groups_per_step} is not divisible by the world "
+                f"size {dist.world_size}; every rank rolls out the same number of groups"
+            )
+        if dist.enabled and config.algo.loss.kl_coef > 0 and config.model.lora_rank == 0:
+            raise ConfigError(
+                "algo.loss.kl_coef > 0 with a full fine-tune is single-rank only "
+                "(use LoRA: the base model is then the reference)"
+            )
+        self.config, self.dist, self.sharded = config, dist, dist.enabled
+        model_dir = resolve_model_dir(config) if dist.is_main else None
+        barrier(dist)
+        model_dir = model_dir or resolve_model_dir(config)
+        self.model = build_policy(config, model_dir)
+        self.reference = None
+        if config.algo.loss.kl_coef > 0 and config.model.lora_rank == 0:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.objective = PolicyObjective(self.model)
+        if dist.enabled:
+            shard_policy(self.objective, list(unwrap(self.model).get_decoder().layers))
+        self.engine = build_engine(config, model_dir)
+        self.weight_sync = WeightSync(self.engine)
+        self._check_prompts: list[list[int]] = []
+
+    # -- rollout ---------------------------------------------------------------------------------------
+
+    def _sampling(self, *, greedy: bool = False):
+        from duca_fast.rollout import SamplingConfig
+
+        rollout = self.config.rollout
+        return SamplingConfig(
+            max_new_tokens=rollout.max_new_tokens,
+            temperature=0.0 if greedy else rollout.temperature,
+            top_p=rollout.top_p,
+        )
+
+    def rollout(self, step: int, scenarios: list[Scenario]) -> StepRollout:
+        from duca_fast.rollout import RolloutConfig, make_session_specs, rollout
+
+        config, dist = self.config, self.dist
+        # Seeded per session over the whole step, so a rank's sessions are those a single process plays.
+        specs = make_session_specs(
+            scenarios, config.rollout.group_size, seed=derive_seed(config.seed, "customer", step)
+        )
+        per_rank = len(scenarios) // dist.world_size
+        mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+        rollout_config = RolloutConfig(
+            sampling=self._sampling(),
+            max_turns=config.env.max_turns,
+            seed=derive_seed(config.seed, "sampling", step),
+        )
+        batch = rollout(
+            self.engine, env_factory(config), [s for s in specs if s.group in mine], rollout_config
+        )
+        everyone = all_gather_objects(
+            dist,
+            {
+                "outcomes": [o for o, bad in zip(batch.outcomes, batch.failed.tolist()) if not bad],
+                "failed": int(batch.failed.sum()),
+                "truncated": int(batch.truncated.sum()),
+                "tokens": int(batch.input_ids.numel()),
+                "rewards": TwoHorizonRewards.of(batch),
+            },
+        )
+        metrics = {
+            "rollout/failed_sessions": float(sum(part["failed"] for part in everyone)),
+            "rollout/truncated_sessions": float(sum(part["truncated"] for part in everyone)),
+            "rollout/tokens": float(sum(part["tokens"] for part in everyone)),
+            "rollout/generated_tokens_per_s": batch.num_generated_tokens / max(batch.generate_seconds, 1e-9),
+        }
+        first = sum(part["rewards"].turn_rewards.shape[0] for part in everyone[: dist.rank])
+        local = slice(first, first + batch.turn_rewards.shape[0])
+        bounds = batch.cu_seqlens.tolist()
+        # The sync's optional log-prob check runs on the first sessions of the step.
+        self._check_prompts = [
+            batch.input_ids[bounds[s] : bounds[s + 1]].tolist() for s in range(min(2, len(bounds) - 1))
+        ]
+        rewards = TwoHorizonRewards.concat([part["rewards"] for part in everyone])
+        outcomes = [o for part in everyone for o in part["outcomes"]]
+        return StepRollout(rewards, local, batch, outcomes, metrics)
+
+    # -- update ----------------------------------------------------------------------------------------
+
+    def prepare_update(self, data, per_turn: torch.Tensor) -> PreparedUpdate | None:
+        batch = data
+        self.weight_sync.sleep_for_training()
+        # Token p predicts token p + 1 of the same session; the last token of a session predicts nothing.
+        target = torch.roll(batch.input_ids, -1)
+        same_session = torch.roll(batch.seq_ids, -1) == batch.seq_ids
+        same_session[-1:] = False
+        loss_mask = same_session & (torch.roll(batch.token_turn, -1) >= 0)
+        advantages = torch.roll(broadcast_to_tokens(per_turn, batch.token_turn), -1).float()
+        behavior = torch.roll(batch.behavior_logprobs, -1).float()
+        session_has_loss = torch.zeros(len(batch.outcomes), dtype=torch.bool)
+        session_has_loss[batch.seq_ids[loss_mask].unique()] = True
+        # Aggregation is over the global batch: counts are summed over ranks.
+        num_loss_tokens = int(all_reduce_sum(self.dist, float(loss_mask.sum())))
+        num_loss_sessions = int(all_reduce_sum(self.dist, float(session_has_loss.sum())))
+        if num_loss_tokens == 0:
+            return None
+        passes = self._pad_for_ranks(micro_batches(batch.cu_seqlens, self.config.optim.micro_batch_tokens))
+        old = self._old_logprobs(batch, passes) if self.config.algo.ppo_epochs > 1 else None
+        return PreparedUpdate(
+            batch, target, loss_mask, advantages, behavior, num_loss_tokens, num_loss_sessions, passes, old
+        )
+
+    def backward(self, prepared: PreparedUpdate) -> dict[str, float]:
+        """Forward and backward of every micro-batch; the summed micro-batch losses aggregate the step."""
+        batch, device = prepared.batch, next(self.model.parameters()).device
+        # FSDP2 averages gradients over ranks; the losses are sums over the global batch.
+        rank_scale = float(self.dist.world_size)
+        sums: dict[str, float] = {}
+        for chunk, padding in prepared.passes:
+            rows = chunk.rows
+            mask = prepared.loss_mask[rows] & (not padding)
+            if not mask.any() and not self.dist.enabled:
+                continue
+            agg, scale, extra = self._aggregation(
+                mask, batch.seq_ids[rows], prepared.num_loss_tokens, prepared.num_loss_sessions
+            )
+            target = prepared.target[rows]
+            old = prepared.old_logprobs
+            loss_inputs = dict(
+                target=target.to(device),
+                advantages=prepared.advantages[rows].to(device),
+                old_logprobs=None if old is None else old[rows].to(device),
+                mask=mask.to(device),
+                seq_ids=(batch.seq_ids[rows] - batch.seq_ids[rows][0]).to(device),
+                ref_logprobs=self._ref_logprobs(batch, rows, device)
+                if self.config.algo.loss.kl_coef
+                else None,
+                behavior_logprobs=prepared.behavior[rows].to(device),
+                **loss_options(self.config, loss_agg=agg, **extra),
+            )
+            loss, op_metrics = self.objective(batch, rows, loss_inputs)
+            (loss * scale * rank_scale).backward()
+            share = float(mask.sum()) / prepared.num_loss_tokens
+            sums["loss/total"] = sums.get("loss/total", 0.0) + float(loss.detach()) * scale
+            for key, value in op_metrics.items():
+                sums[f"loss/{key}"] = sums.get(f"loss/{key}", 0.0) + float(value) * share
+        # Per-rank sums of the loss and of the token-weighted diagnostics add up to the global values
+        # (one gather of the whole dict: a rank without loss tokens has fewer keys).
+        totals: dict[str, float] = {"train/loss_tokens": float(prepared.num_loss_tokens)}
+        for part in all_gather_objects(self.dist, sums):
+            for key, value in part.items():
+                totals[key] = totals.get(key, 0.0) + value
+        if "loss/behavior_logprob_gap" in totals:
+            totals["sync/logprob_gap"] = totals.pop("loss/behavior_logprob_gap")
+        return totals
+
+    def _pad_for_ranks(self, chunks: list[MicroBatch]) -> list[tuple[MicroBatch, bool]]:
+        """Micro-batches to run, flagged True where one is a masked-out repeat.
+
+        Under FSDP2 every forward and backward is a collective, so all ranks must run as many passes;
+        a rank with fewer micro-batches repeats its first one with the loss masked out.
+        """
+        passes = [(chunk, False) for chunk in chunks]
+        if not self.dist.enabled:
+            return passes
+        most = max(all_gather_objects(self.dist, len(chunks)))
+        if not chunks and most:
+            raise RuntimeError(
+                f"rank {self.dist.rank}: every session of this rank failed, so it has no tokens to keep "
+                "in step with the other ranks; see the rollout errors in its log"
+            )
+        return passes + [(chunks[0], True)] * (most - len(chunks))
+
+    def _aggregation(self, mask, seq_ids, num_loss_tokens: int, num_loss_sessions: int):
+        """Per-micro-batch loss_agg and scale so that the summed micro-batch losses aggregate the step."""
+        agg = self.config.algo.loss.loss_agg
+        if agg == "token_mean":
+            return "token_sum_norm", 1.0, {"max_tokens": num_loss_tokens}
+        sessions_here = int(seq_ids[mask].unique().numel())
+        return agg, sessions_here / num_loss_sessions, {}
+
+    @torch.no_grad()
+    def _ref_logprobs(self, batch, rows: slice, device) -> torch.Tensor:
+        """Log-probs under the frozen reference: the base model (adapters off) or a frozen copy."""
+        temperature = self.config.rollout.temperature
+        if self.reference is not None:
+            return PolicyObjective(self.reference)(batch, rows, temperature=temperature)
+        with self.model.disable_adapter():
+            return self.objective(batch, rows, temperature=temperature)
+
+    @torch.no_grad()
+    def _old_logprobs(self, batch, passes) -> torch.Tensor:
+        """Current-policy log-probs before the first epoch (the PPO "old" policy for later epochs)."""
+        old = torch.zeros(batch.input_ids.shape[0])
+        for chunk, padding in passes:
+            logprobs = self.objective(batch, chunk.rows, temperature=self.config.rollout.temperature)
+            if not padding:
+                old[chunk.rows] = logprobs.cpu()
+        return old
+
+    # -- sync, records, evaluation ----------------------------------------------------------------------
+
+    def sync(self, step: int) -> dict[str, float]:
+        """Push the weights into the engine; ``step`` 0 is the push after loading a checkpoint."""
+        if step == 0:
+            self.weight_sync.push(self.model)
+            return {}
+        every = self.config.rollout.check_logprobs_every
+        check = [s[:64] for s in self._check_prompts] if every and step % every == 0 else None
+        report = self.weight_sync.wake_and_push(self.model, check_prompts=check)
+        metrics = {"sync/seconds": report.seconds, "sync/weight_version": float(report.weight_version)}
+        if report.logprob_mismatch is not None:
+            metrics["sync/check_logprob_mismatch"] = report.logprob_mismatch
+        return metrics
+
+    def samples(self, data, per_turn: torch.Tensor) -> list[dict[str, Any]]:
+        batch, samples = data, []
+        turn_session = batch.turn_session.tolist()
+        for s, outcome in enumerate(batch.outcomes):
+            samples.append(
+                {
+                    "session": s,
+                    "group": int(batch.session_group[s]),
+                    "messages": batch.transcripts[s],
+                    "turn_advantages": [round(float(a), 4) for a, t in zip(per_turn, turn_session) if t == s],
+                    "outcome": {
+                        "converted": outcome.converted,
+                        "flagged_bot": outcome.flagged_bot,
+                        "reason": outcome.reason,
+                    },
+                    "error": batch.errors[s],
+                }
+            )
+        return samples
+
+    def export(self):
+        return None if self.dist.enabled else self.model.save_pretrained
+
+    def evaluate(self, scenarios: list[Scenario], customer_seeds: list[int]) -> PlayedSessions:
+        from duca_fast.rollout import RolloutConfig, SessionSpec, rollout
+
+        specs = [
+            SessionSpec(scenario, i, seed)
+            for i, (scenario, seed) in enumerate(zip(scenarios, customer_seeds))
+        ]
+        config = RolloutConfig(sampling=self._sampling(greedy=True), max_turns=self.config.env.max_turns)
+        batch = rollout(self.engine, env_factory(self.config), specs, config)
+        finished = [o for o, failed in zip(batch.outcomes, batch.failed.tolist()) if not failed]
+        return PlayedSessions(finished, batch.turn_rewards, batch.session_rewards, int(batch.failed.sum()))
+
+    def close(self) -> None:
+        self.engine.close()
