@@ -166,6 +166,13 @@ def test_harmless_reload_warnings_are_filtered_and_others_still_show(engine, tra
     (ours,) = [f for f in reload_logger.filters if isinstance(f, HarmlessReloadWarningFilter)]
     printed = io.StringIO()
     previous = console.setStream(printed)
+    # Other libraries imported earlier in a test session may reconfigure logging (a dictConfig disables the
+    # loggers it does not name; a level may be raised): pin the state this test is about, restore it after.
+    vllm_logger = logging.getLogger("vllm")
+    saved = (reload_logger.disabled, reload_logger.level, vllm_logger.disabled, vllm_logger.level)
+    reload_logger.disabled = vllm_logger.disabled = False
+    reload_logger.setLevel(logging.NOTSET)
+    vllm_logger.setLevel(logging.INFO)
     try:
         reload_logger.removeFilter(ours)  # what every push printed before the filter
         WeightSync(engine).push(_perturb(trainer_model))
@@ -197,5 +204,8 @@ def test_harmless_reload_warnings_are_filtered_and_others_still_show(engine, tra
         assert untied.filter(record) and not ours.filter(record)  # an untied lm_head must get its weight
     finally:
         console.setStream(previous)
+        reload_logger.disabled, vllm_logger.disabled = saved[0], saved[2]
+        reload_logger.setLevel(saved[1])
+        vllm_logger.setLevel(saved[3])
         if ours not in reload_logger.filters:
             reload_logger.addFilter(ours)
