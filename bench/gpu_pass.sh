@@ -13,7 +13,12 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install --quiet --no-deps --no-index .whl/*.whl
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python3 -m pytest -q -p no:cacheprovider tests/ops tests/test_advantages.py tests/test_policy_loss.py tests/test_library.py \
+# The native library with its CUDA part (its GPU tests compare it with the CPU library and the reference).
+if command -v cmake > /dev/null && command -v nvcc > /dev/null; then
+    cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release > "$OUT/native_build.txt" 2>&1 \
+        && cmake --build build >> "$OUT/native_build.txt" 2>&1 || echo "native build failed: $OUT/native_build.txt"
+fi
+python3 -m pytest -q -p no:cacheprovider tests/ops tests/native tests/test_advantages.py tests/test_policy_loss.py tests/test_library.py \
     > "$OUT/gpu_tests.txt" 2>&1
 tail -5 "$OUT/gpu_tests.txt"
 python3 bench/bench_advantages.py --sessions 16000 128000
