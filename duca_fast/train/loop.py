@@ -155,23 +155,29 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.dist = init_distributed(config.distributed_timeout_s)
         check_same_config(self.dist, to_yaml(config))
-        self.run_id = self._claim(resume=resume, overwrite=overwrite)
+        self.run_id, changes = self._claim(resume=resume, overwrite=overwrite, force=force)
         try:
-            self._start(resume=resume, force=force)
+            self._start(resume=resume, changes=changes)
         except BaseException:
             self._release()
             raise
 
-    def _claim(self, *, resume: bool, overwrite: bool) -> str:
-        """Rank 0 claims the run directory (``rundir.claim_run_dir``); every rank gets its run id or error."""
-        claimed: str | RunDirError = RunDirError("rank 0 did not claim the run directory")
+    def _claim(self, *, resume: bool, overwrite: bool, force: bool) -> tuple[str, dict]:
+        """Rank 0 claims the run directory (``rundir.claim_run_dir``) and checks the resume overrides;
+        every rank gets the run id and the changes, or the same error."""
+        claimed: object = RunDirError("rank 0 did not claim the run directory")
         if self.dist.is_main:
             try:
-                claimed = claim_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
-            except RunDirError as error:
+                run_id = claim_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+                try:
+                    claimed = (run_id, self._resume_changes(run_id, force) if resume else {})
+                except ConfigError:
+                    release_run_dir(self.run_dir)
+                    raise
+            except (RunDirError, ConfigError) as error:
                 claimed = error
         claimed = all_gather_objects(self.dist, claimed)[0]
-        if isinstance(claimed, RunDirError):
+        if isinstance(claimed, Exception):
             raise claimed
         return claimed
 
@@ -179,7 +185,7 @@ class Trainer:
         if self.dist.is_main:
             release_run_dir(self.run_dir)
 
-    def _start(self, *, resume: bool, force: bool) -> None:
+    def _start(self, *, resume: bool, changes: dict) -> None:
         config = self.config
         checkpoint = latest_checkpoint(self.run_dir, run_id=self.run_id) if resume else None
         if resume and checkpoint is None:
@@ -187,7 +193,6 @@ class Trainer:
                 f"--resume: run {self.run_id} has no checkpoint under {self.run_dir / 'checkpoints'} that "
                 "verifies; start again with --overwrite"
             )
-        changes = self._resume_changes(force) if resume else {}
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(config))
         seed_everything(config.seed)
@@ -223,7 +228,7 @@ class Trainer:
             for key, (before, after) in changes.items():
                 print(f"resume: {key} {before!r} -> {after!r}", flush=True)
 
-    def _resume_changes(self, force: bool) -> dict:
+    def _resume_changes(self, run_id: str, force: bool) -> dict:
         """What the resumed config changes against the run's ``config.yaml``; refuse run-defining changes."""
         saved_path = self.run_dir / "config.yaml"
         try:
@@ -235,7 +240,7 @@ class Trainer:
         if defining and not force:
             listed = ", ".join(f"{k} {before!r} -> {after!r}" for k, (before, after) in defining.items())
             raise ConfigError(
-                f"--resume would change what run {self.run_id} is ({listed}); start a new run (another "
+                f"--resume would change what run {run_id} is ({listed}); start a new run (another "
                 "run_dir or --overwrite), or pass --force to continue with them"
             )
         return changes
