@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"duca-fast {args.command}: {stop}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        again = " (the last checkpoint); resume with --resume" if args.command == "train" else ""
-        print(f"duca-fast {args.command}: interrupted{again}", file=sys.stderr)
+        hint = "; resume with --resume (from the last checkpoint)" if args.command == "train" else ""
+        print(f"duca-fast {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except DistributedError as error:
         print(f"duca-fast {args.command}: error: {error}", file=sys.stderr, flush=True)
