@@ -138,33 +138,51 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("reliability_model_cache")
 
 
+@pytest.fixture
+def silent_port():
+    """A loopback port that accepts connections (the kernel's backlog) and never answers: a hung server."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        yield server.getsockname()[1]
+
+
+LLM_CUSTOMER = ["env.customer=llm", "env.customer_model=customer"]
+
+
 @pytest.mark.parametrize(
-    ("overrides", "reason"),
+    ("endpoint", "overrides", "reason", "detail"),
     [
         (
-            [
-                "env.customer=llm",
-                "env.customer_model=customer",
-                "env.customer_timeout_s=2",
-                "env.customer_max_attempts=1",
-            ],
+            "closed",
+            [*LLM_CUSTOMER, "env.customer_max_attempts=1"],
             "customer_error",
+            "could not connect",
         ),
-        (["rollout.max_model_len=64"], "prompt_too_long"),
+        (
+            "silent",
+            [*LLM_CUSTOMER, "env.customer_timeout_s=0.5", "env.customer_max_attempts=2"],
+            "customer_error",
+            "timed out after 0.5 s; gave up after 2 attempts",
+        ),
+        ("closed", ["rollout.max_model_len=64"], "prompt_too_long", "prompt too long"),
     ],
-    ids=["dead-customer-endpoint", "tiny-max-model-len"],
+    ids=["dead-customer-endpoint", "hung-customer-endpoint", "tiny-max-model-len"],
 )
-def test_a_run_whose_sessions_all_fail_stops(tmp_path, cache_dir, overrides, reason):
-    """Item 2: every session failed, the run exited 0 with checkpoints and nothing on the console."""
+def test_a_run_whose_sessions_all_fail_stops(
+    tmp_path, cache_dir, silent_port, endpoint, overrides, reason, detail
+):
+    """Item 2: every session failed, the run exited 0 with checkpoints and nothing on the console; a hung
+    endpoint cost ~95 s a step, not configurable."""
     run_dir = tmp_path / "run"
-    port = closed_port()
+    port = silent_port if endpoint == "silent" else closed_port()
     args = [*tiny_overrides(run_dir, cache_dir, "hf", steps=4), *overrides]
     args.append(f"env.customer_base_url=http://127.0.0.1:{port}/v1")
     result = cli("train", "--config", "configs/demo.yaml", *args)
     assert result.returncode == 1, result.stderr[-3000:]
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("duca-fast train: error: stopped at step 2: 2 steps in a row"), error
-    assert f"4/4 sessions failed ({reason} 4)" in error
+    assert f"4/4 sessions failed ({reason} 4)" in error and detail in error, error
     assert "Traceback" not in result.stderr
     # The console shows every failed step.
     assert f"step 1: 4/4 sessions failed ({reason} 4)" in result.stdout
