@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# `duca-fast bench --out DIR` sets this; the scripts run by hand write the committed bench/results/.
+RESULTS_DIR = Path(os.environ.get("DUCA_FAST_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def device_name(device: torch.device | str) -> str:

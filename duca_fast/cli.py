@@ -1,12 +1,14 @@
 """`duca-fast`: train, eval, compare, bench.
 
-    duca-fast train   [--config FILE] [--resume] [key=value ...]
+    duca-fast train   [--config FILE] [--resume [--force] | --overwrite] [key=value ...]
     duca-fast eval    [--config FILE] [--checkpoint DIR|latest|none] [--sessions N] [--seed S] [key=value ...]
     duca-fast compare [--config FILE] --algos duca,grpo,gdpo --seeds 3 [--out DIR] [key=value ...]
-    duca-fast bench   [--only advantages,policy_loss,rollout,train]
+    duca-fast bench   [--only advantages,policy_loss,rollout,train] [--out DIR]
 
 Overrides use the config's dotted keys (``optim.lr=1e-4 rollout.group_size=8``); see
-``duca_fast/train/config.py`` for every key and its meaning.
+``duca_fast/train/config.py`` for every key and its meaning. Options and overrides may come in any order.
+Exit codes: 0 done, 1 the run failed (non-finite gradient, sessions failing), 2 bad config, arguments
+or run directory, 3 a distributed collective failed, 130 interrupted (Ctrl-C; resume with --resume).
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a policy (the run directory is run_dir)")
     train.add_argument("--config", help="YAML config (configs/demo.yaml, configs/acts.yaml, ...)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete the run in run_dir and start a new one there"
+    )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: accept overrides that change what the run is (algorithm, group size, model)",
+    )
     train.add_argument("overrides", nargs="*", help="key=value config overrides")
 
     evaluate = commands.add_parser("eval", help="run sessions with a checkpoint and print the metrics table")
@@ -54,9 +64,26 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--sessions", type=int, help="evaluation sessions per run (default: eval_sessions)")
     compare.add_argument("overrides", nargs="*", help="key=value config overrides")
 
-    bench = commands.add_parser("bench", help="run the benchmark suite (results in bench/results/)")
+    bench = commands.add_parser("bench", help="run the benchmark suite (results in --out)")
     bench.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {BENCHES}")
+    bench.add_argument(
+        "--out",
+        default="runs/bench",
+        help="results folder (CSV and Markdown); the committed bench/results/ only when named here",
+    )
     return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Options and ``key=value`` overrides in any order (argparse's intermixed parsing, per command)."""
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if not argv or argv[0] not in commands.choices:
+        return parser.parse_args(argv)  # help, or the "invalid choice" error
+    args = commands.choices[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
 
 
 def _resolve_checkpoint(spec: str, run_dir: str) -> Path | None:
@@ -85,22 +112,37 @@ def _print_table(metrics: dict[str, float]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     from duca_fast.train.checkpoint import CheckpointError
-    from duca_fast.train.config import ConfigError, load_config
+    from duca_fast.train.config import ALGORITHMS, ConfigError, load_config
     from duca_fast.train.distributed import DistributedError
-    from duca_fast.train.loop import NonFiniteGradientError, evaluate, train
+    from duca_fast.train.loop import (
+        NonFiniteGradientError,
+        RolloutFailureError,
+        TrainingInterrupted,
+        evaluate,
+        train,
+    )
+    from duca_fast.train.rundir import RunDirError
 
     try:
         if args.command == "bench":
-            return _bench(args.only)
+            return _bench(args.only, Path(args.out))
+        if args.command == "compare":
+            algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+            unknown = [a for a in algos if a not in ALGORITHMS]
+            if unknown or not algos:
+                known = ", ".join(ALGORITHMS)
+                raise ConfigError(f"--algos: unknown algorithms {unknown}; choose from {known}")
+        if args.command == "eval" and args.sessions is not None and args.sessions < 1:
+            raise ConfigError(f"--sessions must be >= 1, got {args.sessions}")
+        if args.command == "train" and args.force and not args.resume:
+            raise ConfigError("--force only applies with --resume")
         config = load_config(args.config, args.overrides)
         if args.command == "train":
-            run_dir = train(config, resume=args.resume)
+            run_dir = train(config, resume=args.resume, overwrite=args.overwrite, force=args.force)
             print(f"run directory: {run_dir}")
         elif args.command == "eval":
-            if args.sessions is not None and args.sessions < 1:
-                raise ConfigError(f"--sessions must be >= 1, got {args.sessions}")
             checkpoint = _resolve_checkpoint(args.checkpoint, config.run_dir)
             seed = config.eval_seed if args.seed is None else args.seed
             metrics = evaluate(config, checkpoint, args.sessions or config.eval_sessions, seed)
@@ -110,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "compare":
             from duca_fast.train.compare import compare
 
-            algos = [a.strip() for a in args.algos.split(",") if a.strip()]
             if args.seeds < 1:
                 raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
             table = compare(
@@ -123,12 +164,19 @@ def main(argv: list[str] | None = None) -> int:
                 args.sessions or config.eval_sessions,
             )
             print(table)
-    except (ConfigError, CheckpointError) as error:
+    except (ConfigError, CheckpointError, RunDirError) as error:
         print(f"duca-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except NonFiniteGradientError as error:
+    except (NonFiniteGradientError, RolloutFailureError) as error:
         print(f"duca-fast {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as stop:
+        print(f"duca-fast {args.command}: {stop}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        hint = "; resume with --resume (from the last checkpoint)" if args.command == "train" else ""
+        print(f"duca-fast {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except DistributedError as error:
         print(f"duca-fast {args.command}: error: {error}", file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -137,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _bench(only: str) -> int:
+def _bench(only: str, out: Path) -> int:
     chosen = [b.strip() for b in only.split(",") if b.strip()]
     unknown = sorted(set(chosen) - set(BENCHES))
     if unknown:
@@ -150,10 +198,13 @@ def _bench(only: str) -> int:
             file=sys.stderr,
         )
         return 2
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DUCA_FAST_BENCH_RESULTS": str(out.resolve())}
     status = 0
     for name in chosen:
-        print(f"== bench_{name}.py", flush=True)
-        status |= subprocess.run([sys.executable, str(root / f"bench_{name}.py")], check=False).returncode
+        print(f"== bench_{name}.py -> {out}", flush=True)
+        command = [sys.executable, str(root / f"bench_{name}.py")]
+        status |= subprocess.run(command, check=False, env=env).returncode
     return status
 
 

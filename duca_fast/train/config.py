@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from duca_fast.env import SESSION_REWARD_NAMES, TURN_REWARD_NAMES
 from duca_fast.ops import AdvantageOptions, PolicyLossOptions
 
 ALGORITHMS = ("duca", "grpo", "gdpo")
@@ -69,6 +71,10 @@ class EnvConfig:
     """Endpoint of the LLM customer."""
     customer_model: str = ""
     """Model name the LLM customer requests."""
+    customer_timeout_s: float = 10.0
+    """LLM customer: wall-clock limit of one request (connect and whole answer)."""
+    customer_max_attempts: int = 2
+    """LLM customer: tries per request (1 = no retry) for timeouts, connection errors, 429 and 5xx."""
 
 
 @dataclass
@@ -132,12 +138,23 @@ class OptimConfig:
 
 
 @dataclass
+class FailureLimits:
+    """When failed rollout sessions stop a run (``rollout/failed_sessions`` of each step)."""
+
+    max_failed_share: float = 1.0
+    """A step counts as failed when at least this share of its sessions failed (1.0 = all of them)."""
+    max_failed_steps: int = 2
+    """That many failed steps in a row stop the run (exit 1, the failure reasons counted)."""
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    train: FailureLimits = field(default_factory=FailureLimits)
     steps: int = 10
     """Training steps (rollout -> advantages -> update -> sync)."""
     seed: int = 0
@@ -192,9 +209,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         if path is not None:
             path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {str(path)!r} does not exist")
-            schema = OmegaConf.merge(schema, OmegaConf.load(path))
+            schema = OmegaConf.merge(schema, _load_yaml(path))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
@@ -210,6 +225,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config: TrainConfig = OmegaConf.to_object(schema)
     validate(config)
     return config
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """The YAML file as a mapping; syntax errors, tabs and a non-mapping top level are one line."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        lines = path.read_text(errors="replace").splitlines()
+        if mark is not None and mark.line < len(lines) and "\t" in lines[mark.line]:
+            problem += " (a tab: YAML indents with spaces only)"
+        raise ConfigError(f"config file {str(path)!r}{where}: YAML error: {problem}") from None
+    if isinstance(loaded, ListConfig) or not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of keys (key: value), not a list")
+    return loaded
 
 
 def _check_options(key: str, options: type, values: dict[str, Any]) -> None:
@@ -233,7 +267,7 @@ def validate(config: TrainConfig) -> None:
     _require(config.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
     _require(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
     _require(config.eval_seed >= 0, f"eval_seed must be >= 0, got {config.eval_seed}")
-    _require(config.samples_per_step >= 0, f"samples_per_step must be >= 0, got {config.samples_per_step}")
+    _require(config.samples_per_step >= 1, f"samples_per_step must be >= 1, got {config.samples_per_step}")
     _require(config.eval_sessions >= 1, f"eval_sessions must be >= 1, got {config.eval_sessions}")
     _require(m.lora_alpha > 0, f"model.lora_alpha must be > 0, got {m.lora_alpha}")
     _require(m.hidden_size >= 1, f"model.hidden_size must be >= 1, got {m.hidden_size}")
@@ -267,12 +301,29 @@ def validate(config: TrainConfig) -> None:
     _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}")
     _require(r.temperature > 0, f"rollout.temperature must be > 0, got {r.temperature}")
     _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    _require(r.max_model_len >= 2, f"rollout.max_model_len must be >= 2, got {r.max_model_len}")
+    _require(
+        0 < r.gpu_memory_utilization <= 1,
+        f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}",
+    )
+    _require(
+        r.check_logprobs_every >= 0,
+        f"rollout.check_logprobs_every must be >= 0, got {r.check_logprobs_every}",
+    )
+    _require(
+        config.distributed_timeout_s >= 1,
+        f"distributed_timeout_s must be >= 1, got {config.distributed_timeout_s}",
+    )
     _require(a.name in ALGORITHMS, f"algo.name must be one of {ALGORITHMS}, got {a.name!r}")
     _require(
         r.group_size >= 2 or a.name not in ("duca", "grpo", "gdpo"),
         f"rollout.group_size must be >= 2 for {a.name} (group statistics need 2 members), got {r.group_size}",
     )
     _require(a.ppo_epochs >= 1, f"algo.ppo_epochs must be >= 1, got {a.ppo_epochs}")
+    _check_component_weights("algo.turn_component_weights", a.turn_component_weights, TURN_REWARD_NAMES)
+    _check_component_weights(
+        "algo.session_component_weights", a.session_component_weights, SESSION_REWARD_NAMES
+    )
     _check_options("algo.advantage", AdvantageOptions, asdict(a.advantage))
     _check_options("algo.loss", PolicyLossOptions, asdict(a.loss))
     _require(
@@ -295,7 +346,78 @@ def validate(config: TrainConfig) -> None:
     _require(
         o.micro_batch_tokens >= 16, f"optim.micro_batch_tokens must be >= 16, got {o.micro_batch_tokens}"
     )
+    _check_failure_limits(config)
+
+
+def _check_failure_limits(config: TrainConfig) -> None:
+    e, limits = config.env, config.train
+    _require(
+        e.customer_timeout_s > 0 and math.isfinite(e.customer_timeout_s),
+        f"env.customer_timeout_s must be a positive number, got {e.customer_timeout_s}",
+    )
+    _require(
+        e.customer_max_attempts >= 1, f"env.customer_max_attempts must be >= 1, got {e.customer_max_attempts}"
+    )
+    _require(
+        0 < limits.max_failed_share <= 1,
+        f"train.max_failed_share must be in (0, 1], got {limits.max_failed_share}",
+    )
+    _require(
+        limits.max_failed_steps >= 1, f"train.max_failed_steps must be >= 1, got {limits.max_failed_steps}"
+    )
+
+
+def _check_component_weights(key: str, weights: dict[str, float], names: tuple[str, ...]) -> None:
+    for name, weight in weights.items():
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(names)}"
+            raise ConfigError(f"{key}.{name}: unknown reward component {name!r}; {hint}")
+        _require(math.isfinite(weight), f"{key}.{name} must be a finite number, got {weight}")
 
 
 def to_yaml(config: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+# -- resume: what an override given with --resume may change -------------------------------------------
+
+RUN_DEFINING_KEYS = (
+    "model.",
+    "env.",
+    "algo.name",
+    "algo.advantage.",
+    "algo.turn_component_weights",
+    "algo.session_component_weights",
+    "rollout.group_size",
+    "rollout.groups_per_step",
+    "seed",
+)
+"""Keys (or key prefixes ending in ".") whose change on ``--resume`` would make it another run: refused
+unless ``--force``. Every other key (steps, optim.*, logging, evaluation, checkpoints) may change."""
+
+
+def flat(config: TrainConfig) -> dict[str, Any]:
+    """Dotted key -> value of every leaf (dict-valued keys such as component weights stay whole)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in fields(node):
+            value = getattr(node, f.name)
+            if is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = value
+
+    walk(config, "")
+    return out
+
+
+def changed_keys(before: TrainConfig, after: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ: ``{key: (before, after)}`` in declaration order."""
+    old, new = flat(before), flat(after)
+    return {key: (old.get(key), value) for key, value in new.items() if old.get(key) != value}
+
+
+def defines_the_run(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RUN_DEFINING_KEYS)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,9 +23,24 @@ import torch
 from duca_fast.env import Scenario, generate_scenarios, load_scenarios
 from duca_fast.train.algorithms import compute_advantages
 from duca_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from duca_fast.train.config import ConfigError, TrainConfig, to_yaml
-from duca_fast.train.distributed import DistContext, check_same_config, init_distributed, shutdown
+from duca_fast.train.config import (
+    ConfigError,
+    TrainConfig,
+    changed_keys,
+    defines_the_run,
+    load_config,
+    to_yaml,
+)
+from duca_fast.train.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    check_same_config,
+    init_distributed,
+    shutdown,
+)
 from duca_fast.train.records import RunRecords, write_before_after
+from duca_fast.train.rundir import RunDirError, claim_run_dir, release_run_dir
 from duca_fast.train.task import (
     ScenarioCursor,
     StepRollout,
@@ -45,8 +63,41 @@ EVAL_TABLE = (
 """Rows of the before/after table, in order."""
 
 
+FAULT_ENV = "DUCA_FAST_FAULT"
+"""Fault injection for the reliability tests: ``STEP:PHASE`` makes the loop SIGKILL itself when step STEP
+reaches PHASE (one of ``FAULT_PHASES``); ``STEP:checkpoint:SECONDS`` kills it that long after the
+checkpoint write of STEP started (mid-write, or just after when the write is quicker)."""
+FAULT_PHASES = ("rollout", "advantage", "update", "sync", "records", "checkpoint")
+
+
 class NonFiniteGradientError(FloatingPointError):
     """The gradient norm of an update is NaN or infinite; the weights were left unchanged."""
+
+
+class RolloutFailureError(RuntimeError):
+    """Too many sessions failed for ``train.max_failed_steps`` steps in a row; the run stopped."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the run after a step; ``step`` is the last one done (and checkpointed)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"interrupted at step {step}; resume with --resume")
+        self.step = step
+
+
+def _fault_point(step: int, phase: str) -> None:
+    """SIGKILL this process at the point ``DUCA_FAST_FAULT`` names (tests only; unset: nothing)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if int(parts[0]) != step or parts[1] != phase:
+        return
+    if len(parts) == 3:
+        threading.Timer(float(parts[2]), os.kill, (os.getpid(), signal.SIGKILL)).start()
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def seed_everything(seed: int) -> None:
@@ -97,16 +148,52 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
 class Trainer:
     """Owns the task, the optimizer and the run directory; ``run()`` trains."""
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False) -> None:
+    def __init__(
+        self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False
+    ) -> None:
         self.config = config
         self.run_dir = Path(config.run_dir)
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
-        if resume and checkpoint is None:
-            raise ConfigError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}")
         self.dist = init_distributed(config.distributed_timeout_s)
         check_same_config(self.dist, to_yaml(config))
+        self.run_id, changes = self._claim(resume=resume, overwrite=overwrite, force=force)
+        try:
+            self._start(resume=resume, changes=changes)
+        except BaseException:
+            self._release()
+            raise
+
+    def _claim(self, *, resume: bool, overwrite: bool, force: bool) -> tuple[str, dict]:
+        """Rank 0 claims the run directory (``rundir.claim_run_dir``) and checks the resume overrides;
+        every rank gets the run id and the changes, or the same error."""
+        claimed: object = RunDirError("rank 0 did not claim the run directory")
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_id = claim_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+                try:
+                    claimed = (run_id, self._resume_changes(run_id, force) if resume else {})
+                except ConfigError:
+                    release_run_dir(self.run_dir)
+                    raise
+            except (RunDirError, ConfigError) as error:
+                claimed = error
+        claimed = all_gather_objects(self.dist, claimed)[0]
+        if isinstance(claimed, Exception):
+            raise claimed
+        return claimed
+
+    def _release(self) -> None:
+        if self.dist.is_main:
+            release_run_dir(self.run_dir)
+
+    def _start(self, *, resume: bool, changes: dict) -> None:
+        config = self.config
+        checkpoint = latest_checkpoint(self.run_dir, run_id=self.run_id) if resume else None
+        if resume and checkpoint is None:
+            raise ConfigError(
+                f"--resume: run {self.run_id} has no checkpoint under {self.run_dir / 'checkpoints'} that "
+                "verifies; start again with --overwrite"
+            )
+        if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(config))
         seed_everything(config.seed)
         self.task = build_task(config, self.dist)
@@ -124,26 +211,63 @@ class Trainer:
         self.scenarios = scenario_pool(config)
         self.cursor = ScenarioCursor(len(self.scenarios), config.seed)
         self.start_step = 1
+        self.failed_streak = 0
+        self.step_failed = False
+        self.interrupted = False
         if checkpoint is not None:
-            state = load_checkpoint(checkpoint, self.task.model, self.optimizer, self.scheduler)
+            state = load_checkpoint(
+                checkpoint, self.task.model, self.optimizer, self.scheduler, run_id=self.run_id
+            )
             self.cursor.position = state["scenario_position"]
             self.start_step = state["step"] + 1
+            self._apply_optimizer_settings()
             self.task.sync(0)  # the rollout side still holds the initial weights
         self.records = None
         if self.dist.is_main:
             self.records = RunRecords(self.run_dir, resume_step=self.start_step - 1 if checkpoint else None)
+            for key, (before, after) in changes.items():
+                print(f"resume: {key} {before!r} -> {after!r}", flush=True)
+
+    def _resume_changes(self, run_id: str, force: bool) -> dict:
+        """What the resumed config changes against the run's ``config.yaml``; refuse run-defining changes."""
+        saved_path = self.run_dir / "config.yaml"
+        try:
+            saved = load_config(saved_path)
+        except ConfigError as error:
+            raise ConfigError(f"--resume: the run's {saved_path} does not load ({error})") from None
+        changes = changed_keys(saved, self.config)
+        defining = {k: v for k, v in changes.items() if defines_the_run(k)}
+        if defining and not force:
+            listed = ", ".join(f"{k} {before!r} -> {after!r}" for k, (before, after) in defining.items())
+            raise ConfigError(
+                f"--resume would change what run {run_id} is ({listed}); start a new run (another "
+                "run_dir or --overwrite), or pass --force to continue with them"
+            )
+        return changes
+
+    def _apply_optimizer_settings(self) -> None:
+        """The configured lr, betas and weight decay replace the checkpoint's (the schedule is kept)."""
+        optim = self.config.optim
+        self.scheduler.base_lrs = [optim.lr for _ in self.optimizer.param_groups]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(lr=optim.lr * factor, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def step(self, step: int) -> dict[str, float]:
         config, task = self.config, self.task
         started = time.perf_counter()
 
         # 1. rollout: this step's scenarios, each a group of rollout.group_size sessions
+        _fault_point(step, "rollout")
         picked = self.cursor.take(config.rollout.groups_per_step)
         played: StepRollout = task.rollout(step, [self.scenarios[i] for i in picked])
         metrics = {**task_metrics(played.outcomes), **played.metrics}
         metrics["time/rollout"] = time.perf_counter() - started
+        self._count_failures(step, played, metrics)
 
         # 2. advantages over the whole step's rewards
+        _fault_point(step, "advantage")
         phase = time.perf_counter()
         advantages = compute_advantages(config.algo, **played.rewards.as_kwargs())
         metrics.update(advantages.metrics)
@@ -151,12 +275,14 @@ class Trainer:
         metrics["time/advantage"] = time.perf_counter() - phase
 
         # 3. update: algo.ppo_epochs passes, each one optimizer step; then the schedule
+        _fault_point(step, "update")
         phase = time.perf_counter()
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
         metrics.update(self.update(played, per_turn))
         metrics["time/train"] = time.perf_counter() - phase
 
         # 4. sync: the rollout side gets the new weights
+        _fault_point(step, "sync")
         phase = time.perf_counter()
         metrics.update(task.sync(step))
         metrics["time/sync"] = time.perf_counter() - phase
@@ -165,10 +291,29 @@ class Trainer:
             metrics["tokens_per_s"] = metrics["rollout/tokens"] / metrics["time/step"]
 
         # 5. records
+        _fault_point(step, "records")
         if self.records is not None:
             self.records.log(step, metrics)
             self.records.write_samples(step, task.samples(played.data, per_turn)[: config.samples_per_step])
+        if self.failed_streak >= config.train.max_failed_steps:
+            raise RolloutFailureError(
+                f"stopped at step {step}: {self.failed_streak} steps in a row with at least "
+                f"{config.train.max_failed_share:.0%} of the sessions failed (train.max_failed_share, "
+                f"train.max_failed_steps); step {step}: {' '.join(played.failure_summary.split())}"
+            )
         return metrics
+
+    def _count_failures(self, step: int, played: StepRollout, metrics: dict[str, float]) -> None:
+        """Print the step's failed and truncated sessions; count steps that failed in a row."""
+        failed = metrics.get("rollout/failed_sessions", 0.0)
+        truncated = metrics.get("rollout/truncated_sessions", 0.0)
+        if (failed or truncated) and self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {step}: {played.failure_summary}")
+        sessions = played.rewards.session_group.numel()
+        self.step_failed = failed > 0 and failed >= self.config.train.max_failed_share * sessions
+        self.failed_streak = self.failed_streak + 1 if self.step_failed else 0
 
     def update(self, played: StepRollout, per_turn: torch.Tensor) -> dict[str, float]:
         prepared = self.task.prepare_update(played.data, per_turn)
@@ -187,6 +332,7 @@ class Trainer:
         return totals
 
     def checkpoint(self, step: int) -> Path:
+        _fault_point(step, "checkpoint")
         return save_checkpoint(
             self.run_dir,
             step,
@@ -197,6 +343,7 @@ class Trainer:
             keep=self.config.keep_checkpoints,
             export=self.task.export(),
             sharded=self.task.sharded,
+            run_id=self.run_id,
         )
 
     def evaluate(self, name: str) -> dict[str, float]:
@@ -226,6 +373,7 @@ class Trainer:
             disable=not (config.progress and self.dist.is_main),
             dynamic_ncols=True,
         )
+        previous_handler = self._catch_sigint()
         try:
             for step in bar:
                 metrics = self.step(step)
@@ -233,11 +381,18 @@ class Trainer:
                     conversion=f"{metrics.get('task/conversion_rate', float('nan')):.2f}",
                     turn_reward=f"{metrics.get('reward/turn_total/mean', float('nan')):.2f}",
                 )
-                if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                interrupted = self._interrupted_everywhere()
+                scheduled = config.checkpoint_every and step % config.checkpoint_every == 0
+                # A step whose sessions failed (train.max_failed_share) is never checkpointed.
+                if not self.step_failed and (step == config.steps or scheduled or interrupted):
                     self.checkpoint(step)
                     if self.records is not None:
                         self.records.plot()
+                if interrupted and step < config.steps:
+                    raise TrainingInterrupted(step)
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
             bar.close()
             if self.records is not None:
                 self.records.plot()
@@ -250,14 +405,38 @@ class Trainer:
                 print(table, flush=True)
         return self.run_dir
 
+    def _catch_sigint(self):
+        """First Ctrl-C: finish the step, checkpoint it, stop; a second one interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def stop_after_this_step(signum, frame):
+            self.interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        return signal.signal(signal.SIGINT, stop_after_this_step)
+
+    def _interrupted_everywhere(self) -> bool:
+        # Ranks must agree, or one would checkpoint (a collective) while the others go on.
+        if not self.dist.enabled:
+            return self.interrupted
+        return all_reduce_sum(self.dist, float(self.interrupted)) > 0
+
     def close(self) -> None:
-        self.task.close()
-        shutdown(self.dist)
+        try:
+            self.task.close()
+            shutdown(self.dist)
+        finally:
+            self._release()
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> Path:
-    """Train as configured; returns the run directory."""
-    trainer = Trainer(config, resume=resume)
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> Path:
+    """Train as configured; returns the run directory.
+
+    ``resume`` continues the run in ``run_dir`` (overrides that change what the run is need ``force``);
+    ``overwrite`` replaces it; with neither, ``run_dir`` must be empty or missing (``RunDirError``).
+    """
+    trainer = Trainer(config, resume=resume, overwrite=overwrite, force=force)
     try:
         return trainer.run()
     finally:

@@ -119,6 +119,8 @@ class StepRollout:
     """How the step's finished sessions ended (every rank's; failed sessions left out)."""
     metrics: dict[str, float]
     """Rollout diagnostics (``rollout/``) of the whole step."""
+    failure_summary: str = "no session failed"
+    """One console line: failed and truncated sessions by reason (``RolloutBatch.failure_summary``)."""
 
 
 @dataclass

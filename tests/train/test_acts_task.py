@@ -10,6 +10,7 @@ import pytest
 from duca_fast.train.checkpoint import list_checkpoints
 from duca_fast.train.config import ConfigError, load_config
 from duca_fast.train.loop import evaluate, train
+from duca_fast.train.rundir import RunDirError
 
 from .acts_configs import ACTS_CONFIG, tiny_acts_config
 
@@ -88,7 +89,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):
-    with pytest.raises(ConfigError, match="no complete checkpoint"):
+    with pytest.raises(RunDirError, match="is empty; start without --resume"):
         train(tiny_acts_config(tmp_path / "run"), resume=True)
 
 

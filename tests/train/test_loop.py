@@ -86,7 +86,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, cache_d
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--resume"], "--resume: no complete checkpoint under"),
+        (["--resume"], "is empty; start without --resume (or with --overwrite to replace it)"),
         (["optim.lrr=1e-4"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'"),
         (["optim.lr=-1"], "optim.lr must be a positive number"),
         (["steps=many"], "invalid value for 'steps'"),

@@ -115,7 +115,12 @@ def env_factory(config: TrainConfig):
         from duca_fast.env import LLMCustomerConfig, LLMCustomerFactory
 
         customer = LLMCustomerFactory(
-            LLMCustomerConfig(base_url=config.env.customer_base_url, model=config.env.customer_model)
+            LLMCustomerConfig(
+                base_url=config.env.customer_base_url,
+                model=config.env.customer_model,
+                timeout_s=config.env.customer_timeout_s,
+                max_attempts=config.env.customer_max_attempts,
+            )
         )
         return lambda: SalesEnv(customer, max_turns=config.env.max_turns)
     return lambda: SalesEnv(max_turns=config.env.max_turns)
@@ -287,6 +292,7 @@ class SalesTask:
                 "truncated": int(batch.truncated.sum()),
                 "tokens": int(batch.input_ids.numel()),
                 "rewards": TwoHorizonRewards.of(batch),
+                "summary": batch.failure_summary(),
             },
         )
         metrics = {
@@ -304,7 +310,11 @@ class SalesTask:
         ]
         rewards = TwoHorizonRewards.concat([part["rewards"] for part in everyone])
         outcomes = [o for part in everyone for o in part["outcomes"]]
-        return StepRollout(rewards, local, batch, outcomes, metrics)
+        summary = " | ".join(
+            part["summary"] if len(everyone) == 1 else f"rank {rank}: {part['summary']}"
+            for rank, part in enumerate(everyone)
+        )
+        return StepRollout(rewards, local, batch, outcomes, metrics, summary)
 
     # -- update ----------------------------------------------------------------------------------------
 
