@@ -179,9 +179,7 @@ def _read_curves(run_dir: Path) -> dict[str, list[float]]:
 
 def _finished(run_config: TrainConfig) -> Path | None:
     checkpoint = latest_checkpoint(run_config.run_dir)
-    if checkpoint is None or not checkpoint.name.endswith(f"{run_config.steps:08d}"):
-        return None
-    return checkpoint
+    return checkpoint if checkpoint is not None and checkpoint.name == f"step_{run_config.steps}" else None
 
 
 def _execute(
