@@ -321,7 +321,8 @@ def _plot_curves(runs: list[Run], labels: list[str], path: Path) -> None:
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
     figure.suptitle("mean over seeds; band: 25-75th percentile over seeds", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
