@@ -139,3 +139,16 @@ def test_ppo_gae_value_head_is_part_of_the_model_and_learns(tmp_path):
         assert any(not torch.equal(b, p) for b, p in zip(before, critic.parameters()))
     finally:
         trainer.close()
+
+
+def test_every_algorithm_starts_from_the_same_policy_for_a_seed(tmp_path):
+    from duca_fast.train.distributed import DistContext
+    from duca_fast.train.loop import build_task, seed_everything
+
+    weights = []
+    for algo in ("grpo", "ppo_gae"):
+        config = tiny_acts_config(tmp_path / algo, f"algo.name={algo}")
+        seed_everything(config.seed)
+        model = build_task(config, DistContext()).model
+        weights.append(torch.cat([p.flatten() for n, p in model.named_parameters() if "critic" not in n]))
+    assert torch.equal(weights[0], weights[1])

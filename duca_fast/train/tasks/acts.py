@@ -192,11 +192,11 @@ class ActsTask:
         self.config = config
         self.regime = make_regime(config.env.regime, **config.env.regime_knobs)
         observation_size = SalesActsEnv(regime=self.regime).observation_size
-        critic = None
+        self.model = ActsPolicy(observation_size, config.model.hidden_size, SalesActsEnv.num_actions)
         if config.algo.name == "ppo_gae":
+            # Built after the policy: every algorithm starts from the same policy weights for a seed.
             settings = config.algo.critic
-            critic = ValueHead(observation_size, settings.hidden_size, settings.num_layers)
-        self.model = ActsPolicy(observation_size, config.model.hidden_size, SalesActsEnv.num_actions, critic)
+            self.model.critic = ValueHead(observation_size, settings.hidden_size, settings.num_layers)
         # KL reference: the initial policy (on resume rebuilt from the seed before the checkpoint loads).
         self.reference = (
             copy.deepcopy(self.model).requires_grad_(False) if config.algo.loss.kl_coef > 0 else None
