@@ -209,11 +209,15 @@ def _execute(
             dict(eval_fn(run_config, checkpoint, eval_sessions, s, sampled=mode == "sampled"))
             for s in eval_seeds
         ]
-        missing = [key for key, _ in TABLE_COLUMNS if key not in per_seed[0]]
-        if missing:
-            raise KeyError(f"eval_fn returned no {missing} for {run.label} seed {run.seed}")
+        for metrics in per_seed:
+            missing = [key for key, _ in TABLE_COLUMNS if key not in metrics]
+            # The rates are over finished sessions: none finished (all failed) leaves them undefined.
+            if missing and metrics.get("failed_sessions", 0) < metrics.get("num_sessions", 1):
+                raise KeyError(f"eval_fn returned no {missing} for {run.label} seed {run.seed}")
+            metrics.update({key: float("nan") for key in missing})
         for key in per_seed[0]:
-            run.metrics[f"{mode}/{key}"] = float(np.mean([m[key] for m in per_seed]))
+            values = [m[key] for m in per_seed if np.isfinite(m[key])]
+            run.metrics[f"{mode}/{key}"] = float(np.mean(values)) if values else float("nan")
     run.curves = _read_curves(Path(run_config.run_dir))
     run.wall_s = time.perf_counter() - started
     return run
@@ -259,8 +263,12 @@ def _summary(
             values = {label: {r.seed: r.metrics[name] for r in runs if r.label == label} for label in labels}
             entry: dict[str, Any] = {}
             for label in labels:
-                seeds = sorted(values[label])
+                # Seeds whose evaluation finished no session have no rate: left out, n says how many.
+                seeds = sorted(s for s, v in values[label].items() if np.isfinite(v))
                 column = [values[label][s] for s in seeds]
+                if not column:
+                    entry[label] = {"mean": None, "ci": [None, None], "std": None, "n": 0}
+                    continue
                 ci = stats.mean_ci(column)
                 entry[label] = {
                     "mean": ci.mean,
@@ -268,8 +276,10 @@ def _summary(
                     "std": float(np.std(column, ddof=1)) if len(column) > 1 else 0.0,
                     "n": ci.n,
                 }
-                if baseline is not None and label != baseline and baseline in values:
-                    base = [values[baseline][s] for s in seeds]
+                paired = [s for s in seeds if np.isfinite(values.get(baseline, {}).get(s, float("nan")))]
+                if baseline is not None and label != baseline and paired:
+                    column = [values[label][s] for s in paired]
+                    base = [values[baseline][s] for s in paired]
                     diff = stats.paired_difference_ci(column, base)
                     test = stats.paired_permutation_test(column, base)
                     entry[label]["vs_baseline"] = {
@@ -277,19 +287,27 @@ def _summary(
                         "ci": [diff.low, diff.high],
                         "p_value": test.p_value,
                         "exact": test.exact,
+                        "n": len(paired),
                     }
             summary[name] = entry
     return summary
 
 
-def _table(summary: dict[str, Any], labels: list[str], mode: str, baseline: str | None) -> str:
+def _table(
+    summary: dict[str, Any], labels: list[str], mode: str, baseline: str | None, seeds: list[int]
+) -> str:
     header = ["Algorithm", *(title for _, title in TABLE_COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label in labels:
         cells = [label]
         for key, _ in TABLE_COLUMNS:
             entry = summary[f"{mode}/{key}"][label]
+            if entry["mean"] is None:
+                cells.append("n/a (no finished session)")
+                continue
             cell = f"{entry['mean']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
+            if entry["n"] < len(seeds):
+                cell += f" (n={entry['n']})"
             if "vs_baseline" in entry:
                 versus = entry["vs_baseline"]
                 cell += f"<br>Δ {versus['difference']:+.3f} [{versus['ci'][0]:+.3f}, {versus['ci'][1]:+.3f}]"
@@ -486,11 +504,21 @@ def compare(
         lines += [f"- {algo}: best {best[algo]}" for algo in algos]
         lines.append("")
     for mode in modes:
-        lines += [f"## {mode.capitalize()} evaluation", "", _table(summary, algos, mode, baseline)]
+        lines += [f"## {mode.capitalize()} evaluation", "", _table(summary, algos, mode, baseline, seeds)]
         values = {
             a: {r.seed: r.metrics[f"{mode}/conversion_rate"] for r in main_runs if r.algo == a} for a in algos
         }
-        lines += [f"Per-seed {mode} conversion rate:", "", stats.per_seed_table(values, baseline=baseline)]
+        if all(np.isfinite(v) for per in values.values() for v in per.values()):
+            lines += [
+                f"Per-seed {mode} conversion rate:",
+                "",
+                stats.per_seed_table(values, baseline=baseline),
+            ]
+        else:
+            lines += [
+                f"Per-seed {mode} conversion rates: in compare.csv (some runs finished no session).",
+                "",
+            ]
     lines += ["![learning curves](curves.png)", ""]
     if tradeoff:
         lines += ["![trade-off](tradeoff.png)", ""]

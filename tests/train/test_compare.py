@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,53 @@ def test_compare_rejects_bad_arguments(tmp_path, capsys):
         compare(config, ["duca"], [0], tmp_path, fake_train, lambda *a, **k: {"mean_turns": 1.0}, 4)
     assert main(["compare", "--config", str(ACTS_CONFIG), "--seeds", "x", f"run_dir={tmp_path}"]) == 2
     assert "seeds" in capsys.readouterr().err
+
+
+def test_the_llm_task_through_compare_at_smoke_size(tmp_path):
+    from duca_fast.train.config import load_config
+
+    from .runs import ROOT, tiny_overrides
+
+    overrides = tiny_overrides(tmp_path / "unused", tmp_path / "cache", "hf", steps=1)
+    config = load_config(ROOT / "configs" / "demo.yaml", [*overrides, "checkpoint_every=0"])
+    out = tmp_path / "llm"
+    markdown = compare(
+        config, ["grpo", "mt_grpo"], [0, 1], out, train, eval_sessions=2, eval_seeds=[0], progress=False
+    )
+    report = json.loads((out / "compare.json").read_text())
+    assert report["modes"] == ["greedy"], "sampled evaluation is the twin's only"
+    assert [(r["algo"], r["seed"]) for r in report["runs"]] == [
+        ("grpo", 0),
+        ("grpo", 1),
+        ("mt_grpo", 0),
+        ("mt_grpo", 1),
+    ]
+    # The tiny random LLM may fail sessions (empty turns): rates then exist only for runs that finished one.
+    rate = {(r["algo"], r["seed"]): r["greedy/conversion_rate"] for r in report["runs"]}
+    common = [s for s in (0, 1) if math.isfinite(rate["grpo", s]) and math.isfinite(rate["mt_grpo", s])]
+    entry = report["summary"]["greedy/conversion_rate"]["mt_grpo"]
+    assert ("vs_baseline" in entry) == bool(common)
+    if common:
+        assert entry["vs_baseline"]["n"] == len(common) and 0 <= entry["vs_baseline"]["p_value"] <= 1
+    assert all(r["greedy/num_sessions"] == 2 for r in report["runs"])
+    assert "Greedy evaluation" in markdown and (out / "curves.png").read_bytes().startswith(PNG)
+
+
+def test_runs_that_finished_no_session_have_no_rate(tmp_path):
+    def eval_gdpo_fails(config, checkpoint, num_sessions, seed, *, sampled):
+        if config.algo.name == "gdpo":
+            return {"failed_sessions": float(num_sessions), "num_sessions": float(num_sessions)}
+        return fake_eval(config, checkpoint, num_sessions, seed, sampled=sampled)
+
+    config = tiny_acts_config(tmp_path / "unused")
+    markdown = compare(
+        config, ["grpo", "gdpo"], [0, 1], tmp_path, fake_train, eval_gdpo_fails, 4, progress=False
+    )
+    summary = json.loads((tmp_path / "compare.json").read_text())["summary"]
+    assert summary["greedy/conversion_rate"]["gdpo"] == {
+        "mean": None,
+        "ci": [None, None],
+        "std": None,
+        "n": 0,
+    }
+    assert "n/a (no finished session)" in markdown and "some runs finished no session" in markdown
