@@ -17,7 +17,7 @@ METRICS = (("conversion_rate", "conversion"), ("compliance_violation_rate", "com
 
 
 def main(root: Path) -> str:
-    studies = {float(p.name.removeprefix("paper_scale")): p for p in root.glob("paper_scale*")}
+    studies = {float(p.name.removeprefix("paper_scale")): p for p in root.glob("paper_scale*") if p.is_dir()}
     studies[10.0] = root / "paper"
     lines = [
         "| session scale | mode | metric | duca [95% CI] | grpo [95% CI] | duca − grpo [95% CI] | p |",
