@@ -154,6 +154,11 @@ def compute_advantages(
                 per_turn = estimators.session_only(batch, eps=options.eps)
             else:
                 raise ValueError(f"algo.name must be one of {ALGORITHMS}, got {algo.name!r}")
+            if algo.name != "mt_grpo":
+                # One advantage per session (shared by its turns): its statistics over sessions.
+                per_session = torch.zeros(session_rewards.shape[0])
+                per_session[turn_session.long().cpu()] = per_turn.float().cpu()
+                metrics.update(_stats("advantage/session_horizon", per_session))
     metrics.update(_stats("advantage/fused", per_turn))
     per_token = None if token_turn is None else broadcast_to_tokens(per_turn, token_turn)
     return Advantages(per_turn=per_turn, per_token=per_token, metrics=metrics)

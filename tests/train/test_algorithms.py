@@ -152,3 +152,10 @@ def test_every_algorithm_starts_from_the_same_policy_for_a_seed(tmp_path):
         model = build_task(config, DistContext()).model
         weights.append(torch.cat([p.flatten() for n, p in model.named_parameters() if "critic" not in n]))
     assert torch.equal(weights[0], weights[1])
+
+
+def test_session_level_estimators_log_their_per_session_advantages():
+    for name in ("grpo", "gdpo", "session_only"):
+        metrics = compute_advantages(AlgoConfig(name=name), **batch()).metrics
+        assert metrics["advantage/session_horizon/abs_max"] == pytest.approx(R, abs=1e-4)
+        assert "advantage/turn_horizon/std" not in metrics
