@@ -2,7 +2,7 @@
 
     duca-fast train   [--config FILE] [--resume [--force] | --overwrite] [key=value ...]
     duca-fast eval    [--config FILE] [--checkpoint DIR|latest|none] [--sessions N] [--seed S] [key=value ...]
-    duca-fast compare [--config FILE] --algos duca,grpo,gdpo --seeds 3 [--out DIR] [key=value ...]
+    duca-fast compare [--config FILE] --algos duca,grpo --seeds 10|21,22 [--tune] [--tradeoff] [--out DIR] ...
     duca-fast bench   [--only advantages,policy_loss,rollout,train] [--out DIR]
 
 Overrides use the config's dotted keys (``optim.lr=1e-4 rollout.group_size=8``); see
@@ -55,13 +55,27 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", help="key=value config overrides")
 
     compare = commands.add_parser(
-        "compare", help="same seed and budget for several algorithms; Markdown table"
+        "compare", help="a study: algorithms x seeds on one budget, CIs, permutation tests, plots"
     )
     compare.add_argument("--config", help="YAML config shared by all runs")
     compare.add_argument("--algos", default="duca,grpo,gdpo", help="comma-separated algorithms")
-    compare.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (0, 1, ...)")
+    compare.add_argument("--seeds", default="10", help="a count (seeds 0..N-1) or a list such as 21,22,23")
+    compare.add_argument("--baseline", default="grpo", help="algorithm the paired tests compare against")
     compare.add_argument("--out", default="runs/compare", help="output directory")
-    compare.add_argument("--sessions", type=int, help="evaluation sessions per run (default: eval_sessions)")
+    compare.add_argument(
+        "--sessions", type=int, help="evaluation sessions per eval seed (default: eval_sessions)"
+    )
+    compare.add_argument("--eval-seeds", default="0,1,2", help="held-out customer seeds (a count or a list)")
+    compare.add_argument(
+        "--tune", action="store_true", help="lr x entropy sweep per algorithm, then its best"
+    )
+    compare.add_argument("--tune-lrs", default="2.5e-3,5e-3,1e-2", help="learning rates of --tune")
+    compare.add_argument("--tune-entropy", default="0,0.01", help="entropy coefficients of --tune")
+    compare.add_argument("--tune-seeds", type=int, default=2, help="seeds per --tune setting")
+    compare.add_argument(
+        "--tradeoff", nargs="?", const="1:0.25,1:1,0.25:1", help="turn_weight:session_weight pairs to sweep"
+    )
+    compare.add_argument("--workers", type=int, default=2, help="runs trained in parallel processes")
     compare.add_argument("overrides", nargs="*", help="key=value config overrides")
 
     bench = commands.add_parser("bench", help="run the benchmark suite (results in --out)")
@@ -150,18 +164,32 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:
                 Path(args.out).write_text(json.dumps(metrics, indent=2))
         elif args.command == "compare":
-            from duca_fast.train.compare import compare
+            from duca_fast.train.compare import compare, evaluate_policy, parse_seeds, parse_weights
 
-            if args.seeds < 1:
-                raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+            try:
+                seeds, eval_seeds = parse_seeds(args.seeds), parse_seeds(args.eval_seeds)
+                tradeoff = parse_weights(args.tradeoff) if args.tradeoff else None
+                lrs = [float(x) for x in args.tune_lrs.split(",")]
+                entropy = [float(x) for x in args.tune_entropy.split(",")]
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
             table = compare(
                 config,
-                algos,
-                list(range(args.seeds)),
+                [a.strip() for a in args.algos.split(",") if a.strip()],
+                seeds,
                 Path(args.out),
                 train,
-                evaluate,
+                evaluate_policy,
                 args.sessions or config.eval_sessions,
+                eval_seeds=eval_seeds,
+                baseline=args.baseline,
+                tune=args.tune,
+                tune_lrs=lrs,
+                tune_entropy=entropy,
+                tune_seeds=args.tune_seeds,
+                tradeoff=tradeoff,
+                workers=args.workers,
+                command="duca-fast " + " ".join(sys.argv[1:] if argv is None else argv),
             )
             print(table)
     except (ConfigError, CheckpointError, RunDirError) as error:

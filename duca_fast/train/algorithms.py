@@ -1,11 +1,11 @@
-"""From two-horizon rewards to per-turn (and per-token) advantages: DuCA, GRPO and GDPO.
+"""From two-horizon rewards to per-turn (and per-token) advantages: DuCA and its baselines.
 
-- ``duca``: HIAN. Turn rewards and session rewards are normalized separately within each group,
-  then fused: every turn gets its own advantage.
-- ``grpo``: the paper's baseline. All rewards of a session (its turn rewards summed, plus its session
-  rewards) become one scalar, normalized per group; every turn of a session shares its advantage.
-- ``gdpo``: each reward component (per-session sums of turn components, and session components) is
-  normalized per group on its own, then summed; every turn of a session shares the result.
+- ``duca``: HIAN (``ops.hian_advantages``). Turn rewards and session rewards are normalized separately
+  within each group, then fused: every turn gets its own advantage.
+- ``grpo``, ``gdpo``, ``mt_grpo``, ``session_only``, ``ppo_gae``: the estimators of
+  ``train/estimators.py`` (formulas and sources in their docstrings and ``docs/algorithms.md``), with
+  ``algo.turn_agg``, ``advantage.turn_weight`` / ``session_weight`` and ``advantage.eps``.
+  ``advantage.scale`` / ``turn_scope`` / ``nan_policy`` are DuCA's (the baselines always omit NaN sessions).
 
 Sessions whose session rewards are missing (NaN: cut or failed) are left out of the statistics.
 """
@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from duca_fast import ops
-from duca_fast.train.config import AlgoConfig
+from duca_fast.train import estimators
+from duca_fast.train.config import ALGORITHMS, AlgoConfig
+from duca_fast.train.estimators import TwoHorizonBatch
 
 
 @dataclass
@@ -35,6 +37,18 @@ def component_weights(names: tuple[str, ...], weights: dict[str, float], what: s
     if unknown:
         raise ValueError(f"{what} names unknown reward components {unknown}; known: {list(names)}")
     return torch.tensor([float(weights.get(name, 1.0)) for name in names], dtype=torch.float32)
+
+
+def advantage_weights(algo: AlgoConfig, rewards: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The turn and session component weights of ``algo`` for a batch with reward names."""
+    return (
+        component_weights(
+            rewards.turn_reward_names, algo.turn_component_weights, "algo.turn_component_weights"
+        ),
+        component_weights(
+            rewards.session_reward_names, algo.session_component_weights, "algo.session_component_weights"
+        ),
+    )
 
 
 def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
@@ -59,8 +73,11 @@ def compute_advantages(
     turn_reward_names: tuple[str, ...],
     session_reward_names: tuple[str, ...],
     token_turn: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
 ) -> Advantages:
-    """Advantages of every agent turn of a batch (and of every token with ``token_turn``)."""
+    """Advantages of every agent turn of a batch (and of every token with ``token_turn``).
+
+    ``values`` (``[T]``, the critic's value of each turn) is needed by ``ppo_gae`` only."""
     turn_w = component_weights(turn_reward_names, algo.turn_component_weights, "algo.turn_component_weights")
     session_w = component_weights(
         session_reward_names, algo.session_component_weights, "algo.session_component_weights"
@@ -103,22 +120,45 @@ def compute_advantages(
         metrics.update(_stats("advantage/turn_horizon", turn_horizon))
         metrics.update(_stats("advantage/session_horizon", session_horizon))
     else:
-        num_sessions = session_rewards.shape[0]
-        # Per-session sums of every turn component: [S, Kt].
-        turn_sums = torch.zeros(num_sessions, turn_rewards.shape[1]).index_add_(
-            0, turn_session.long(), turn_rewards.float()
+        batch = TwoHorizonBatch(
+            turn_rewards=turn_rewards.float(),
+            turn_session=turn_session.long(),
+            turn_index=turn_index.long(),
+            session_rewards=session_rewards.float(),
+            session_group=session_group.long(),
+            turn_component_weights=turn_w,
+            session_component_weights=session_w,
         )
-        if algo.name == "grpo":
-            merged = (turn_sums @ turn_w) + session_total
-            per_session = ops.grpo_advantages(merged, session_group, **common)
+        if algo.name == "ppo_gae":
+            if values is None:
+                raise ValueError("algo.name=ppo_gae needs values (the critic's [T] value of each turn)")
+            raw, _ = gae_targets(algo, batch, values)
+            # Normalized over the batch's valid turns, as PPO does, so every estimator feeds the loss
+            # advantages of unit scale whatever the reward scale.
+            include = batch.valid_sessions()[turn_session.long().cpu()]
+            per_turn = estimators.batch_normalize(raw, include, options.eps).float()
+            metrics.update(_stats("advantage/gae_raw", raw))
+            metrics.update(_stats("value/mean_prediction", values.detach().float()))
         else:
-            columns = torch.cat([turn_sums * turn_w, session_rewards.float() * session_w], dim=1)
-            per_session = sum(
-                ops.grpo_advantages(columns[:, k].contiguous(), session_group, **common)
-                for k in range(columns.shape[1])
+            weights = dict(
+                turn_weight=options.turn_weight, session_weight=options.session_weight, eps=options.eps
             )
-        per_turn = per_session[turn_session.long()] if turn_session.numel() else per_session.new_zeros(0)
-        metrics.update(_stats("advantage/session_horizon", per_session))
+            if algo.name == "grpo":
+                per_turn = estimators.grpo(batch, turn_agg=algo.turn_agg, **weights)
+            elif algo.name == "gdpo":
+                per_turn = estimators.gdpo(batch, turn_agg=algo.turn_agg, **weights)
+            elif algo.name == "mt_grpo":
+                weights["turn_weight"] = options.turn_weight * algo.mt_grpo_lambda
+                per_turn = estimators.mt_grpo(batch, **weights)
+            elif algo.name == "session_only":
+                per_turn = estimators.session_only(batch, eps=options.eps)
+            else:
+                raise ValueError(f"algo.name must be one of {ALGORITHMS}, got {algo.name!r}")
+            if algo.name != "mt_grpo":
+                # One advantage per session (shared by its turns): its statistics over sessions.
+                per_session = torch.zeros(session_rewards.shape[0])
+                per_session[turn_session.long().cpu()] = per_turn.float().cpu()
+                metrics.update(_stats("advantage/session_horizon", per_session))
     metrics.update(_stats("advantage/fused", per_turn))
     per_token = None if token_turn is None else broadcast_to_tokens(per_turn, token_turn)
     return Advantages(per_turn=per_turn, per_token=per_token, metrics=metrics)
@@ -130,3 +170,27 @@ def broadcast_to_tokens(per_turn: torch.Tensor, token_turn: torch.Tensor) -> tor
     if per_turn.numel():
         per_token = torch.where(token_turn >= 0, per_turn[token_turn.clamp_min(0)], per_token)
     return per_token
+
+
+def gae_targets(
+    algo: AlgoConfig, batch: TwoHorizonBatch, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ppo_gae``: raw GAE advantages and critic targets ``[T]`` from the critic's ``values``.
+
+    Per-turn rewards are ``estimators.turn_level_rewards`` (turn totals aggregated by ``algo.turn_agg``,
+    the session total on the last turn, weights from ``algo.advantage``); dropped sessions get target
+    0 and advantage 0."""
+    options = algo.advantage
+    rewards = estimators.turn_level_rewards(
+        batch, turn_agg=algo.turn_agg, turn_weight=options.turn_weight, session_weight=options.session_weight
+    )
+    raw, returns = estimators.gae(
+        rewards,
+        values.detach().float(),
+        batch.turn_session,
+        batch.turn_index,
+        gamma=algo.critic.gamma,
+        lam=algo.critic.lam,
+    )
+    valid = batch.valid_sessions()[batch.turn_session.long().cpu()].to(raw.device)
+    return torch.where(valid, raw, 0.0), torch.where(valid, returns, 0.0)

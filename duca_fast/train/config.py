@@ -19,7 +19,10 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from duca_fast.env import SESSION_REWARD_NAMES, TURN_REWARD_NAMES
 from duca_fast.ops import AdvantageOptions, PolicyLossOptions
 
-ALGORITHMS = ("duca", "grpo", "gdpo")
+ALGORITHMS = ("duca", "grpo", "gdpo", "mt_grpo", "ppo_gae", "session_only")
+GROUP_ALGORITHMS = ("duca", "grpo", "gdpo", "mt_grpo", "session_only")
+"""Algorithms whose advantages are group statistics (they need rollout.group_size >= 2)."""
+TURN_AGGS = ("mean", "sum")
 ENVS = ("sales", "sales-acts")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
@@ -75,6 +78,11 @@ class EnvConfig:
     """LLM customer: wall-clock limit of one request (connect and whole answer)."""
     customer_max_attempts: int = 2
     """LLM customer: tries per request (1 = no retry) for timeouts, connection errors, 429 and 5xx."""
+    regime: str = "classic"
+    """sales-acts only: the twin's regime preset (``duca_fast.env.REGIMES``: "classic", "paper")."""
+    regime_knobs: dict[str, Any] = field(default_factory=dict)
+    """sales-acts only: knobs of ``TwinRegime`` changed from the preset (session_scale, turn_scale,
+    buy_probability, naturalness_noise, hidden_state, bot_sensitivity)."""
 
 
 @dataclass
@@ -100,10 +108,34 @@ class RolloutSettings:
 
 
 @dataclass
+class CriticConfig:
+    """``ppo_gae``'s learned critic (a ``ValueHead`` MLP on the twin's observation) and its GAE."""
+
+    gamma: float = 1.0
+    """GAE discount per agent turn."""
+    lam: float = 0.95
+    """GAE lambda."""
+    hidden_size: int = 64
+    """Width of the value head's hidden layers."""
+    num_layers: int = 2
+    """Hidden layers of the value head."""
+    value_coef: float = 0.5
+    """Weight of the critic loss ``0.5 * mean((V - G)^2)`` added to the policy loss."""
+
+
+@dataclass
 class AlgoConfig:
     name: str = "duca"
-    """"duca" (HIAN: turn and session rewards normalized separately per group), "grpo" (all rewards summed
-    into one session reward) or "gdpo" (each reward component normalized per group, then summed)."""
+    """"duca" (HIAN: turn and session rewards normalized separately per group), "grpo" (one scalar per
+    session), "gdpo" (each reward component normalized per group, summed, batch-renormalized), "mt_grpo"
+    (outcome plus per-position turn advantages), "ppo_gae" (learned critic, GAE over turns) or
+    "session_only" (the session reward alone). Formulas: ``docs/algorithms.md``."""
+    turn_agg: str = "mean"
+    """grpo, gdpo, ppo_gae: a session's turn rewards enter as their "mean" (length-neutral) or "sum"."""
+    mt_grpo_lambda: float = 1.0
+    """mt_grpo: weight of the turn-level advantage (times advantage.turn_weight)."""
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """ppo_gae: the critic and GAE settings."""
     advantage: AdvantageOptions = field(default_factory=lambda: AdvantageOptions(nan_policy="omit"))
     """The advantage op's options (``duca_fast.ops.AdvantageOptions``: turn_weight, session_weight,
     turn_scope, scale, eps, nan_policy). ``nan_policy`` defaults to "omit" here: a cut or failed session
@@ -315,8 +347,35 @@ def validate(config: TrainConfig) -> None:
         f"distributed_timeout_s must be >= 1, got {config.distributed_timeout_s}",
     )
     _require(a.name in ALGORITHMS, f"algo.name must be one of {ALGORITHMS}, got {a.name!r}")
+    _require(a.turn_agg in TURN_AGGS, f"algo.turn_agg must be one of {TURN_AGGS}, got {a.turn_agg!r}")
     _require(
-        r.group_size >= 2 or a.name not in ("duca", "grpo", "gdpo"),
+        a.mt_grpo_lambda >= 0 and math.isfinite(a.mt_grpo_lambda),
+        f"algo.mt_grpo_lambda must be a finite number >= 0, got {a.mt_grpo_lambda}",
+    )
+    c = a.critic
+    _require(0 <= c.gamma <= 1, f"algo.critic.gamma must lie in [0, 1], got {c.gamma}")
+    _require(0 <= c.lam <= 1, f"algo.critic.lam must lie in [0, 1], got {c.lam}")
+    _require(c.hidden_size >= 1, f"algo.critic.hidden_size must be >= 1, got {c.hidden_size}")
+    _require(c.num_layers >= 1, f"algo.critic.num_layers must be >= 1, got {c.num_layers}")
+    _require(c.value_coef > 0, f"algo.critic.value_coef must be > 0, got {c.value_coef}")
+    _require(
+        a.name != "ppo_gae" or e.name == "sales-acts",
+        "algo.name=ppo_gae needs a value head, built for env.name=sales-acts only so far",
+    )
+    if e.name == "sales-acts":
+        from duca_fast.env.regimes import make_regime
+
+        try:
+            make_regime(e.regime, **e.regime_knobs)
+        except ValueError as error:
+            raise ConfigError(f"env.regime / env.regime_knobs: {error}") from None
+    else:
+        _require(
+            e.regime == "classic" and not e.regime_knobs,
+            "env.regime and env.regime_knobs apply to env.name=sales-acts only",
+        )
+    _require(
+        r.group_size >= 2 or a.name not in GROUP_ALGORITHMS,
         f"rollout.group_size must be >= 2 for {a.name} (group statistics need 2 members), got {r.group_size}",
     )
     _require(a.ppo_epochs >= 1, f"algo.ppo_epochs must be >= 1, got {a.ppo_epochs}")
@@ -386,6 +445,9 @@ RUN_DEFINING_KEYS = (
     "model.",
     "env.",
     "algo.name",
+    "algo.turn_agg",
+    "algo.mt_grpo_lambda",
+    "algo.critic.",
     "algo.advantage.",
     "algo.turn_component_weights",
     "algo.session_component_weights",

@@ -1,51 +1,23 @@
-"""compare(): every algorithm x seed trained with the same budget, evaluated, tabulated (md, csv, json)."""
+"""compare(): algorithms x seeds, evaluated greedy and sampled, with CIs, permutation tests and plots."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from duca_fast.cli import main
 from duca_fast.train.checkpoint import save_checkpoint
-from duca_fast.train.compare import TABLE_COLUMNS, compare
-from duca_fast.train.loop import evaluate, train
+from duca_fast.train.compare import TABLE_COLUMNS, compare, parse_seeds, parse_weights
+from duca_fast.train.loop import train
 
-from .acts_configs import tiny_acts_config
+from .acts_configs import ACTS_CONFIG, tiny_acts_config
 
-
-def test_two_algorithms_two_seeds_on_the_act_twin(tmp_path):
-    config = tiny_acts_config(tmp_path / "unused", "checkpoint_every=0")
-    out_dir = tmp_path / "compare"
-    markdown = compare(config, ["duca", "grpo"], [0, 1], out_dir, train, evaluate, eval_sessions=8)
-
-    lines = markdown.splitlines()
-    assert lines[0] == "| Algorithm | " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
-    rows = [line for line in lines[2:] if line.startswith("| ")]
-    assert [row.split(" | ")[0] for row in rows] == ["| duca", "| grpo"]
-    assert all(row.count("±") == len(TABLE_COLUMNS) for row in rows)
-    assert "%)" in rows[0] or "(n/a)" in rows[0], "duca's cells carry the change vs grpo"
-    assert "(" not in rows[1], "grpo is the baseline"
-    assert (out_dir / "compare.md").read_text() == markdown
-
-    for algo in ("duca", "grpo"):
-        for seed in (0, 1):
-            saved = (out_dir / f"{algo}_seed{seed}" / "config.yaml").read_text()
-            assert f"name: {algo}" in saved and f"seed: {seed}" in saved
-    with (out_dir / "compare.csv").open() as handle:
-        runs = list(csv.DictReader(handle))
-    assert [(run["algo"], int(run["seed"])) for run in runs] == [
-        ("duca", 0),
-        ("duca", 1),
-        ("grpo", 0),
-        ("grpo", 1),
-    ]
-    report = json.loads((out_dir / "compare.json").read_text())
-    duca_conversion = [float(run["conversion_rate"]) for run in runs if run["algo"] == "duca"]
-    summary = report["summary"]["duca"]["conversion_rate"]
-    assert summary["mean"] == pytest.approx(sum(duca_conversion) / 2)
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_train(config):
@@ -58,35 +30,154 @@ def fake_train(config):
     return Path(config.run_dir)
 
 
-def fake_eval(config, checkpoint, num_sessions, seed):
-    """Deterministic numbers per (algo, seed) so the table's statistics can be checked by hand."""
+def fake_eval(config, checkpoint, num_sessions, seed, *, sampled):
+    """Conversion = algo base + 0.1 x training seed + 0.02 x eval seed (+ 0.5 when sampled)."""
     base = {"duca": 0.3, "grpo": 0.2, "gdpo": 0.0}[config.algo.name] + 0.1 * config.seed
-    return {
-        "conversion_rate": base,
-        "repetition_rate": 0.1,
-        "identity_detection_rate": 0.0,
-        "compliance_violation_rate": 0.05,
-        "mean_turn_reward": -0.5 + base,
-    }
+    value = base + 0.02 * seed + (0.5 if sampled else 0.0)
+    return {key: value for key, _ in TABLE_COLUMNS}
 
 
-def test_table_statistics_and_relative_change_with_any_train_and_eval_pair(tmp_path):
+def test_statistics_of_a_study_with_known_numbers(tmp_path):
     config = tiny_acts_config(tmp_path / "unused")
-    markdown = compare(config, ["grpo", "duca", "gdpo"], [0, 1], tmp_path, fake_train, fake_eval, 4)
-    rows = {line.split(" | ")[0].removeprefix("| "): line for line in markdown.splitlines()[2:5]}
-    # duca conversion: seeds give 0.3, 0.4 -> mean 0.35, std 0.0707; grpo mean 0.25 -> +40%.
-    assert "0.350 ± 0.071 (+40.0%)" in rows["duca"]
-    assert "0.250 ± 0.071 |" in rows["grpo"]
-    assert "0.000 ± 0.000 (n/a)" in rows["gdpo"], "identity detection of grpo is 0: no ratio"
-    assert "-0.150 ± 0.071 (+40.0%)" in rows["duca"], "turn reward -0.15 vs -0.25 is a 40% improvement"
-    assert "-0.450 ± 0.071 (-80.0%)" in rows["gdpo"]
+    markdown = compare(
+        config, ["grpo", "duca", "gdpo"], [0, 1, 2], tmp_path, fake_train, fake_eval, 4, eval_seeds=[0, 1]
+    )
+    report = json.loads((tmp_path / "compare.json").read_text())
+    duca = report["summary"]["greedy/conversion_rate"]["duca"]
+    # Per seed 0.31, 0.41, 0.51 (eval seeds 0 and 1 averaged): mean 0.41, CI inside [0.31, 0.51].
+    assert duca["mean"] == pytest.approx(0.41)
+    assert 0.31 - 1e-9 <= duca["ci"][0] < 0.41 < duca["ci"][1] <= 0.51 + 1e-9
+    # duca - grpo is +0.1 on every seed: CI [0.1, 0.1]; exact sign-flip p = 2 / 2^3.
+    versus = duca["vs_baseline"]
+    assert versus["difference"] == pytest.approx(0.1)
+    assert versus["ci"] == pytest.approx([0.1, 0.1])
+    assert versus["p_value"] == pytest.approx(0.25) and versus["exact"]
+    assert "vs_baseline" not in report["summary"]["greedy/conversion_rate"]["grpo"]
+    assert report["summary"]["sampled/conversion_rate"]["duca"]["mean"] == pytest.approx(0.91)
+    with (tmp_path / "compare.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["label"], int(r["seed"])) for r in rows][:3] == [("grpo", 0), ("grpo", 1), ("grpo", 2)]
+    assert float(rows[1]["greedy/conversion_rate"]) == pytest.approx(0.31)
+    assert "0.410 [" in markdown and "Δ +0.100 [+0.100, +0.100] p=0.250" in markdown
+    assert "| p (paired permutation) |" in markdown
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG)
 
 
-def test_compare_rejects_bad_arguments(tmp_path):
+def test_a_tiny_twin_study_with_tuning_and_tradeoff_in_two_workers(tmp_path):
+    config = tiny_acts_config(tmp_path / "unused", "checkpoint_every=0", "env.regime=paper")
+    out = tmp_path / "study"
+    compare(
+        config,
+        ["duca", "grpo"],
+        [0, 1],
+        out,
+        train,
+        eval_sessions=4,
+        eval_seeds=[0, 1],
+        tune=True,
+        tune_lrs=[5e-3],
+        tune_entropy=[0.0, 0.01],
+        tune_seeds=1,
+        tradeoff=[(1.0, 0.5)],
+        workers=2,
+        progress=False,
+    )
+    report = json.loads((out / "compare.json").read_text())
+    phases = [run["phase"] for run in report["runs"]]
+    assert phases.count("tune") == 4 and phases.count("main") == 4 and phases.count("tradeoff") == 4
+    for algo in ("duca", "grpo"):
+        assert report["best"][algo]["optim.lr"] == 5e-3
+        assert report["best"][algo]["algo.loss.entropy_coef"] in (0.0, 0.01)
+    for mode in ("greedy", "sampled"):
+        entry = report["summary"][f"{mode}/conversion_rate"]["duca"]
+        assert entry["ci"][0] <= entry["mean"] <= entry["ci"][1]
+        assert 0 <= entry["vs_baseline"]["p_value"] <= 1
+    main_run = next(run for run in report["runs"] if run["phase"] == "main")
+    saved = (Path(main_run["run_dir"]) / "config.yaml").read_text()
+    assert "regime: paper" in saved and "progress: false" in saved
+    assert (out / "curves.png").read_bytes().startswith(PNG)
+    assert (out / "tradeoff.png").read_bytes().startswith(PNG)
+    assert "Sampled evaluation" in (out / "compare.md").read_text()
+
+
+def test_a_finished_run_is_evaluated_without_retraining(tmp_path):
+    config = tiny_acts_config(tmp_path / "unused")
+    compare(config, ["duca"], [0], tmp_path, fake_train, fake_eval, 4, progress=False)
+
+    def refuse(config):
+        raise AssertionError("retrained a finished run")
+
+    compare(config, ["duca"], [0], tmp_path, refuse, fake_eval, 4, progress=False)
+
+
+def test_seed_and_weight_specs():
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds(2) == [0, 1]
+    assert parse_seeds("21,22,23") == [21, 22, 23]
+    for bad in ("0", "a", "1,1", "-1,2"):
+        with pytest.raises(ValueError, match="seeds"):
+            parse_seeds(bad)
+    assert parse_weights("1:0.25,0.5:1") == [(1.0, 0.25), (0.5, 1.0)]
+    with pytest.raises(ValueError, match="tradeoff weights"):
+        parse_weights("1:2:3")
+
+
+def test_compare_rejects_bad_arguments(tmp_path, capsys):
     config = tiny_acts_config(tmp_path / "unused")
     with pytest.raises(ValueError, match="algos must be"):
         compare(config, ["ppo"], [0], tmp_path, fake_train, fake_eval, 4)
     with pytest.raises(ValueError, match="must not repeat"):
         compare(config, ["duca", "duca"], [0], tmp_path, fake_train, fake_eval, 4)
     with pytest.raises(KeyError, match="conversion_rate"):
-        compare(config, ["duca"], [0], tmp_path, fake_train, lambda *args: {"mean_turns": 1.0}, 4)
+        compare(config, ["duca"], [0], tmp_path, fake_train, lambda *a, **k: {"mean_turns": 1.0}, 4)
+    assert main(["compare", "--config", str(ACTS_CONFIG), "--seeds", "x", f"run_dir={tmp_path}"]) == 2
+    assert "seeds" in capsys.readouterr().err
+
+
+def test_the_llm_task_through_compare_at_smoke_size(tmp_path):
+    from duca_fast.train.config import load_config
+
+    from .runs import ROOT, tiny_overrides
+
+    overrides = tiny_overrides(tmp_path / "unused", tmp_path / "cache", "hf", steps=1)
+    config = load_config(ROOT / "configs" / "demo.yaml", [*overrides, "checkpoint_every=0"])
+    out = tmp_path / "llm"
+    markdown = compare(
+        config, ["grpo", "mt_grpo"], [0, 1], out, train, eval_sessions=2, eval_seeds=[0], progress=False
+    )
+    report = json.loads((out / "compare.json").read_text())
+    assert report["modes"] == ["greedy"], "sampled evaluation is the twin's only"
+    assert [(r["algo"], r["seed"]) for r in report["runs"]] == [
+        ("grpo", 0),
+        ("grpo", 1),
+        ("mt_grpo", 0),
+        ("mt_grpo", 1),
+    ]
+    # The tiny random LLM may fail sessions (empty turns): rates then exist only for runs that finished one.
+    rate = {(r["algo"], r["seed"]): r["greedy/conversion_rate"] for r in report["runs"]}
+    common = [s for s in (0, 1) if math.isfinite(rate["grpo", s]) and math.isfinite(rate["mt_grpo", s])]
+    entry = report["summary"]["greedy/conversion_rate"]["mt_grpo"]
+    assert ("vs_baseline" in entry) == bool(common)
+    if common:
+        assert entry["vs_baseline"]["n"] == len(common) and 0 <= entry["vs_baseline"]["p_value"] <= 1
+    assert all(r["greedy/num_sessions"] == 2 for r in report["runs"])
+    assert "Greedy evaluation" in markdown and (out / "curves.png").read_bytes().startswith(PNG)
+
+
+def test_runs_that_finished_no_session_have_no_rate(tmp_path):
+    def eval_gdpo_fails(config, checkpoint, num_sessions, seed, *, sampled):
+        if config.algo.name == "gdpo":
+            return {"failed_sessions": float(num_sessions), "num_sessions": float(num_sessions)}
+        return fake_eval(config, checkpoint, num_sessions, seed, sampled=sampled)
+
+    config = tiny_acts_config(tmp_path / "unused")
+    markdown = compare(
+        config, ["grpo", "gdpo"], [0, 1], tmp_path, fake_train, eval_gdpo_fails, 4, progress=False
+    )
+    summary = json.loads((tmp_path / "compare.json").read_text())["summary"]
+    assert summary["greedy/conversion_rate"]["gdpo"] == {
+        "mean": None,
+        "ci": [None, None],
+        "std": None,
+        "n": 0,
+    }
+    assert "n/a (no finished session)" in markdown and "some runs finished no session" in markdown

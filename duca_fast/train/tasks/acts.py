@@ -15,17 +15,23 @@ import torch
 from torch import nn
 
 from duca_fast import ops
-from duca_fast.env import ACTS, Outcome, SalesActsEnv, Scenario, make_env
+from duca_fast.env import ACTS, Outcome, SalesActsEnv, Scenario, TwinRegime, make_env, make_regime
+from duca_fast.train.algorithms import advantage_weights, gae_targets
 from duca_fast.train.config import ConfigError, TrainConfig
 from duca_fast.train.distributed import DistContext
+from duca_fast.train.estimators import TwoHorizonBatch, ValueHead, value_loss
 from duca_fast.train.task import PlayedSessions, StepRollout, TwoHorizonRewards, derive_seed, loss_options
 
 
 class ActsPolicy(nn.Module):
-    """MLP torso (observation -> hidden) and a linear act head (``num_actions x hidden``, with bias)."""
+    """MLP torso (observation -> hidden) and a linear act head (``num_actions x hidden``, with bias);
+    with ``critic`` also a ``ValueHead`` (``ppo_gae``), trained by the same optimizer."""
 
-    def __init__(self, observation_size: int, hidden_size: int, num_actions: int) -> None:
+    def __init__(
+        self, observation_size: int, hidden_size: int, num_actions: int, critic: ValueHead | None = None
+    ) -> None:
         super().__init__()
+        self.critic = critic
         self.torso = nn.Sequential(
             nn.Linear(observation_size, hidden_size),
             nn.Tanh(),
@@ -49,6 +55,14 @@ class ActsPolicy(nn.Module):
             temperature=temperature,
             bias=self.out.bias,
         )
+
+
+@dataclass
+class CriticRewards(TwoHorizonRewards):
+    """The rewards plus the critic's value of each turn (``compute_advantages`` takes ``values``)."""
+
+    values: torch.Tensor | None = None
+    """[T] value of each turn under the critic that played."""
 
 
 @dataclass
@@ -79,6 +93,7 @@ def play(
     max_turns: int,
     temperature: float,
     generator: torch.Generator | None,
+    regime: TwinRegime | None = None,
 ) -> ActsBatch:
     """Play ``group_size`` sessions of each scenario; session ``g * group_size + i`` belongs to group ``g``.
 
@@ -88,7 +103,7 @@ def play(
     envs: list[SalesActsEnv] = []
     for scenario, customer_seed in zip(scenarios, customer_seeds):
         for _ in range(group_size):
-            env = make_env("sales-acts", max_turns=max_turns)
+            env = make_env("sales-acts", max_turns=max_turns, regime=regime)
             env.reset(scenario, customer_seed)
             envs.append(env)
     num_sessions = len(envs)
@@ -134,7 +149,10 @@ def play(
         }
         for session in range(num_sessions)
     ]
-    rewards = TwoHorizonRewards(
+    stacked = torch.stack(observations)
+    values = None if policy.critic is None else policy.critic(stacked)
+    rewards = CriticRewards(
+        values=values,
         turn_rewards=torch.tensor(turn_rewards, dtype=torch.float32),
         turn_session=torch.tensor(turn_session, dtype=torch.long),
         turn_index=torch.tensor(turn_index, dtype=torch.long),
@@ -144,7 +162,7 @@ def play(
         session_reward_names=session_names,
     )
     return ActsBatch(
-        observations=torch.stack(observations),
+        observations=stacked,
         actions=torch.tensor(actions, dtype=torch.long),
         behavior_logprobs=torch.stack(logprobs),
         rewards=rewards,
@@ -159,6 +177,8 @@ class PreparedUpdate:
     advantages: torch.Tensor
     old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
+    returns: torch.Tensor | None = None
+    """ppo_gae: [T] critic targets (NaN for turns of dropped sessions: no loss)."""
 
 
 class ActsTask:
@@ -170,9 +190,13 @@ class ActsTask:
         if dist.enabled:
             raise ConfigError("env.name=sales-acts trains on a single process; launch it without torchrun")
         self.config = config
-        self.model = ActsPolicy(
-            SalesActsEnv.observation_size, config.model.hidden_size, SalesActsEnv.num_actions
-        )
+        self.regime = make_regime(config.env.regime, **config.env.regime_knobs)
+        observation_size = SalesActsEnv(regime=self.regime).observation_size
+        self.model = ActsPolicy(observation_size, config.model.hidden_size, SalesActsEnv.num_actions)
+        if config.algo.name == "ppo_gae":
+            # Built after the policy: every algorithm starts from the same policy weights for a seed.
+            settings = config.algo.critic
+            self.model.critic = ValueHead(observation_size, settings.hidden_size, settings.num_layers)
         # KL reference: the initial policy (on resume rebuilt from the seed before the checkpoint loads).
         self.reference = (
             copy.deepcopy(self.model).requires_grad_(False) if config.algo.loss.kl_coef > 0 else None
@@ -191,6 +215,7 @@ class ActsTask:
             max_turns=config.env.max_turns,
             temperature=config.rollout.temperature,
             generator=generator,
+            regime=self.regime,
         )
         metrics = {"rollout/turns": float(len(batch.actions))}
         return StepRollout(batch.rewards, slice(0, len(batch.actions)), batch, batch.outcomes, metrics)
@@ -202,7 +227,20 @@ class ActsTask:
             # Later passes are off-policy: their ratios are taken against the weights that sampled.
             old = self.model.token_logprobs(data, temperature) if self.config.algo.ppo_epochs > 1 else None
             ref = None if self.reference is None else self.reference.token_logprobs(data, temperature)
-        return PreparedUpdate(data, per_turn, old, ref)
+        returns = None
+        if data.rewards.values is not None:
+            batch = TwoHorizonBatch(
+                data.rewards.turn_rewards,
+                data.rewards.turn_session,
+                data.rewards.turn_index,
+                data.rewards.session_rewards,
+                data.rewards.session_group,
+                *advantage_weights(self.config.algo, data.rewards),
+            )
+            _, returns = gae_targets(self.config.algo, batch, data.rewards.values)
+            valid = batch.valid_sessions()[data.rewards.turn_session]
+            returns = torch.where(valid, returns, float("nan"))
+        return PreparedUpdate(data, per_turn, old, ref, returns)
 
     def backward(self, prepared: PreparedUpdate) -> dict[str, float]:
         batch = prepared.batch
@@ -218,11 +256,16 @@ class ActsTask:
             behavior_logprobs=batch.behavior_logprobs,
             **loss_options(self.config),
         )
+        metrics = {f"loss/{key}": value.item() for key, value in op_metrics.items()}
+        if prepared.returns is not None:
+            keep = torch.isfinite(prepared.returns)
+            if bool(keep.any()):
+                values = self.model.critic(batch.observations[keep])
+                critic_loss, value_metrics = value_loss(values, prepared.returns[keep])
+                loss = loss + self.config.algo.critic.value_coef * critic_loss
+                metrics.update(value_metrics)
         loss.backward()
-        return {
-            "loss/total": loss.item(),
-            **{f"loss/{key}": value.item() for key, value in op_metrics.items()},
-        }
+        return {"loss/total": loss.item(), **metrics}
 
     def sync(self, step: int) -> dict[str, float]:
         return {}
@@ -240,8 +283,12 @@ class ActsTask:
     def export(self):
         return None
 
-    def evaluate(self, scenarios: list[Scenario], customer_seeds: list[int]) -> PlayedSessions:
+    def evaluate(
+        self, scenarios: list[Scenario], customer_seeds: list[int], *, sample_seed: int | None = None
+    ) -> PlayedSessions:
+        """Greedy sessions, or sampled at rollout.temperature from ``sample_seed``."""
         self.model.eval()
+        generator = None if sample_seed is None else torch.Generator().manual_seed(sample_seed)
         batch = play(
             self.model,
             scenarios,
@@ -249,7 +296,8 @@ class ActsTask:
             group_size=1,
             max_turns=self.config.env.max_turns,
             temperature=self.config.rollout.temperature,
-            generator=None,
+            generator=generator,
+            regime=self.regime,
         )
         rewards = batch.rewards
         return PlayedSessions(batch.outcomes, rewards.turn_rewards, rewards.session_rewards, failed=0)

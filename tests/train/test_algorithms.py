@@ -1,0 +1,161 @@
+"""compute_advantages dispatch of every algorithm on hand-computed batches; config keys; one short twin
+training run per algorithm."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from duca_fast.train.algorithms import compute_advantages
+from duca_fast.train.config import AlgoConfig, ConfigError, load_config
+from duca_fast.train.loop import Trainer, train
+
+from .acts_configs import ACTS_CONFIG, tiny_acts_config
+
+R = 1 / math.sqrt(2)
+"""Group-normalized value of the larger of two members: (x - mean) / std_unbiased = +1/sqrt(2)."""
+
+
+def batch(session_reward0: float = 0.4) -> dict:
+    """One group of two sessions: session 0 has turns r = -1, -1 and R = ``session_reward0``; session 1
+    has one turn r = -1.5 and R = 0."""
+    return dict(
+        turn_rewards=torch.tensor([[-1.0], [-1.0], [-1.5]]),
+        turn_session=torch.tensor([0, 0, 1]),
+        turn_index=torch.tensor([0, 1, 0]),
+        session_rewards=torch.tensor([[session_reward0], [0.0]]),
+        session_group=torch.tensor([0, 0]),
+        turn_reward_names=("compliance",),
+        session_reward_names=("conversion",),
+    )
+
+
+def advantages(name: str, **options) -> list[float]:
+    algo = AlgoConfig(name=name, **options)
+    return compute_advantages(algo, **batch()).per_turn.tolist()
+
+
+def test_grpo_turn_agg_mean_and_sum_disagree_on_the_sign():
+    # mean: X0 = 0.4 - 1 = -0.6 > X1 = -1.5; sum: X0 = 0.4 - 2 = -1.6 < X1 = -1.5.
+    assert advantages("grpo", turn_agg="mean") == pytest.approx([R, R, -R], abs=1e-4)
+    assert advantages("grpo", turn_agg="sum") == pytest.approx([-R, -R, R], abs=1e-4)
+
+
+def test_session_only_ignores_turn_rewards():
+    assert advantages("session_only") == pytest.approx([R, R, -R], abs=1e-4)
+    algo = AlgoConfig(name="session_only")
+    flipped = compute_advantages(algo, **{**batch(), "turn_rewards": torch.tensor([[9.0], [9.0], [-9.0]])})
+    assert flipped.per_turn.tolist() == pytest.approx([R, R, -R], abs=1e-4)
+
+
+def test_mt_grpo_adds_per_position_turn_advantages_times_lambda():
+    # outcome: +R for session 0, -R for session 1; position 0: r -1 vs -1.5 -> +R / -R; position 1 alone: 0.
+    assert advantages("mt_grpo") == pytest.approx([2 * R, R, -2 * R], abs=1e-4)
+    assert advantages("mt_grpo", mt_grpo_lambda=0.5) == pytest.approx([1.5 * R, R, -1.5 * R], abs=1e-4)
+
+
+def test_gdpo_normalizes_each_component_then_the_batch():
+    # Three sessions, one group: turn means -1, -1.5, -0.5 (normalized: 0, -1, +1); session rewards 1, 0, 0
+    # (normalized: 2/sqrt(3) * (1, -0.5, -0.5)); sum, then batch-normalized.
+    kwargs = dict(
+        turn_rewards=torch.tensor([[-1.0], [-1.0], [-1.5], [-0.5]]),
+        turn_session=torch.tensor([0, 0, 1, 2]),
+        turn_index=torch.tensor([0, 1, 0, 0]),
+        session_rewards=torch.tensor([[1.0], [0.0], [0.0]]),
+        session_group=torch.tensor([0, 0, 0]),
+        turn_reward_names=("compliance",),
+        session_reward_names=("conversion",),
+    )
+    c = 1 / math.sqrt(3)
+    summed = torch.tensor([0 + 2 * c, -1 - c, 1 - c], dtype=torch.float64)
+    expected = (summed - summed.mean()) / summed.std()
+    got = compute_advantages(AlgoConfig(name="gdpo"), **kwargs).per_turn
+    assert got.tolist() == pytest.approx(expected[[0, 0, 1, 2]].tolist(), abs=1e-4)
+
+
+def test_ppo_gae_uses_the_critic_values_and_normalizes_over_the_batch():
+    algo = AlgoConfig(name="ppo_gae")
+    algo.critic.lam = 1.0
+    # Per-turn rewards (mean agg): session 0: -1/2, -1/2 + 0.4; session 1: -1.5 + 0. With V = 0, gamma =
+    # lam = 1 the advantage is the return to go: -0.6, -0.1, -1.5.
+    raw = torch.tensor([-0.6, -0.1, -1.5], dtype=torch.float64)
+    got = compute_advantages(algo, **batch(), values=torch.zeros(3))
+    assert got.per_turn.tolist() == pytest.approx(((raw - raw.mean()) / raw.std()).tolist(), abs=1e-4)
+    assert got.metrics["advantage/gae_raw/mean"] == pytest.approx(raw.mean().item(), abs=1e-6)
+    # A critic that predicts the returns exactly leaves nothing to learn.
+    exact = compute_advantages(algo, **batch(), values=raw.float())
+    assert exact.metrics["advantage/gae_raw/abs_max"] < 1e-6
+    with pytest.raises(ValueError, match="needs values"):
+        compute_advantages(algo, **batch())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("algo.turn_agg=median", "algo.turn_agg"),
+        ("algo.critic.lam=1.5", "algo.critic.lam"),
+        ("env.regime=nope", "env.regime"),
+        ("env.regime_knobs.session_scal=3", "session_scal"),
+        ("algo.mt_grpo_lambda=-1", "mt_grpo_lambda"),
+    ],
+)
+def test_bad_algo_and_regime_keys_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ACTS_CONFIG, [override])
+
+
+def test_ppo_gae_is_refused_without_a_value_head():
+    with pytest.raises(ConfigError, match="ppo_gae"):
+        load_config(None, ["algo.name=ppo_gae"])
+
+
+@pytest.mark.parametrize("algo", ["duca", "grpo", "gdpo", "mt_grpo", "session_only", "ppo_gae"])
+def test_each_algorithm_trains_on_the_paper_twin(tmp_path, algo):
+    config = tiny_acts_config(
+        tmp_path, f"algo.name={algo}", "env.regime=paper", "env.regime_knobs.session_scale=3"
+    )
+    run_dir = train(config)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(math.isfinite(row["loss/total"]) for row in rows)
+    if algo == "ppo_gae":
+        assert all(math.isfinite(row["value/loss"]) for row in rows)
+
+
+def test_ppo_gae_value_head_is_part_of_the_model_and_learns(tmp_path):
+    config = tiny_acts_config(tmp_path, "algo.name=ppo_gae", "env.regime=paper")
+    trainer = Trainer(config)
+    try:
+        critic = trainer.task.model.critic
+        # The paper regime hides the latent state: the value head reads the smaller observation.
+        assert critic.observation_size == trainer.task.model.torso[0].in_features
+        assert {id(p) for p in critic.parameters()} <= {id(p) for p in trainer.params}
+        before = [p.detach().clone() for p in critic.parameters()]
+        metrics = trainer.step(1)
+        assert metrics["value/loss"] > 0
+        assert any(not torch.equal(b, p) for b, p in zip(before, critic.parameters()))
+    finally:
+        trainer.close()
+
+
+def test_every_algorithm_starts_from_the_same_policy_for_a_seed(tmp_path):
+    from duca_fast.train.distributed import DistContext
+    from duca_fast.train.loop import build_task, seed_everything
+
+    weights = []
+    for algo in ("grpo", "ppo_gae"):
+        config = tiny_acts_config(tmp_path / algo, f"algo.name={algo}")
+        seed_everything(config.seed)
+        model = build_task(config, DistContext()).model
+        weights.append(torch.cat([p.flatten() for n, p in model.named_parameters() if "critic" not in n]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_session_level_estimators_log_their_per_session_advantages():
+    for name in ("grpo", "gdpo", "session_only"):
+        metrics = compute_advantages(AlgoConfig(name=name), **batch()).metrics
+        assert metrics["advantage/session_horizon/abs_max"] == pytest.approx(R, abs=1e-4)
+        assert "advantage/turn_horizon/std" not in metrics
