@@ -163,18 +163,20 @@ def test_wake_and_push_on_cpu_is_a_plain_push(engine, trainer_model):
 
 
 def test_harmless_reload_warnings_are_filtered_and_others_still_show(engine, trainer_model):
-    console = next(h for h in logging.getLogger("vllm").handlers if h.name == "vllm")  # vLLM's own
     reload_logger = logging.getLogger(VLLM_RELOAD_LOGGER)
     (ours,) = [f for f in reload_logger.filters if isinstance(f, HarmlessReloadWarningFilter)]
+    # A logger's filters run before any of its handlers and before propagation to vLLM's console handler,
+    # so a handler of the test's own on that logger sees exactly what the console would. Other libraries
+    # imported earlier in a session may reconfigure logging (disable loggers, raise levels, a global
+    # logging.disable): pin the state this test is about and restore it after.
     printed = io.StringIO()
-    previous = console.setStream(printed)
-    # Other libraries imported earlier in a test session may reconfigure logging (a dictConfig disables the
-    # loggers it does not name; a level may be raised): pin the state this test is about, restore it after.
-    vllm_logger = logging.getLogger("vllm")
-    saved = (reload_logger.disabled, reload_logger.level, vllm_logger.disabled, vllm_logger.level)
-    reload_logger.disabled = vllm_logger.disabled = False
-    reload_logger.setLevel(logging.NOTSET)
-    vllm_logger.setLevel(logging.INFO)
+    capture = logging.StreamHandler(printed)
+    capture.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    saved = (reload_logger.disabled, reload_logger.level, logging.root.manager.disable)
+    reload_logger.disabled = False
+    reload_logger.setLevel(logging.INFO)
+    logging.disable(logging.NOTSET)
+    reload_logger.addHandler(capture)
     try:
         # vLLM's layerwise reload logs one such warning per layer that got no tensor: rotary embeddings (a
         # computed cache) and, with tied embeddings, the lm_head (pushed as the embedding). Whether a given
@@ -210,9 +212,9 @@ def test_harmless_reload_warnings_are_filtered_and_others_still_show(engine, tra
         )
         assert untied.filter(record) and not ours.filter(record)  # an untied lm_head must get its weight
     finally:
-        console.setStream(previous)
-        reload_logger.disabled, vllm_logger.disabled = saved[0], saved[2]
+        reload_logger.removeHandler(capture)
+        reload_logger.disabled = saved[0]
         reload_logger.setLevel(saved[1])
-        vllm_logger.setLevel(saved[3])
+        logging.disable(saved[2])
         if ours not in reload_logger.filters:
             reload_logger.addFilter(ours)
