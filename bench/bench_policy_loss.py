@@ -31,7 +31,14 @@ sys.path.insert(0, str(ROOT))
 from bench.common import markdown_table, run_identity, time_call, write_results  # noqa: E402
 
 VARIANTS_CPU = ["duca_fast", "liger_chunked", "naive_torch"]
-VARIANTS_CUDA = ["duca_fast", "liger_chunked", "liger_triton_logits", "naive_torch", "lm_head_gemms"]
+VARIANTS_CUDA = [
+    "duca_fast",
+    "duca_fast_bf16_logits",
+    "liger_chunked",
+    "liger_triton_logits",
+    "naive_torch",
+    "lm_head_gemms",
+]
 
 
 def make_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: str, seqs: int):
@@ -51,11 +58,15 @@ def build(variant: str, h, w, target, seq_adv, old, seqs: int):
     token_adv = seq_adv.repeat_interleave(seq_len)
     from duca_fast import ops
 
-    if variant == "duca_fast":
+    if variant in ("duca_fast", "duca_fast_bf16_logits"):
+        # The 16-bit-logits variant writes the lm_head output in the input dtype (logits_dtype).
+        logits_dtype = (
+            str(h.dtype).removeprefix("torch.") if variant == "duca_fast_bf16_logits" else "float32"
+        )
 
         def run(backward: bool):
             hh, ww = h.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
-            loss, _ = ops.fused_policy_loss(hh, ww, target, token_adv, old)
+            loss, _ = ops.fused_policy_loss(hh, ww, target, token_adv, old, logits_dtype=logits_dtype)
             if backward:
                 loss.backward()
 
@@ -215,30 +226,39 @@ RATES = {"bf16_gemm_flops": 700e12, "fp16_gemm_flops": 700e12, "fp32_gemm_flops"
 
 
 def performance_model(
-    tokens: int, hidden: int, vocab: int, dtype: str
+    tokens: int, hidden: int, vocab: int, dtype: str, logits_dtype: str = "float32"
 ) -> tuple[list[dict[str, object]], dict]:
     """FLOPs, bytes and predicted H100 time of every pass; peak extra memory by live-buffer accounting.
 
-    All tokens carry loss (N_loss = N). Chunk rows come from the launcher itself. A pass takes
-    max(FLOPs / GEMM rate, bytes / HBM rate).
+    All tokens carry loss (N_loss = N). Chunk rows and the side stream come from the launcher itself.
+    A pass takes max(FLOPs / GEMM rate, bytes / HBM rate). The serial total adds the passes; with the
+    side stream (16-bit inputs, fp32 logits) GEMM1, the row kernel and the head of chunk i+1 run beside
+    GEMM2/GEMM3 of chunk i, so the overlapped total is a bound: the row kernel of every chunk but the
+    first hidden under those GEMMs (how much really hides depends on how the SMs are shared).
     """
     from duca_fast.ops.policy_loss.triton_path import chunk_rows
 
     size = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+    logit = 4 if logits_dtype == "float32" else size
     gemm_rate = RATES[f"{dtype.replace('bfloat', 'bf').replace('float', 'fp')}_gemm_flops"]
-    chunk = chunk_rows(tokens, vocab, None, torch.device("cuda"))
+    chunk = chunk_rows(tokens, vocab, None, torch.device("cuda"), logit)
     chunks = -(-tokens // chunk)
+    in_place = logit == size  # d-logits overwrite the logits buffer: no side stream
     n, h, v = tokens, hidden, vocab
     passes = [
         # name, FLOPs, bytes (all chunks together)
         (
-            "GEMM1 logits = h_c @ W.T (fp32 out)",
+            f"GEMM1 logits = h_c @ W.T ({'fp32' if logit == 4 else dtype} out)",
             2 * n * h * v,
-            n * h * size + chunks * v * h * size + n * v * 4,
+            n * h * size + chunks * v * h * size + n * v * logit,
         ),
-        ("row kernel (vocabulary split) + combine", 0, n * v * 4 + chunks * v * size),
+        ("row kernel (vocabulary split) + combine", 0, n * v * logit + chunks * v * size),
         ("policy head on [chunk] vectors", 0, 0),
-        ("d-logits kernel", 0, n * v * 4 + n * v * size + chunks * v * size),
+        (
+            "d-logits kernel" + (" (in place)" if in_place else ""),
+            0,
+            n * v * logit + n * v * size + chunks * v * size,
+        ),
         ("GEMM2 dH_c = G @ W", 2 * n * h * v, n * v * size + chunks * v * h * size + n * h * 4),
         (
             "GEMM3 dW += G.T @ h_c (fp32 accumulate)",
@@ -253,10 +273,13 @@ def performance_model(
         rows.append(
             {"pass": name, "GFLOP": flops / 1e9, "GB moved": moved / 1e9, "predicted_ms": seconds * 1e3}
         )
+    serial = sum(row["predicted_ms"] for row in rows)
+    row_ms = rows[1]["predicted_ms"]
+    overlapped = serial if in_place else serial - row_ms * (chunks - 1) / chunks
     live = {
-        "fp32 logits buffer [chunk, V]": chunk * v * 4,
-        f"d-logits buffer [chunk, V] ({dtype}; aliases the logits for fp32)": 0
-        if size == 4
+        f"logits buffer [chunk, V] ({'float32' if logit == 4 else dtype})": chunk * v * logit,
+        f"d-logits buffer [chunk, V] ({dtype}; the logits buffer itself when the dtypes agree)": 0
+        if in_place
         else chunk * v * size,
         "fp32 dW accumulator [V, H]": v * h * 4,
         "fp32 dH [N, H]": n * h * 4,
@@ -265,7 +288,9 @@ def performance_model(
     summary = {
         "chunk_rows": chunk,
         "chunks": chunks,
-        "total_predicted_ms": sum(row["predicted_ms"] for row in rows),
+        "side_stream": not in_place,
+        "serial_predicted_ms": serial,
+        "overlapped_predicted_ms": overlapped,
         "floor_6NHV_ms": 6 * n * h * v / gemm_rate * 1e3,
         "peak_extra_GiB": sum(live.values()) / 2**30,
         "live_buffers_GiB": {name: value / 2**30 for name, value in live.items()},
@@ -273,25 +298,42 @@ def performance_model(
     return rows, summary
 
 
-def write_model(tokens: int, hidden: int, vocab: int, dtype: str) -> Path:
-    rows, summary = performance_model(tokens, hidden, vocab, dtype)
+def model_notes(tokens: int, hidden: int, vocab: int, dtype: str, logits_dtype: str, summary: dict) -> str:
     buffers = "; ".join(f"{name} {gib:.2f} GiB" for name, gib in summary["live_buffers_GiB"].items())
     rates = (
         f"{RATES['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s bf16 GEMM, "
         f"{RATES['fp32_gemm_flops'] / 1e12:.0f} TFLOP/s fp32 GEMM (no tf32), "
         f"{RATES['hbm_bytes'] / 1e12:.1f} TB/s HBM"
     )
-    notes = (
-        f"Performance model (no measurement) of the CUDA path at N={tokens}, H={hidden}, V={vocab}, "
-        f"{dtype}, every token with loss: {summary['chunks']} chunks of {summary['chunk_rows']} rows. "
-        f"Rates: {rates}; a pass takes max(FLOPs/rate, bytes/bandwidth). Predicted forward+backward "
-        f"{summary['total_predicted_ms']:.1f} ms (6NHV floor {summary['floor_6NHV_ms']:.1f} ms). "
-        f"Peak extra memory by accounting of live buffers {summary['peak_extra_GiB']:.2f} GiB: {buffers}."
+    overlap = (
+        f"with the row kernel of chunks 2..{summary['chunks']} hidden under the side stream's GEMM2/GEMM3 "
+        f"(a bound, not a measurement) {summary['overlapped_predicted_ms']:.1f} ms"
+        if summary["side_stream"]
+        else "no side stream (the d-logits overwrite the logits buffer)"
     )
-    path = write_results(f"policy_loss_model_{dtype}", rows, run_identity("cpu"), notes=notes)
-    print(markdown_table(rows))
-    print(notes)
-    return path
+    return (
+        f"Performance model (no measurement) of the CUDA path at N={tokens}, H={hidden}, V={vocab}, "
+        f"{dtype}, logits_dtype={logits_dtype}, every token with loss: {summary['chunks']} chunks of "
+        f"{summary['chunk_rows']} rows. Rates: {rates}; a pass takes max(FLOPs/rate, bytes/bandwidth). "
+        f"Predicted forward+backward: passes in series {summary['serial_predicted_ms']:.1f} ms; {overlap} "
+        f"(6NHV floor {summary['floor_6NHV_ms']:.1f} ms). Peak extra memory by accounting of live buffers "
+        f"{summary['peak_extra_GiB']:.2f} GiB: {buffers}."
+    )
+
+
+def write_model(tokens: int, hidden: int, vocab: int, dtype: str) -> list[Path]:
+    """One table per logits dtype (fp32 always; the input dtype too for 16-bit inputs)."""
+    paths = []
+    for logits_dtype in ("float32",) if dtype == "float32" else ("float32", dtype):
+        rows, summary = performance_model(tokens, hidden, vocab, dtype, logits_dtype)
+        notes = model_notes(tokens, hidden, vocab, dtype, logits_dtype, summary)
+        suffix = "" if logits_dtype == "float32" else f"_{logits_dtype}_logits"
+        paths.append(
+            write_results(f"policy_loss_model_{dtype}{suffix}", rows, run_identity("cpu"), notes=notes)
+        )
+        print(markdown_table(rows))
+        print(notes)
+    return paths
 
 
 def main() -> None:
@@ -311,7 +353,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.model:
-        print(f"wrote {write_model(args.tokens, args.hidden, args.vocab, args.dtype)}")
+        for path in write_model(args.tokens, args.hidden, args.vocab, args.dtype):
+            print(f"wrote {path}")
         return
 
     if args.variant:
@@ -320,6 +363,8 @@ def main() -> None:
     device = "cuda" if cuda and not args.cpu else "cpu"
     rows = []
     for variant in VARIANTS_CUDA if device == "cuda" else VARIANTS_CPU:
+        if variant == "duca_fast_bf16_logits" and args.dtype == "float32":
+            continue
         # A fresh process per variant: peak memory of one cannot hide in another's freed pages.
         command = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
         result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -349,6 +394,16 @@ def main() -> None:
             notes += (
                 f" 6NHV = {flops / 1e12:.2f} TFLOP; ours runs at {tflops:.0f} TFLOP/s, "
                 f"{floor['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.0%} of the bare-GEMM floor measured here."
+            )
+        for variant, logits_dtype in (("duca_fast", "float32"), ("duca_fast_bf16_logits", args.dtype)):
+            if args.dtype == "float32" and logits_dtype != "float32":
+                continue
+            _, summary = performance_model(args.tokens, args.hidden, args.vocab, args.dtype, logits_dtype)
+            measured = next(r for r in rows if r["variant"] == variant)["fwd_bwd_ms"]
+            notes += (
+                f" {variant}: measured {measured if isinstance(measured, str) else f'{measured:.1f}'} ms "
+                f"beside the H100 model's {summary['serial_predicted_ms']:.1f} ms in series / "
+                f"{summary['overlapped_predicted_ms']:.1f} ms overlapped."
             )
     name = f"policy_loss_{device}"
     path = write_results(name, rows, run_identity(device), notes=notes)

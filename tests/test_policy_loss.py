@@ -199,6 +199,81 @@ def test_bfloat16_error_is_no_worse_than_plain_torch_bfloat16():
         assert ours <= 2 * plain + 1e-6, (name, ours.item(), plain.item())
 
 
+def _bf16_problem(seed):
+    problem = make_problem(num_tokens=48, hidden_dim=32, vocab=257, seed=seed)
+    problem["mask"][:] = True
+    # Logits of several units, as a trained lm_head gives: bf16 rounding of z then matters.
+    problem["weight"] = problem["weight"] * 3
+    for name in ("hidden", "weight", "bias"):
+        problem[name] = problem[name].bfloat16()
+    with torch.no_grad():
+        logits = problem["hidden"].double() @ problem["weight"].double().T + problem["bias"].double()
+        current = torch.log_softmax(logits, -1).gather(1, problem["target"][:, None])[:, 0]
+    gen = torch.Generator().manual_seed(seed)
+    problem["old_logprobs"] = (
+        current + 0.2 * torch.randn(current.shape, generator=gen, dtype=torch.float64)
+    ).float()
+    problem["ref_logprobs"] = (
+        current + 0.2 * torch.randn(current.shape, generator=gen, dtype=torch.float64)
+    ).float()
+    return problem
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_logits_dtype_bfloat16_rounds_the_logits_as_a_bf16_lm_head_does(backend, device):
+    problem = _bf16_problem(seed=6)
+    options = dict(kl_coef=0.1, entropy_coef=0.01, chunk_size=16)
+    fp32_loss, fp32_grads, fp32_metrics = loss_and_grads(problem, backend, device, **options)
+    bf16_loss, bf16_grads, bf16_metrics = loss_and_grads(
+        problem, backend, device, logits_dtype="bfloat16", **options
+    )
+    # The float64 loss of the bf16-rounded logits: what logits_dtype="bfloat16" must compute.
+    double = {
+        k: v.double() if v.is_floating_point() and k in ("hidden", "weight", "bias") else v
+        for k, v in problem.items()
+    }
+    logits = (double["hidden"] @ double["weight"].T).to(torch.bfloat16).double() + double["bias"]
+    logprobs = torch.log_softmax(logits, -1).gather(1, problem["target"][:, None])[:, 0]
+    ratio = torch.exp(logprobs - problem["old_logprobs"].double())
+    adv = problem["advantages"].double()
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    d = logprobs - problem["ref_logprobs"].double()
+    entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    rounded_loss = (pg + 0.1 * (torch.exp(-d) + d - 1) - 0.01 * entropy).mean()
+    ref_loss, ref_grads, _ = loss_and_grads(problem, "reference", "cpu", **options)
+    assert abs(bf16_loss.double() - rounded_loss) < 2e-5
+    assert abs(fp32_loss.double() - ref_loss) < 2e-5
+    # The rounding is visible (the option is not ignored) and of the size docs/ops.md states.
+    assert abs(bf16_loss.double() - ref_loss) > 10 * abs(fp32_loss.double() - ref_loss)
+    assert abs(bf16_metrics["entropy"] - fp32_metrics["entropy"]) < 0.02
+    for name in ("hidden", "weight", "bias"):
+        assert_close_scaled(bf16_grads[name], ref_grads[name], 0.05, name)
+        assert_close_scaled(fp32_grads[name], ref_grads[name], 0.02, name)
+
+
+def test_logits_dtype_is_validated():
+    problem = make_problem()
+    with pytest.raises(ValueError, match="logits_dtype='bfloat16' needs bfloat16 hidden"):
+        loss_and_grads(problem, "torch", "cpu", logits_dtype="bfloat16")
+    with pytest.raises(ValueError, match="logits_dtype must be one of"):
+        loss_and_grads(problem, "reference", "cpu", logits_dtype="fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream exists on CUDA only")
+def test_backward_gemms_on_the_side_stream_give_the_serial_result(monkeypatch):
+    from duca_fast.ops.policy_loss import triton_path
+
+    problem = make_problem(num_tokens=700, hidden_dim=64, vocab=3000, seed=8, dtype=torch.bfloat16)
+    runs = []
+    for overlap in (False, True):
+        monkeypatch.setattr(triton_path, "OVERLAP_BACKWARD_GEMMS", overlap)
+        runs.append(loss_and_grads(problem, "triton", "cuda", kl_coef=0.1, chunk_size=128))
+    (serial_loss, serial_grads, _), (loss, grads, _) = runs
+    assert torch.equal(loss, serial_loss)
+    for name in serial_grads:
+        torch.testing.assert_close(grads[name], serial_grads[name], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_token_logprobs_and_entropy_with_gradients(backend, device):
     problem = make_problem(seed=12)

@@ -13,6 +13,7 @@ import torch
 from duca_fast.ops.policy_loss import custom_ops, reference
 from duca_fast.ops.policy_loss.checks import (
     check_chunk_size,
+    check_logits_dtype,
     check_logprob_args,
     check_loss_shapes,
     choose_backend,
@@ -76,6 +77,7 @@ def fused_policy_loss(
     max_tokens: int | None = None,
     tis_cap: float | None = None,
     chunk_size: int | None = None,
+    logits_dtype: str = "float32",
     backend: str = "auto",
     options: PolicyLossOptions | None = None,
     validate: bool = True,
@@ -97,6 +99,10 @@ def fused_policy_loss(
         clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, temperature, loss_agg,
         max_tokens, tis_cap: see ``PolicyLossOptions``; or pass ``options=`` instead.
         chunk_size: tokens per chunk on the torch path (default: chunk x V <= 2^24 elements).
+        logits_dtype: "float32" (default): the lm_head GEMM writes fp32 logits; "bfloat16" / "float16"
+            (must match hidden): it writes them in the input dtype, as a bf16 ``lm_head`` does, halving
+            the traffic of the row passes at the cost of rounding each logit (docs/ops.md has the error).
+            Ignored by backend="reference" (float64) and for float64 inputs.
         backend: "auto" (CUDA -> triton, else torch), "torch", "triton" or "reference".
         validate: check that hidden, weight and bias are finite (``-inf`` allowed in bias), one
             reduction each; ``False`` skips it (NaN in, NaN out).
@@ -122,6 +128,7 @@ def fused_policy_loss(
     )
     if choose_backend(backend, hidden) == "reference":
         options = PolicyLossOptions(**options)
+        check_logits_dtype(logits_dtype, hidden)
         check_loss_shapes(
             hidden,
             weight,
@@ -175,6 +182,7 @@ def fused_policy_loss(
         behavior_logprobs,
         *_option_args(options),
         chunk_size,
+        logits_dtype,
         backend,
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,

@@ -189,6 +189,23 @@ def check_chunk_size(chunk_size: int | None, num_tokens: int, vocab_size: int) -
     return chunk_size
 
 
+LOGITS_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_logits_dtype(logits_dtype: str, hidden: torch.Tensor) -> bool:
+    """Whether the lm_head GEMM writes its logits in the input dtype (``True``) or in fp32 (``False``)."""
+    if logits_dtype not in LOGITS_DTYPES:
+        raise ValueError(f"logits_dtype must be one of {LOGITS_DTYPES}, got {logits_dtype!r}")
+    if logits_dtype == "float32":
+        return False
+    if str(hidden.dtype).removeprefix("torch.") != logits_dtype:
+        raise ValueError(
+            f"logits_dtype={logits_dtype!r} needs {logits_dtype} hidden (the GEMM writes the logits in the "
+            f"input dtype), got {hidden.dtype}; use logits_dtype='float32'"
+        )
+    return True
+
+
 def prepare_loss_call(
     rows_input: tuple[str, torch.Tensor],
     vocab_size: int,

@@ -23,6 +23,7 @@ from duca_fast.ops._custom_op import custom_op
 from duca_fast.ops.policy_loss.checks import (
     check_chunk_size,
     check_finite,
+    check_logits_dtype,
     check_logprob_args,
     check_loss_rows,
     check_loss_shapes,
@@ -101,6 +102,7 @@ def _fused_policy_loss(
     max_tokens: int | None = None,
     tis_cap: float | None = None,
     chunk_size: int | None = None,
+    logits_dtype: str = "float32",
     backend: str = "auto",
     needs_hidden_grad: bool = True,
     needs_weight_grad: bool = True,
@@ -123,6 +125,7 @@ def _fused_policy_loss(
     check_loss_shapes(
         hidden, weight, target, advantages, old_logprobs, bias, mask, seq_ids, ref_logprobs, behavior_logprobs
     )
+    input_dtype_logits = check_logits_dtype(logits_dtype, hidden)
     compute = compute_dtype(hidden)
     inputs = prepare_loss_call(
         ("hidden", hidden),
@@ -152,9 +155,13 @@ def _fused_policy_loss(
     if kernel_backend(backend, hidden) == "triton":
         from duca_fast.ops.policy_loss.triton_path import fused_loss_triton
 
-        head, _, _, grads = fused_loss_triton(hidden_loss, weight, bias, inputs, options, needs, chunk_size)
+        head, _, _, grads = fused_loss_triton(
+            hidden_loss, weight, bias, inputs, options, needs, chunk_size, input_dtype_logits
+        )
     else:
-        head, _, _, grads = fused_loss_torch(hidden_loss, weight, bias, inputs, options, needs, chunk)
+        head, _, _, grads = fused_loss_torch(
+            hidden_loss, weight, bias, inputs, options, needs, chunk, input_dtype_logits
+        )
     grad_hidden = grads["hidden"]
     if grad_hidden is not None and rows is not None:
         grad_hidden = hidden.new_zeros(hidden.shape, dtype=grad_hidden.dtype).index_copy_(
@@ -194,6 +201,7 @@ def _fused_policy_loss_fake(
     max_tokens=None,
     tis_cap=None,
     chunk_size=None,
+    logits_dtype="float32",
     backend="auto",
     needs_hidden_grad=True,
     needs_weight_grad=True,
@@ -226,6 +234,7 @@ def _fused_policy_loss_fake(
         options=options,
     )
     check_chunk_size(chunk_size, hidden.shape[0], weight.shape[0])
+    check_logits_dtype(logits_dtype, hidden)
     compute = compute_dtype(hidden)
 
     def grad_like(tensor, needed):

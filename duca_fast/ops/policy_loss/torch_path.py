@@ -19,12 +19,30 @@ def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
     return max(1, min(num_tokens, CHUNK_ELEMENTS // max(vocab_size, 1)))
 
 
+def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` with an fp32 result; 16-bit operands stay 16-bit on CUDA (fp32 accumulate in cuBLAS)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
 def _chunk_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    input_dtype_logits: bool = False,
 ) -> torch.Tensor:
-    """``(h @ W.T + b) / temperature`` in float32 (float64 for float64 inputs), one chunk."""
-    logits = hidden @ weight.T
+    """``(h @ W.T + b) / temperature`` in float32 (float64 for float64 inputs), one chunk.
+
+    The product itself is fp32 for 16-bit inputs, or rounded to the input dtype with
+    ``input_dtype_logits`` (``logits_dtype="bfloat16"``: what the CUDA path's GEMM then writes).
+    """
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    same = input_dtype_logits or hidden.dtype == compute
+    logits = hidden @ weight.T if same else mm_fp32(hidden, weight.T)
     logits = logits.to(compute)
     if bias is not None:
         logits = logits + bias.to(compute)
@@ -110,6 +128,7 @@ def fused_loss_torch(
     options: PolicyLossOptions,
     needs: tuple[bool, bool, bool],
     chunk_size: int,
+    input_dtype_logits: bool = False,
 ) -> tuple[HeadOutput, torch.Tensor, torch.Tensor, dict]:
     """One pass over token chunks: statistics, objective, and (when needed) the parameter gradients."""
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -120,7 +139,7 @@ def fused_loss_torch(
     want_grads = any(g is not None for g in grads.values())
     for start in range(0, num_tokens, chunk_size):
         rows = slice(start, min(start + chunk_size, num_tokens))
-        logits = _chunk_logits(hidden[rows], weight, bias, options.temperature)
+        logits = _chunk_logits(hidden[rows], weight, bias, options.temperature, input_dtype_logits)
         lse, logprobs[rows], entropy[rows], probs = _chunk_stats(logits, inputs.target[rows])
         if not want_grads:
             continue

@@ -1,7 +1,8 @@
 """Triton path of the policy loss: cuBLAS for every product over H, Triton only for the row work.
 
 Per token chunk (DESIGN.md, "How it runs"):
-1. GEMM1 ``logits = h_c @ W.T`` (fp32 output) into a reused ``[chunk, V]`` buffer;
+1. GEMM1 ``logits = h_c @ W.T`` into a reused ``[chunk, V]`` buffer (fp32; the input dtype with
+   ``logits_dtype="bfloat16"``/``"float16"``, which halves the row passes' traffic);
 2. ``_row_partials_kernel``: the vocabulary is split across programs (so a chunk of a few thousand
    rows still fills the GPU); each keeps an online max / sum-exp / sum p z / target logit over its
    columns (bias and 1/temperature applied on load); a tiny torch combine merges the splits into
@@ -9,7 +10,8 @@ Per token chunk (DESIGN.md, "How it runs"):
 3. the per-token policy head on ``[chunk]`` vectors (``head.policy_head``);
 4. ``_logits_grad_kernel`` turns the buffer into d loss / d logits (in place for fp32 inputs, into a
    buffer of the input dtype otherwise);
-5. GEMM2 ``dH_c = G @ W`` and GEMM3 ``dW += G.T @ h_c``, accumulated in fp32 (no bf16 round trip).
+5. GEMM2 ``dH_c = G @ W`` and GEMM3 ``dW += G.T @ h_c``, accumulated in fp32 (no bf16 round trip),
+   on a side stream when G has its own buffer, overlapping steps 1-3 of the next chunk.
 Three GEMM passes in all: 6 N_loss H V FLOPs. No Triton kernel multiplies over H.
 """
 
@@ -23,7 +25,7 @@ import triton.language as tl
 
 from duca_fast.ops.policy_loss.head import policy_head
 from duca_fast.ops.policy_loss.options import HeadOutput, PolicyLossOptions, TokenInputs
-from duca_fast.ops.policy_loss.torch_path import slice_inputs
+from duca_fast.ops.policy_loss.torch_path import mm_fp32, slice_inputs
 
 # fp32 logits buffer budget on CUDA: 1.25 GiB = 2,176 rows at V=151,936 (a multiple of 128 rows); with
 # the bf16 d-logits and the fp32 dW accumulator that keeps the extra memory under 4.5 GiB there.
@@ -56,12 +58,14 @@ def _vocab_splits(num_rows: int, vocab_size: int, device: torch.device) -> int:
     return max(1, min(max_splits, triton.cdiv(2 * sms, row_programs)))
 
 
-def chunk_rows(num_tokens: int, vocab_size: int, chunk_size: int | None, device: torch.device) -> int:
+def chunk_rows(
+    num_tokens: int, vocab_size: int, chunk_size: int | None, device: torch.device, logit_bytes: int = 4
+) -> int:
     if chunk_size is not None:
         return max(1, min(chunk_size, max(num_tokens, 1)))
     if device.type != "cuda":
         return max(1, min(num_tokens, 64))
-    rows = max(MIN_CUDA_CHUNK, LOGIT_BUFFER_BYTES // (4 * vocab_size) // 128 * 128)
+    rows = max(MIN_CUDA_CHUNK, LOGIT_BUFFER_BYTES // (logit_bytes * vocab_size) // 128 * 128)
     return max(1, min(num_tokens, rows))
 
 
@@ -71,15 +75,6 @@ def _check_triton_dtype(name: str, tensor: torch.Tensor) -> None:
             f"the Triton path takes float32, bfloat16 or float16 {name}, got {tensor.dtype}; "
             "use backend='torch' for float64"
         )
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b`` with an fp32 result; 16-bit operands stay 16-bit on CUDA (fp32 accumulate in cuBLAS)."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b, out=out)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    return torch.mm(a.float(), b.float(), out=out)
 
 
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -315,14 +310,26 @@ def logits_to_grad(
 
 
 class _ChunkBuffers:
-    """The reused ``[chunk, V]`` buffers: fp32 logits, and d-logits in the input dtype (aliased for fp32)."""
+    """The reused ``[chunk, V]`` buffers: logits (fp32, or the input dtype with ``input_dtype_logits``),
+    and d-logits in the input dtype (the logits buffer itself when the dtypes agree)."""
 
-    def __init__(self, hidden: torch.Tensor, vocab_size: int, rows: int, with_grad: bool) -> None:
-        self.logits = hidden.new_empty(rows, vocab_size, dtype=torch.float32)
-        same = hidden.dtype == torch.float32
+    def __init__(
+        self, hidden: torch.Tensor, vocab_size: int, rows: int, with_grad: bool, input_dtype_logits: bool
+    ) -> None:
+        self.logits = hidden.new_empty(
+            rows, vocab_size, dtype=hidden.dtype if input_dtype_logits else torch.float32
+        )
         self.grad = None
         if with_grad:
+            same = self.logits.dtype == hidden.dtype
             self.grad = self.logits if same else hidden.new_empty(rows, vocab_size, dtype=hidden.dtype)
+
+    def gemm1(self, hidden_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``hidden_rows @ W.T`` into the logits buffer (cuBLAS accumulates in fp32 either way)."""
+        out = self.logits[: hidden_rows.shape[0]]
+        if out.dtype == hidden_rows.dtype:
+            return torch.mm(hidden_rows, weight.T, out=out)
+        return mm_fp32(hidden_rows, weight.T, out=out)
 
 
 def _new_grads(hidden, weight, bias, needs) -> dict[str, torch.Tensor | None]:
@@ -335,11 +342,29 @@ def _new_grads(hidden, weight, bias, needs) -> dict[str, torch.Tensor | None]:
 
 def _backward_gemms(grad_logits, hidden_rows, weight, rows, grads) -> None:
     if grads["hidden"] is not None:
-        _mm_fp32(grad_logits, weight, out=grads["hidden"][rows])
+        mm_fp32(grad_logits, weight, out=grads["hidden"][rows])
     if grads["weight"] is not None:
         _addmm_fp32_(grads["weight"], grad_logits.T, hidden_rows)
     if grads["bias"] is not None:
         grads["bias"] += grad_logits.sum(0, dtype=torch.float32)
+
+
+# GEMM2/GEMM3 of chunk i on a side stream while GEMM1 and the row kernel of chunk i+1 run on the main
+# one (CUDA, separate logits and d-logits buffers). A module switch so the GPU tests can compare both.
+OVERLAP_BACKWARD_GEMMS = True
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device, buffers: _ChunkBuffers) -> torch.cuda.Stream | None:
+    """The side stream for the backward GEMMs, or None where they must stay in order on the main one."""
+    if not OVERLAP_BACKWARD_GEMMS or device.type != "cuda" or buffers.grad is None:
+        return None
+    if buffers.grad is buffers.logits:
+        # One buffer: GEMM1 of the next chunk would overwrite the d-logits GEMM2/GEMM3 still read.
+        return None
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def fused_loss_triton(
@@ -350,25 +375,35 @@ def fused_loss_triton(
     options: PolicyLossOptions,
     needs: tuple[bool, bool, bool],
     chunk_size: int | None,
+    input_dtype_logits: bool = False,
 ) -> tuple[HeadOutput, torch.Tensor, torch.Tensor, dict]:
-    """Three GEMM passes per chunk around the row kernels; gradients computed in the forward."""
+    """Three GEMM passes per chunk around the row kernels; gradients computed in the forward.
+
+    On CUDA with a separate d-logits buffer (16-bit inputs, fp32 logits), GEMM2/GEMM3 of chunk i run on
+    a side stream, so GEMM1, the row kernel and the policy head of chunk i+1 overlap them; the d-logits
+    kernel of chunk i+1 waits for them (it overwrites the buffer they read).
+    """
     _check_triton_dtype("hidden", hidden)
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     logprobs = hidden.new_empty(num_tokens, dtype=torch.float32)
     entropy = hidden.new_empty(num_tokens, dtype=torch.float32)
     grads = _new_grads(hidden, weight, bias, needs)
     want_grads = any(g is not None for g in grads.values())
-    rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device)
-    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, want_grads)
+    logit_bytes = hidden.element_size() if input_dtype_logits else 4
+    rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device, logit_bytes)
+    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, want_grads, input_dtype_logits)
+    side = _side_stream(hidden.device, buffers) if want_grads else None
+    main = torch.cuda.current_stream(hidden.device) if side is not None else None
     for start in range(0, num_tokens, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_tokens))
-        count = rows.stop - rows.start
         hidden_rows = hidden[rows]
-        logits = _mm_fp32(hidden_rows, weight.T, out=buffers.logits[:count])
+        logits = buffers.gemm1(hidden_rows, weight)
         lse, logprobs[rows], entropy[rows] = row_stats(logits, bias, inputs.target[rows], options.temperature)
         if not want_grads:
             continue
         head = policy_head(logprobs[rows], entropy[rows], slice_inputs(inputs, rows), options)
+        if side is not None:
+            main.wait_stream(side)
         grad_logits = logits_to_grad(
             logits,
             bias,
@@ -378,9 +413,17 @@ def fused_loss_triton(
             head.grad_logprobs,
             head.grad_entropy,
             options.temperature,
-            out=buffers.grad[:count],
+            out=buffers.grad[: rows.stop - rows.start],
         )
-        _backward_gemms(grad_logits, hidden_rows, weight, rows, grads)
+        if side is None:
+            _backward_gemms(grad_logits, hidden_rows, weight, rows, grads)
+            continue
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            _backward_gemms(grad_logits, hidden_rows, weight, rows, grads)
+    if side is not None:
+        # Every buffer the side stream used was allocated on the main stream and is alive until here.
+        main.wait_stream(side)
     return policy_head(logprobs, entropy, inputs, options), logprobs, entropy, grads
 
 
@@ -397,10 +440,10 @@ def logprob_stats_triton(
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     out = [hidden.new_empty(num_tokens, dtype=torch.float32) for _ in range(3)]
     rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device)
-    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, with_grad=False)
+    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, with_grad=False, input_dtype_logits=False)
     for start in range(0, num_tokens, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_tokens))
-        logits = _mm_fp32(hidden[rows], weight.T, out=buffers.logits[: rows.stop - rows.start])
+        logits = buffers.gemm1(hidden[rows], weight)
         out[0][rows], out[1][rows], out[2][rows] = row_stats(logits, bias, target[rows], temperature)
     return out[0], out[1], out[2]
 
@@ -424,12 +467,12 @@ def logprob_grads_triton(
     if num_tokens == 0 or not any(g is not None for g in grads.values()):
         return grads
     rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device)
-    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, with_grad=True)
+    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, with_grad=True, input_dtype_logits=False)
     for start in range(0, num_tokens, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_tokens))
         count = rows.stop - rows.start
         hidden_rows = hidden[rows]
-        logits = _mm_fp32(hidden_rows, weight.T, out=buffers.logits[:count])
+        logits = buffers.gemm1(hidden_rows, weight)
         grad_logits = logits_to_grad(
             logits,
             bias,
