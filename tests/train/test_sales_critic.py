@@ -162,6 +162,15 @@ def test_a_short_run_trains_and_resumes_exactly(tmp_path, cache_dir):
     assert [stable(r) for r in got] == [stable(r) for r in expected]
 
 
+def test_full_finetune_with_two_epochs_and_kl_trains_the_head(tmp_path, cache_dir):
+    # Every weight trainable, old log-probs recomputed for the second epoch, KL to a frozen copy.
+    extra = ("model.lora_rank=0", "algo.ppo_epochs=2", "algo.loss.kl_coef=0.05")
+    run_dir = train(ppo_config(tmp_path / "full", cache_dir, *extra, steps=1))
+    (row,) = read_metrics(run_dir)
+    assert row["value/loss"] > 0 and row["grad_norm"] > 0 and row["loss/kl_ref"] >= 0
+    assert math.isfinite(row["loss/total"]) and math.isfinite(row["value/explained_variance"])
+
+
 def test_sampled_evaluation_samples_at_the_rollout_temperature_from_its_seed(trainer):
     task, config = trainer.task, trainer.config
     scenarios, customers = held_out_sessions(config, 3, seed=5)
