@@ -118,6 +118,29 @@ def test_critic_loss_falls_on_a_fixed_batch_and_reaches_the_trunk(trainer):
     assert all(b < a for a, b in itertools.pairwise(losses)) and losses[-1] < 0.1 * losses[0], losses
 
 
+def test_micro_batch_size_does_not_change_the_critic_loss_or_its_gradients(trainer):
+    task, config = trainer.task, trainer.config
+    played = rollout(trainer, 5)
+    budget = config.optim.micro_batch_tokens
+    results = []
+    try:
+        for tokens in (10_000, 40):
+            config.optim.micro_batch_tokens = tokens
+            prepared = task.prepare_update(played.data, played.rewards.values * 0 + 1)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            metrics = task.backward(prepared)
+            grads = [p.grad.clone() for p in task.objective.critic.parameters()]
+            results.append((len(prepared.passes), metrics, grads))
+    finally:
+        config.optim.micro_batch_tokens = budget
+    (one, whole, whole_grads), (many, split, split_grads) = results
+    assert one == 1 and many > 1
+    for key in ("loss/total", "value/loss", "value/mean", "value/explained_variance"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(whole_grads, split_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_value_head_round_trips_through_the_checkpoint(trainer):
     trainer.step(4)
     path = trainer.checkpoint(4)
