@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from duca_fast.train.algorithms import critic_targets
 from duca_fast.train.checkpoint import latest_checkpoint, load_checkpoint
-from duca_fast.train.config import ConfigError, load_config
+from duca_fast.train.config import AlgoConfig, ConfigError, load_config
 from duca_fast.train.distributed import DistContext
 from duca_fast.train.loop import (
     Trainer,
@@ -19,6 +20,7 @@ from duca_fast.train.loop import (
     seed_everything,
     train,
 )
+from duca_fast.train.task import CriticRewards
 from duca_fast.train.tasks.sales import SalesRollout, SalesTask, unwrap, value_positions
 
 from .runs import ROOT, read_metrics, stable, tiny_overrides
@@ -90,6 +92,26 @@ def test_critic_targets_end_with_the_last_turns_reward(trainer):
             # gamma = 1 and no value after the last turn: G = rho = mean-share turn reward + session reward.
             rho = batch.turn_rewards[turn].sum() / turns + batch.session_rewards[session].sum()
             assert float(returns[turn]) == pytest.approx(float(rho), abs=1e-5)
+
+
+def test_critic_targets_by_hand_and_none_for_a_dropped_session():
+    # Session 0: r = -1, -1, R = 0.4, V = 0.5, 0.2; session 1 was cut (NaN session reward).
+    rewards = CriticRewards(
+        turn_rewards=torch.tensor([[-1.0], [-1.0], [-1.5]]),
+        turn_session=torch.tensor([0, 0, 1]),
+        turn_index=torch.tensor([0, 1, 0]),
+        session_rewards=torch.tensor([[0.4], [math.nan]]),
+        session_group=torch.tensor([0, 0]),
+        turn_reward_names=("compliance",),
+        session_reward_names=("conversion",),
+        values=torch.tensor([0.5, 0.2, 0.7]),
+    )
+    # rho = -1/2, -1/2 + 0.4; delta_1 = -0.1 - 0.2 = -0.3 = A_1, G_1 = -0.1;
+    # delta_0 = -0.5 + 0.2 - 0.5 = -0.8, A_0 = -0.8 + 0.95 * -0.3 = -1.085, G_0 = -0.585.
+    got = critic_targets(AlgoConfig(name="ppo_gae"), rewards)
+    assert got[:2].tolist() == pytest.approx([-0.585, -0.1], abs=1e-6) and math.isnan(got[2])
+    with pytest.raises(ValueError, match=r"rewards\.values"):
+        critic_targets(AlgoConfig(name="ppo_gae"), CriticRewards(**{**rewards.__dict__, "values": None}))
 
 
 def test_critic_loss_falls_on_a_fixed_batch_and_reaches_the_trunk(trainer):
