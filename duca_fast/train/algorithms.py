@@ -13,6 +13,7 @@ Sessions whose session rewards are missing (NaN: cut or failed) are left out of 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -194,3 +195,22 @@ def gae_targets(
     )
     valid = batch.valid_sessions()[batch.turn_session.long().cpu()].to(raw.device)
     return torch.where(valid, raw, 0.0), torch.where(valid, returns, 0.0)
+
+
+def critic_targets(algo: AlgoConfig, rewards: Any) -> torch.Tensor:
+    """``ppo_gae``: ``[T]`` critic targets of a batch's turns from its rewards and ``rewards.values`` (the
+    values the batch was played with, a ``task.CriticRewards``); NaN for turns of dropped sessions, which
+    get no critic loss."""
+    if rewards.values is None:
+        raise ValueError("critic_targets needs rewards.values (the critic's [T] value of each turn)")
+    batch = TwoHorizonBatch(
+        rewards.turn_rewards.float(),
+        rewards.turn_session.long(),
+        rewards.turn_index.long(),
+        rewards.session_rewards.float(),
+        rewards.session_group.long(),
+        *advantage_weights(algo, rewards),
+    )
+    _, returns = gae_targets(algo, batch, rewards.values)
+    valid = batch.valid_sessions()[batch.turn_session.cpu()].to(returns.device)
+    return torch.where(valid, returns, float("nan"))

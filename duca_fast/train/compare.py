@@ -2,7 +2,7 @@
 
 Every run ``label x seed`` trains under the shared config (``train_fn(config) -> run_dir``), then its
 final checkpoint is evaluated on ``eval_sessions`` held-out sessions for each of ``eval_seeds`` (different
-customers), greedy and, on the twin, sampled at the rollout temperature. Per run and mode the metrics
+customers), greedy and sampled at the rollout temperature (both tasks). Per run and mode the metrics
 are averaged over the eval seeds; over seeds the study reports the mean with a 95% percentile bootstrap
 CI and, against ``baseline``, the paired mean difference with its CI and a paired permutation test
 (``train/stats.py``). Optional phases: ``tune`` (the same learning-rate x entropy-coefficient grid for
@@ -148,22 +148,20 @@ def _run_config(config: TrainConfig, run: Run, out_dir: Path) -> TrainConfig:
 def evaluate_policy(
     config: TrainConfig, checkpoint: Path, num_sessions: int, seed: int, *, sampled: bool
 ) -> dict[str, float]:
-    """Held-out sessions of a checkpoint's policy, greedy or sampled (the twin only) from ``seed``."""
+    """Held-out sessions of a checkpoint's policy, greedy or sampled (request seeds from ``seed``)."""
     from duca_fast.train.checkpoint import load_checkpoint
     from duca_fast.train.distributed import DistContext
     from duca_fast.train.loop import build_task, held_out_sessions, seed_everything
     from duca_fast.train.task import evaluation_metrics
 
-    if sampled and config.env.name != "sales-acts":
-        raise ValueError("sampled evaluation is implemented for env.name=sales-acts only")
     seed_everything(config.seed)
     task = build_task(config, DistContext())
     try:
         load_checkpoint(checkpoint, task.model)
         task.sync(0)
         scenarios, customers = held_out_sessions(config, num_sessions, seed)
-        kwargs = {"sample_seed": seed} if sampled else {}
-        return evaluation_metrics(task.evaluate(scenarios, customers, **kwargs), num_sessions)
+        played = task.evaluate(scenarios, customers, sample_seed=seed if sampled else None)
+        return evaluation_metrics(played, num_sessions)
     finally:
         task.close()
 
@@ -424,7 +422,7 @@ def compare(
         raise ValueError("tune needs at least one lr, one entropy coefficient and tune_seeds >= 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    modes = ("greedy", "sampled") if config.env.name == "sales-acts" else ("greedy",)
+    modes = ("greedy", "sampled")
     args = (train_fn, eval_fn, eval_sessions, list(eval_seeds), modes)
     started = time.perf_counter()
 

@@ -109,7 +109,8 @@ class RolloutSettings:
 
 @dataclass
 class CriticConfig:
-    """``ppo_gae``'s learned critic (a ``ValueHead`` MLP on the twin's observation) and its GAE."""
+    """``ppo_gae``'s learned critic (a ``ValueHead`` MLP: on the twin's observation, or on the LLM policy's
+    final hidden state at the last prompt token of each agent turn) and its GAE."""
 
     gamma: float = 1.0
     """GAE discount per agent turn."""
@@ -358,10 +359,6 @@ def validate(config: TrainConfig) -> None:
     _require(c.hidden_size >= 1, f"algo.critic.hidden_size must be >= 1, got {c.hidden_size}")
     _require(c.num_layers >= 1, f"algo.critic.num_layers must be >= 1, got {c.num_layers}")
     _require(c.value_coef > 0, f"algo.critic.value_coef must be > 0, got {c.value_coef}")
-    _require(
-        a.name != "ppo_gae" or e.name == "sales-acts",
-        "algo.name=ppo_gae needs a value head, built for env.name=sales-acts only so far",
-    )
     if e.name == "sales-acts":
         from duca_fast.env.regimes import make_regime
 

@@ -2,7 +2,7 @@
 
 A task owns its policy and how it plays and learns one batch: ``rollout`` (play the step's scenarios),
 ``prepare_update`` and ``backward`` (one pass of the loss), ``sync`` (make the rollout side see the new
-weights), ``evaluate`` (greedy sessions with the current weights). The loop owns everything else:
+weights), ``evaluate`` (greedy or sampled sessions with the current weights). The loop owns everything else:
 scenario order, seeds, advantages, the optimizer and its schedule, the gradient check, records,
 checkpoints and resume.
 """
@@ -106,6 +106,14 @@ class TwoHorizonRewards:
 
 
 @dataclass
+class CriticRewards(TwoHorizonRewards):
+    """The rewards plus the critic's value of each turn (``ppo_gae``; ``compute_advantages`` takes it)."""
+
+    values: torch.Tensor | None = None
+    """[T] value of each turn under the critic that played (None without a critic)."""
+
+
+@dataclass
 class StepRollout:
     """What a task's rollout hands the loop."""
 
@@ -157,8 +165,11 @@ class Task(Protocol):
 
     def export(self) -> Callable[[Any], None] | None: ...
 
-    def evaluate(self, scenarios: list[Scenario], customer_seeds: list[int]) -> PlayedSessions:
-        """Greedy sessions of the current weights, one per (scenario, customer seed)."""
+    def evaluate(
+        self, scenarios: list[Scenario], customer_seeds: list[int], *, sample_seed: int | None = None
+    ) -> PlayedSessions:
+        """Sessions of the current weights, one per (scenario, customer seed): greedy, or sampled at
+        ``rollout.temperature`` from ``sample_seed``."""
 
     def close(self) -> None: ...
 

@@ -107,9 +107,10 @@ def test_bad_algo_and_regime_keys_are_named(override, message):
         load_config(ACTS_CONFIG, [override])
 
 
-def test_ppo_gae_is_refused_without_a_value_head():
-    with pytest.raises(ConfigError, match="ppo_gae"):
-        load_config(None, ["algo.name=ppo_gae"])
+def test_ppo_gae_configures_for_both_tasks():
+    # The LLM task has a value head too (tests/train/test_sales_critic.py).
+    assert load_config(None, ["algo.name=ppo_gae"]).env.name == "sales"
+    assert load_config(ACTS_CONFIG, ["algo.name=ppo_gae"]).algo.name == "ppo_gae"
 
 
 @pytest.mark.parametrize("algo", ["duca", "grpo", "gdpo", "mt_grpo", "session_only", "ppo_gae"])

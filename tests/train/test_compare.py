@@ -142,25 +142,27 @@ def test_the_llm_task_through_compare_at_smoke_size(tmp_path):
     config = load_config(ROOT / "configs" / "demo.yaml", [*overrides, "checkpoint_every=0"])
     out = tmp_path / "llm"
     markdown = compare(
-        config, ["grpo", "mt_grpo"], [0, 1], out, train, eval_sessions=2, eval_seeds=[0], progress=False
+        config, ["grpo", "ppo_gae"], [0, 1], out, train, eval_sessions=2, eval_seeds=[0], progress=False
     )
     report = json.loads((out / "compare.json").read_text())
-    assert report["modes"] == ["greedy"], "sampled evaluation is the twin's only"
+    assert report["modes"] == ["greedy", "sampled"]
     assert [(r["algo"], r["seed"]) for r in report["runs"]] == [
         ("grpo", 0),
         ("grpo", 1),
-        ("mt_grpo", 0),
-        ("mt_grpo", 1),
+        ("ppo_gae", 0),
+        ("ppo_gae", 1),
     ]
-    # The tiny random LLM may fail sessions (empty turns): rates then exist only for runs that finished one.
-    rate = {(r["algo"], r["seed"]): r["greedy/conversion_rate"] for r in report["runs"]}
-    common = [s for s in (0, 1) if math.isfinite(rate["grpo", s]) and math.isfinite(rate["mt_grpo", s])]
-    entry = report["summary"]["greedy/conversion_rate"]["mt_grpo"]
-    assert ("vs_baseline" in entry) == bool(common)
-    if common:
-        assert entry["vs_baseline"]["n"] == len(common) and 0 <= entry["vs_baseline"]["p_value"] <= 1
-    assert all(r["greedy/num_sessions"] == 2 for r in report["runs"])
-    assert "Greedy evaluation" in markdown and (out / "curves.png").read_bytes().startswith(PNG)
+    for mode in report["modes"]:
+        # The tiny random LLM may fail sessions (empty turns): rates exist only for runs that finished one.
+        rate = {(r["algo"], r["seed"]): r[f"{mode}/conversion_rate"] for r in report["runs"]}
+        common = [s for s in (0, 1) if math.isfinite(rate["grpo", s]) and math.isfinite(rate["ppo_gae", s])]
+        entry = report["summary"][f"{mode}/conversion_rate"]["ppo_gae"]
+        assert ("vs_baseline" in entry) == bool(common)
+        if common:
+            assert entry["vs_baseline"]["n"] == len(common) and 0 <= entry["vs_baseline"]["p_value"] <= 1
+        assert all(r[f"{mode}/num_sessions"] == 2 for r in report["runs"])
+    assert "Greedy evaluation" in markdown and "Sampled evaluation" in markdown
+    assert (out / "curves.png").read_bytes().startswith(PNG)
 
 
 def test_runs_that_finished_no_session_have_no_rate(tmp_path):

@@ -12,7 +12,7 @@ from duca_fast.train.checkpoint import CheckpointError, latest_checkpoint, list_
 from duca_fast.train.config import load_config
 from duca_fast.train.loop import Trainer
 from duca_fast.train.task import ScenarioCursor, TwoHorizonRewards
-from duca_fast.train.tasks.sales import env_factory, micro_batches
+from duca_fast.train.tasks.sales import SalesRollout, env_factory, micro_batches
 
 from .runs import cli, read_metrics, tiny_overrides
 
@@ -122,7 +122,7 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path, cache_dir):
                 config.algo.loss = replace(config.algo.loss, loss_agg=agg)
                 for p in params:
                     p.grad = None
-                metrics = task.backward(task.prepare_update(batch, adv.per_turn))
+                metrics = task.backward(task.prepare_update(SalesRollout(batch), adv.per_turn))
                 assert metrics["train/loss_tokens"] > 0 and all(p.grad is not None for p in params)
                 torch.optim.SGD(params, lr=1.0).step()
                 after[agg, budget] = {k: v.clone() for k, v in task.model.state_dict().items()}

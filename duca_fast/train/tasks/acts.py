@@ -16,11 +16,18 @@ from torch import nn
 
 from duca_fast import ops
 from duca_fast.env import ACTS, Outcome, SalesActsEnv, Scenario, TwinRegime, make_env, make_regime
-from duca_fast.train.algorithms import advantage_weights, gae_targets
+from duca_fast.train.algorithms import critic_targets
 from duca_fast.train.config import ConfigError, TrainConfig
 from duca_fast.train.distributed import DistContext
-from duca_fast.train.estimators import TwoHorizonBatch, ValueHead, value_loss
-from duca_fast.train.task import PlayedSessions, StepRollout, TwoHorizonRewards, derive_seed, loss_options
+from duca_fast.train.estimators import ValueHead, value_loss
+from duca_fast.train.task import (
+    CriticRewards,
+    PlayedSessions,
+    StepRollout,
+    TwoHorizonRewards,
+    derive_seed,
+    loss_options,
+)
 
 
 class ActsPolicy(nn.Module):
@@ -55,14 +62,6 @@ class ActsPolicy(nn.Module):
             temperature=temperature,
             bias=self.out.bias,
         )
-
-
-@dataclass
-class CriticRewards(TwoHorizonRewards):
-    """The rewards plus the critic's value of each turn (``compute_advantages`` takes ``values``)."""
-
-    values: torch.Tensor | None = None
-    """[T] value of each turn under the critic that played."""
 
 
 @dataclass
@@ -227,19 +226,7 @@ class ActsTask:
             # Later passes are off-policy: their ratios are taken against the weights that sampled.
             old = self.model.token_logprobs(data, temperature) if self.config.algo.ppo_epochs > 1 else None
             ref = None if self.reference is None else self.reference.token_logprobs(data, temperature)
-        returns = None
-        if data.rewards.values is not None:
-            batch = TwoHorizonBatch(
-                data.rewards.turn_rewards,
-                data.rewards.turn_session,
-                data.rewards.turn_index,
-                data.rewards.session_rewards,
-                data.rewards.session_group,
-                *advantage_weights(self.config.algo, data.rewards),
-            )
-            _, returns = gae_targets(self.config.algo, batch, data.rewards.values)
-            valid = batch.valid_sessions()[data.rewards.turn_session]
-            returns = torch.where(valid, returns, float("nan"))
+        returns = None if data.rewards.values is None else critic_targets(self.config.algo, data.rewards)
         return PreparedUpdate(data, per_turn, old, ref, returns)
 
     def backward(self, prepared: PreparedUpdate) -> dict[str, float]:

@@ -4,6 +4,13 @@ rollout: the step's groups (split over ranks under torchrun) through vLLM (or tr
 environment; update: packed (padding-free) sessions in token-budget micro-batches, final hidden states and
 the lm_head into ``ops.fused_policy_loss`` (no ``[tokens, vocab]`` logits); sync: the new weights (LoRA
 merged) pushed into the engine in place. Multi-rank runs shard the policy with FSDP2 (``train/distributed``).
+
+``ppo_gae`` adds a value head (``estimators.ValueHead``) on the policy's final hidden state at the last
+prompt token of each agent turn: the token whose hidden state emits the turn's first token has seen
+exactly the conversation the agent answers, as the twin's critic sees the observation before it acts.
+Its values are taken at rollout time (one extra no-grad forward), its loss is added to the policy loss
+in the same forward and backward, and it trains with the policy (through the shared trunk) and is
+checkpointed with it; single process only.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 
 from duca_fast import ops
 from duca_fast.env import SalesEnv, Scenario
-from duca_fast.train.algorithms import broadcast_to_tokens
+from duca_fast.train.algorithms import broadcast_to_tokens, critic_targets
 from duca_fast.train.config import ConfigError, TrainConfig
 from duca_fast.train.distributed import (
     DistContext,
@@ -27,7 +34,15 @@ from duca_fast.train.distributed import (
     barrier,
     shard_policy,
 )
-from duca_fast.train.task import PlayedSessions, StepRollout, TwoHorizonRewards, derive_seed, loss_options
+from duca_fast.train.estimators import ValueHead, value_loss
+from duca_fast.train.task import (
+    CriticRewards,
+    PlayedSessions,
+    StepRollout,
+    TwoHorizonRewards,
+    derive_seed,
+    loss_options,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_MODEL_DIR = "tiny-llama-{hidden}"
@@ -180,30 +195,81 @@ def decoder_hidden_states(base: torch.nn.Module, batch, rows: slice, device) -> 
     return torch.cat(pieces)
 
 
+def value_positions(batch) -> torch.Tensor:
+    """``[T]`` packed position of each agent turn's last prompt token (the one that predicts the turn's
+    first sampled token): where ``ppo_gae``'s value head reads the policy's hidden state."""
+    return batch.turn_spans[:, 0] - 1
+
+
 class PolicyObjective(torch.nn.Module):
-    """The policy's forward and its loss in one module call.
+    """The policy's forward and its loss in one module call (with ``critic``, the value head's too).
 
     Under FSDP2 the root unit gathers embeddings, final norm and the (tied) lm_head only inside its own
     forward; computing the fused loss there gives the op the full head weight and lets the backward
     hooks reduce-scatter its gradient.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, critic: ValueHead | None = None) -> None:
         super().__init__()
         self.model = model
+        self.critic = critic
 
     def forward(
-        self, batch, rows: slice, loss_inputs: dict[str, Any] | None = None, temperature: float = 1.0
+        self,
+        batch,
+        rows: slice,
+        loss_inputs: dict[str, Any] | None = None,
+        temperature: float = 1.0,
+        value_rows: torch.Tensor | None = None,
     ):
-        """``(loss, metrics)`` of the micro-batch when ``loss_inputs`` is given, else its log-probs."""
+        """``(loss, metrics)`` of the micro-batch when ``loss_inputs`` is given, else its log-probs.
+
+        With ``value_rows`` (token indices within the micro-batch) the critic's ``[M]`` values at those
+        tokens come too, from the same hidden states: ``(loss, metrics, values)``, or the values alone
+        without ``loss_inputs`` (no lm_head pass)."""
         base = unwrap(self.model)
         device = next(self.model.parameters()).device
         hidden = decoder_hidden_states(base, batch, rows, device)
+        values = None
+        if value_rows is not None:
+            if self.critic is None:
+                raise ValueError("value_rows needs a critic (algo.name=ppo_gae builds one)")
+            # The head stays float32 whatever the policy's dtype.
+            values = self.critic(hidden[value_rows.to(device)].float())
+            if loss_inputs is None:
+                return values
         weight = base.get_output_embeddings().weight
         if loss_inputs is None:
             target = torch.roll(batch.input_ids, -1)[rows].to(device)
             return ops.token_logprobs(hidden, weight, target, temperature=temperature)
-        return ops.fused_policy_loss(hidden, weight, **loss_inputs)
+        loss, metrics = ops.fused_policy_loss(hidden, weight, **loss_inputs)
+        return (loss, metrics) if values is None else (loss, metrics, values)
+
+
+@dataclass
+class SalesRollout:
+    """One rank's rollout as its update takes it."""
+
+    batch: Any
+    """The ``RolloutBatch`` of this rank's sessions."""
+    values: torch.Tensor | None = None
+    """ppo_gae: ``[T]`` the value head's value of each of the batch's turns, taken at rollout time."""
+
+
+@dataclass
+class CriticInputs:
+    """ppo_gae: what every micro-batch's critic loss reads."""
+
+    positions: torch.Tensor
+    """[T] packed position of each turn's last prompt token (``value_positions``)."""
+    returns: torch.Tensor
+    """[T] critic targets (NaN: no loss)."""
+    keep: torch.Tensor
+    """[T] turns with a target."""
+    count: int
+    """Turns with a target in the step: the critic loss is their mean."""
+    coef: float
+    """algo.critic.value_coef."""
 
 
 @dataclass
@@ -221,10 +287,16 @@ class PreparedUpdate:
     num_loss_sessions: int
     passes: list[tuple[MicroBatch, bool]]
     old_logprobs: torch.Tensor | None
+    returns: torch.Tensor | None = None
+    """ppo_gae: [T] critic targets (NaN for turns of dropped sessions: no critic loss)."""
 
 
 class SalesTask:
-    """Owns the policy (FSDP2-sharded over torchrun ranks), the engine and the weight sync."""
+    """Owns the policy (FSDP2-sharded over torchrun ranks), the engine and the weight sync.
+
+    ``policy`` is the HF (peft) model the engine mirrors; ``model``, what the loop optimizes and
+    checkpoints, is the policy, or with ``ppo_gae`` the objective holding the policy and its value head.
+    """
 
     def __init__(self, config: TrainConfig, dist: DistContext) -> None:
         from duca_fast.rollout import WeightSync
@@ -239,20 +311,36 @@ class SalesTask:
                 "algo.loss.kl_coef > 0 with a full fine-tune is single-rank only "
                 "(use LoRA: the base model is then the reference)"
             )
+        if dist.enabled and config.algo.name == "ppo_gae":
+            raise ConfigError(
+                "algo.name=ppo_gae with env.name=sales trains on a single process (its value head is not "
+                "sharded); launch it without torchrun"
+            )
         self.config, self.dist, self.sharded = config, dist, dist.enabled
         model_dir = resolve_model_dir(config) if dist.is_main else None
         barrier(dist)
         model_dir = model_dir or resolve_model_dir(config)
-        self.model = build_policy(config, model_dir)
+        self.policy = build_policy(config, model_dir)
         self.reference = None
         if config.algo.loss.kl_coef > 0 and config.model.lora_rank == 0:
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.objective = PolicyObjective(self.model)
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        critic = self._build_critic() if config.algo.name == "ppo_gae" else None
+        self.objective = PolicyObjective(self.policy, critic)
+        self.model = self.policy if critic is None else self.objective
         if dist.enabled:
-            shard_policy(self.objective, list(unwrap(self.model).get_decoder().layers))
+            shard_policy(self.objective, list(unwrap(self.policy).get_decoder().layers))
         self.engine = build_engine(config, model_dir)
         self.weight_sync = WeightSync(self.engine)
         self._check_prompts: list[list[int]] = []
+
+    def _build_critic(self) -> ValueHead:
+        """ppo_gae's value head, drawn from its own seed: the policy and the global RNG stay those of every
+        other algorithm for the seed."""
+        settings, width = self.config.algo.critic, unwrap(self.policy).config.hidden_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.seed, "value-head"))
+            critic = ValueHead(width, settings.hidden_size, settings.num_layers)
+        return critic.to(next(self.policy.parameters()).device)
 
     # -- rollout ---------------------------------------------------------------------------------------
 
@@ -309,17 +397,34 @@ class SalesTask:
             batch.input_ids[bounds[s] : bounds[s + 1]].tolist() for s in range(min(2, len(bounds) - 1))
         ]
         rewards = TwoHorizonRewards.concat([part["rewards"] for part in everyone])
+        values = None
+        if self.objective.critic is not None:
+            # Single process (ppo_gae refuses torchrun): this rank's turns are all the step's turns.
+            values = self._turn_values(batch)
+            rewards = CriticRewards(**rewards.as_kwargs(), values=values)
         outcomes = [o for part in everyone for o in part["outcomes"]]
         summary = " | ".join(
             part["summary"] if len(everyone) == 1 else f"rank {rank}: {part['summary']}"
             for rank, part in enumerate(everyone)
         )
-        return StepRollout(rewards, local, batch, outcomes, metrics, summary)
+        return StepRollout(rewards, local, SalesRollout(batch, values), outcomes, metrics, summary)
+
+    @torch.no_grad()
+    def _turn_values(self, batch) -> torch.Tensor:
+        """``[T]`` the value head's value of each agent turn of ``batch``, micro-batch by micro-batch."""
+        positions = value_positions(batch)
+        values = torch.zeros(len(positions))
+        for chunk in micro_batches(batch.cu_seqlens, self.config.optim.micro_batch_tokens):
+            inside = (positions >= chunk.rows.start) & (positions < chunk.rows.stop)
+            if inside.any():
+                rows = positions[inside] - chunk.rows.start
+                values[inside] = self.objective(batch, chunk.rows, value_rows=rows).float().cpu()
+        return values
 
     # -- update ----------------------------------------------------------------------------------------
 
-    def prepare_update(self, data, per_turn: torch.Tensor) -> PreparedUpdate | None:
-        batch = data
+    def prepare_update(self, data: SalesRollout, per_turn: torch.Tensor) -> PreparedUpdate | None:
+        batch = data.batch
         self.weight_sync.sleep_for_training()
         # Token p predicts token p + 1 of the same session; the last token of a session predicts nothing.
         target = torch.roll(batch.input_ids, -1)
@@ -337,16 +442,31 @@ class SalesTask:
             return None
         passes = self._pad_for_ranks(micro_batches(batch.cu_seqlens, self.config.optim.micro_batch_tokens))
         old = self._old_logprobs(batch, passes) if self.config.algo.ppo_epochs > 1 else None
+        returns = None
+        if data.values is not None:
+            rewards = CriticRewards(**TwoHorizonRewards.of(batch).as_kwargs(), values=data.values)
+            returns = critic_targets(self.config.algo, rewards)
         return PreparedUpdate(
-            batch, target, loss_mask, advantages, behavior, num_loss_tokens, num_loss_sessions, passes, old
+            batch,
+            target,
+            loss_mask,
+            advantages,
+            behavior,
+            num_loss_tokens,
+            num_loss_sessions,
+            passes,
+            old,
+            returns,
         )
 
     def backward(self, prepared: PreparedUpdate) -> dict[str, float]:
         """Forward and backward of every micro-batch; the summed micro-batch losses aggregate the step."""
-        batch, device = prepared.batch, next(self.model.parameters()).device
+        batch, device = prepared.batch, next(self.policy.parameters()).device
         # FSDP2 averages gradients over ranks; the losses are sums over the global batch.
         rank_scale = float(self.dist.world_size)
         sums: dict[str, float] = {}
+        critic = self._critic_inputs(prepared)
+        seen_values: list[torch.Tensor] = []
         for chunk, padding in prepared.passes:
             rows = chunk.rows
             mask = prepared.loss_mask[rows] & (not padding)
@@ -369,10 +489,23 @@ class SalesTask:
                 behavior_logprobs=prepared.behavior[rows].to(device),
                 **loss_options(self.config, loss_agg=agg, **extra),
             )
-            loss, op_metrics = self.objective(batch, rows, loss_inputs)
-            (loss * scale * rank_scale).backward()
+            inside = None if critic is None else critic.keep & (critic.positions >= rows.start)
+            if inside is not None:
+                inside &= critic.positions < rows.stop
+            if inside is not None and bool(inside.any()):
+                loss, op_metrics, values = self.objective(
+                    batch, rows, loss_inputs, value_rows=critic.positions[inside] - rows.start
+                )
+                # Each micro-batch's share of the step's mean critic loss over its valid turns.
+                critic_loss, _ = value_loss(values, critic.returns[inside].to(values.device))
+                total = loss * scale + critic.coef * critic_loss * (values.numel() / critic.count)
+                seen_values.append(values.detach().cpu())
+            else:
+                loss, op_metrics = self.objective(batch, rows, loss_inputs)
+                total = loss * scale
+            (total * rank_scale).backward()
             share = float(mask.sum()) / prepared.num_loss_tokens
-            sums["loss/total"] = sums.get("loss/total", 0.0) + float(loss.detach()) * scale
+            sums["loss/total"] = sums.get("loss/total", 0.0) + float(total.detach())
             for key, value in op_metrics.items():
                 sums[f"loss/{key}"] = sums.get(f"loss/{key}", 0.0) + float(value) * share
         # Per-rank sums of the loss and of the token-weighted diagnostics add up to the global values
@@ -383,7 +516,25 @@ class SalesTask:
                 totals[key] = totals.get(key, 0.0) + value
         if "loss/behavior_logprob_gap" in totals:
             totals["sync/logprob_gap"] = totals.pop("loss/behavior_logprob_gap")
+        if seen_values:
+            # Diagnostics of the whole step's critic (single process: nothing to gather).
+            _, value_metrics = value_loss(torch.cat(seen_values), critic.returns[critic.keep])
+            totals.update(value_metrics)
         return totals
+
+    def _critic_inputs(self, prepared: PreparedUpdate) -> CriticInputs | None:
+        if prepared.returns is None:
+            return None
+        keep = torch.isfinite(prepared.returns)
+        if not bool(keep.any()):
+            return None
+        return CriticInputs(
+            value_positions(prepared.batch),
+            prepared.returns,
+            keep,
+            int(keep.sum()),
+            self.config.algo.critic.value_coef,
+        )
 
     def _pad_for_ranks(self, chunks: list[MicroBatch]) -> list[tuple[MicroBatch, bool]]:
         """Micro-batches to run, flagged True where one is a masked-out repeat.
@@ -416,7 +567,7 @@ class SalesTask:
         temperature = self.config.rollout.temperature
         if self.reference is not None:
             return PolicyObjective(self.reference)(batch, rows, temperature=temperature)
-        with self.model.disable_adapter():
+        with self.policy.disable_adapter():
             return self.objective(batch, rows, temperature=temperature)
 
     @torch.no_grad()
@@ -434,18 +585,18 @@ class SalesTask:
     def sync(self, step: int) -> dict[str, float]:
         """Push the weights into the engine; ``step`` 0 is the push after loading a checkpoint."""
         if step == 0:
-            self.weight_sync.push(self.model)
+            self.weight_sync.push(self.policy)
             return {}
         every = self.config.rollout.check_logprobs_every
         check = [s[:64] for s in self._check_prompts] if every and step % every == 0 else None
-        report = self.weight_sync.wake_and_push(self.model, check_prompts=check)
+        report = self.weight_sync.wake_and_push(self.policy, check_prompts=check)
         metrics = {"sync/seconds": report.seconds, "sync/weight_version": float(report.weight_version)}
         if report.logprob_mismatch is not None:
             metrics["sync/check_logprob_mismatch"] = report.logprob_mismatch
         return metrics
 
-    def samples(self, data, per_turn: torch.Tensor) -> list[dict[str, Any]]:
-        batch, samples = data, []
+    def samples(self, data: SalesRollout, per_turn: torch.Tensor) -> list[dict[str, Any]]:
+        batch, samples = data.batch, []
         turn_session = batch.turn_session.tolist()
         for s, outcome in enumerate(batch.outcomes):
             samples.append(
@@ -465,16 +616,25 @@ class SalesTask:
         return samples
 
     def export(self):
-        return None if self.dist.enabled else self.model.save_pretrained
+        # The policy alone (adapter or full model): the value head is in the checkpoint's trainable state.
+        return None if self.dist.enabled else self.policy.save_pretrained
 
-    def evaluate(self, scenarios: list[Scenario], customer_seeds: list[int]) -> PlayedSessions:
+    def evaluate(
+        self, scenarios: list[Scenario], customer_seeds: list[int], *, sample_seed: int | None = None
+    ) -> PlayedSessions:
+        """Greedy sessions, or sampled at rollout.temperature / top_p with request seeds from
+        ``sample_seed`` (the same seed samples the same sessions)."""
         from duca_fast.rollout import RolloutConfig, SessionSpec, rollout
 
         specs = [
             SessionSpec(scenario, i, seed)
             for i, (scenario, seed) in enumerate(zip(scenarios, customer_seeds))
         ]
-        config = RolloutConfig(sampling=self._sampling(greedy=True), max_turns=self.config.env.max_turns)
+        config = RolloutConfig(
+            sampling=self._sampling(greedy=sample_seed is None),
+            max_turns=self.config.env.max_turns,
+            seed=0 if sample_seed is None else sample_seed,
+        )
         batch = rollout(self.engine, env_factory(self.config), specs, config)
         finished = [o for o, failed in zip(batch.outcomes, batch.failed.tolist()) if not failed]
         return PlayedSessions(finished, batch.turn_rewards, batch.session_rewards, int(batch.failed.sum()))
