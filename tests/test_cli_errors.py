@@ -37,7 +37,7 @@ def assert_one_line(result: subprocess.CompletedProcess, command: str, *needles:
 # traceback only after the model, the engine and a whole rollout had loaded.
 ITEM_3 = [
     ("optim.warmup_steps=-5", "optim.warmup_steps must be >= 0"),
-    ("samples_per_step=-1", "samples_per_step must be >= 1"),
+    ("samples_per_step=-1", "samples_per_step must be >= 0"),
     ("eval_sessions=-1", "eval_sessions must be >= 1"),
     ("model.lora_alpha=0", "model.lora_alpha must be > 0"),
     ("algo.loss.kl_type=k9", "algo.loss.kl_type must be one of"),
@@ -146,3 +146,12 @@ def test_bench_default_is_outside_the_committed_results():
 
     assert _parse(["bench"]).out == "runs/bench"
     assert _parse(["bench", "--only", "train", "--out", "/tmp/x"]).out == "/tmp/x"
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    """A config under configs/ that its own loader refuses would fail a user's first command."""
+    from duca_fast.train.config import load_config
+
+    config = load_config(path)
+    assert config.steps >= 1

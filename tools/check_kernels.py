@@ -121,6 +121,22 @@ def loss_launches() -> Iterator[tuple[str, str, Callable[[], None], list]]:
                     ),
                     kernels,
                 )
+        if dtype != torch.float32:
+            # logits_dtype=<input dtype>: GEMM1 writes 16-bit logits, the d-logits overwrite them.
+            chunk16 = triton_path.chunk_rows(LOSS_TOKENS, VOCAB, None, torch.device("cuda"), dtype.itemsize)
+            logits16 = torch.empty(chunk16, VOCAB, dtype=dtype, device=meta)
+            rows16 = torch.empty(chunk16, dtype=torch.float32, device=meta)
+            target16 = torch.empty(chunk16, dtype=torch.long, device=meta)
+            for entropy in (False, True):
+                yield (
+                    "logits_grad (hidden path, 16-bit logits in place)",
+                    name,
+                    f"entropy_grad={entropy}",
+                    lambda z=logits16, t=target16, r=rows16, e=entropy: triton_path.logits_to_grad(
+                        z, None, t, r, r, r, r if e else None, 1.0, out=z
+                    ),
+                    kernels,
+                )
         given = torch.empty(LOSS_TOKENS, VOCAB, dtype=dtype, device=meta)
         target_all = torch.empty(LOSS_TOKENS, dtype=torch.long, device=meta)
         yield (

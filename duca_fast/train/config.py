@@ -199,7 +199,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Checkpoints kept (oldest deleted first)."""
     samples_per_step: int = 2
-    """Transcripts written per step to samples/step_N.jsonl."""
+    """Transcripts written per step to samples/step_N.jsonl (0: none)."""
     eval_sessions: int = 32
     """Held-out sessions of an evaluation (`duca-fast eval`, and eval_before_after)."""
     eval_seed: int = 12345
@@ -300,7 +300,7 @@ def validate(config: TrainConfig) -> None:
     _require(config.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
     _require(config.seed >= 0, f"seed must be >= 0, got {config.seed}")
     _require(config.eval_seed >= 0, f"eval_seed must be >= 0, got {config.eval_seed}")
-    _require(config.samples_per_step >= 1, f"samples_per_step must be >= 1, got {config.samples_per_step}")
+    _require(config.samples_per_step >= 0, f"samples_per_step must be >= 0, got {config.samples_per_step}")
     _require(config.eval_sessions >= 1, f"eval_sessions must be >= 1, got {config.eval_sessions}")
     _require(m.lora_alpha > 0, f"model.lora_alpha must be > 0, got {m.lora_alpha}")
     _require(m.hidden_size >= 1, f"model.hidden_size must be >= 1, got {m.hidden_size}")

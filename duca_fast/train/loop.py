@@ -294,7 +294,9 @@ class Trainer:
         _fault_point(step, "records")
         if self.records is not None:
             self.records.log(step, metrics)
-            self.records.write_samples(step, task.samples(played.data, per_turn)[: config.samples_per_step])
+            if config.samples_per_step > 0:
+                samples = task.samples(played.data, per_turn)[: config.samples_per_step]
+                self.records.write_samples(step, samples)
         if self.failed_streak >= config.train.max_failed_steps:
             raise RolloutFailureError(
                 f"stopped at step {step}: {self.failed_streak} steps in a row with at least "
