@@ -256,6 +256,9 @@ _LOSS_GRAD_INPUTS = {"hidden": 0, "weight": 1, "bias": 5}
 def _fused_setup_context(ctx, inputs, output) -> None:
     _, metrics, grad_hidden, grad_weight, grad_bias = output
     ctx.mark_non_differentiable(metrics, grad_hidden, grad_weight, grad_bias)
+    # Without this autograd hands backward a zero tensor per output it got no gradient for: a
+    # full-size [V, H] (and [N, H]) zero buffer at every backward (measured: +113 MiB at V=49152, H=576).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     ctx.input_meta = [
         None if inputs[position] is None else (inputs[position].shape, inputs[position].dtype)
