@@ -8,8 +8,8 @@ Per token chunk (DESIGN.md, "How it runs"):
    columns (bias and 1/temperature applied on load); a tiny torch combine merges the splits into
    log-sum-exp, target log-prob and entropy per row;
 3. the per-token policy head on ``[chunk]`` vectors (``head.policy_head``);
-4. ``_logits_grad_kernel`` turns the buffer into d loss / d logits (in place for fp32 inputs, into a
-   buffer of the input dtype otherwise);
+4. ``_logits_grad_kernel`` turns the buffer into d loss / d logits (in place when the logits buffer has
+   the input dtype, into a buffer of the input dtype otherwise);
 5. GEMM2 ``dH_c = G @ W`` and GEMM3 ``dW += G.T @ h_c``, accumulated in fp32 (no bf16 round trip),
    on a side stream when G has its own buffer, overlapping steps 1-3 of the next chunk.
 Three GEMM passes in all: 6 N_loss H V FLOPs. No Triton kernel multiplies over H.
@@ -27,8 +27,8 @@ from duca_fast.ops.policy_loss.head import policy_head
 from duca_fast.ops.policy_loss.options import HeadOutput, PolicyLossOptions, TokenInputs
 from duca_fast.ops.policy_loss.torch_path import mm_fp32, slice_inputs
 
-# fp32 logits buffer budget on CUDA: 1.25 GiB = 2,176 rows at V=151,936 (a multiple of 128 rows); with
-# the bf16 d-logits and the fp32 dW accumulator that keeps the extra memory under 4.5 GiB there.
+# Logits buffer budget on CUDA: 1.25 GiB = 2,176 fp32 rows at V=151,936 (a multiple of 128 rows; 4,352
+# bf16 rows); with the bf16 d-logits and the fp32 dW accumulator the extra memory stays under 4.5 GiB.
 LOGIT_BUFFER_BYTES = 1280 << 20
 MIN_CUDA_CHUNK = 2048
 
