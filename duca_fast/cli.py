@@ -14,7 +14,6 @@ or run directory, 3 a distributed collective failed, 130 interrupted (Ctrl-C; re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -137,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate,
         train,
     )
+    from duca_fast.train.records import strict_json
     from duca_fast.train.rundir import RunDirError
 
     try:
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = evaluate(config, checkpoint, args.sessions or config.eval_sessions, seed)
             _print_table(metrics)
             if args.out:
-                Path(args.out).write_text(json.dumps(metrics, indent=2))
+                Path(args.out).write_text(strict_json(metrics))
         elif args.command == "compare":
             from duca_fast.train.compare import compare, evaluate_policy, parse_seeds, parse_weights
 

@@ -36,8 +36,9 @@ def paired(report: dict, first: str, second: str) -> str:
     runs = [r for r in report["runs"] if r["phase"] == "main"]
     cells = []
     for key, _ in COLUMNS:
-        a = {r["seed"]: float(r[key]) for r in runs if r["algo"] == first}
-        b = {r["seed"]: float(r[key]) for r in runs if r["algo"] == second}
+        # Undefined rates are null (newer compare.json) or NaN (older ones).
+        a = {r["seed"]: float("nan" if r[key] is None else r[key]) for r in runs if r["algo"] == first}
+        b = {r["seed"]: float("nan" if r[key] is None else r[key]) for r in runs if r["algo"] == second}
         seeds = [s for s in sorted(a) if s in b and np.isfinite(a[s]) and np.isfinite(b[s])]
         diff = stats.paired_difference_ci([a[s] for s in seeds], [b[s] for s in seeds])
         test = stats.paired_permutation_test([a[s] for s in seeds], [b[s] for s in seeds])

@@ -34,6 +34,7 @@ import numpy as np
 from duca_fast.train import stats
 from duca_fast.train.checkpoint import latest_checkpoint
 from duca_fast.train.config import ALGORITHMS, ConfigError, TrainConfig, validate
+from duca_fast.train.records import strict_json
 
 TrainFn = Callable[[TrainConfig], Path]
 EvalFn = Callable[..., Mapping[str, float]]
@@ -555,5 +556,5 @@ def compare(
         "runs": rows,
         "summary": summary,
     }
-    (out_dir / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "compare.json").write_text(strict_json(report))
     return markdown

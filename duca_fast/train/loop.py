@@ -39,7 +39,7 @@ from duca_fast.train.distributed import (
     init_distributed,
     shutdown,
 )
-from duca_fast.train.records import RunRecords, write_before_after
+from duca_fast.train.records import RunRecords, strict_json, write_before_after
 from duca_fast.train.rundir import RunDirError, claim_run_dir, release_run_dir
 from duca_fast.train.task import (
     ScenarioCursor,
@@ -355,7 +355,7 @@ class Trainer:
         result = evaluation_metrics(self.task.evaluate(scenarios, customers), len(scenarios))
         if self.dist.is_main:
             (self.run_dir / "eval").mkdir(exist_ok=True)
-            (self.run_dir / "eval" / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+            (self.run_dir / "eval" / f"{name}.json").write_text(strict_json(result))
         return result
 
     def run(self) -> Path:

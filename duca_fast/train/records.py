@@ -28,6 +28,21 @@ RATE_SUFFIX = "_rate"
 TIME_KEYS = ("time/rollout", "time/advantage", "time/train", "time/sync")
 
 
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def strict_json(value: Any, indent: int | None = 2) -> str:
+    """JSON that every parser reads: an undefined statistic (NaN, inf) is written as null."""
+    return json.dumps(_finite_or_none(value), indent=indent, allow_nan=False) + "\n"
+
+
 class RunRecords:
     """Appends one JSON object per step to metrics.jsonl and mirrors it to TensorBoard."""
 

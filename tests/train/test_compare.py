@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -153,9 +152,9 @@ def test_the_llm_task_through_compare_at_smoke_size(tmp_path):
         ("ppo_gae", 1),
     ]
     for mode in report["modes"]:
-        # The tiny random LLM may fail sessions (empty turns): rates exist only for runs that finished one.
+        # The tiny random LLM may fail sessions (empty turns): rates are null unless a run finished one.
         rate = {(r["algo"], r["seed"]): r[f"{mode}/conversion_rate"] for r in report["runs"]}
-        common = [s for s in (0, 1) if math.isfinite(rate["grpo", s]) and math.isfinite(rate["ppo_gae", s])]
+        common = [s for s in (0, 1) if rate["grpo", s] is not None and rate["ppo_gae", s] is not None]
         entry = report["summary"][f"{mode}/conversion_rate"]["ppo_gae"]
         assert ("vs_baseline" in entry) == bool(common)
         if common:
@@ -183,3 +182,23 @@ def test_runs_that_finished_no_session_have_no_rate(tmp_path):
         "n": 0,
     }
     assert "n/a (no finished session)" in markdown and "some runs finished no session" in markdown
+
+
+def test_undefined_statistics_are_null_in_compare_json(tmp_path):
+    """A run whose eval sessions all failed has no rates: compare.json writes null, never NaN."""
+    config = tiny_acts_config(tmp_path / "unused")
+
+    def failing_for_grpo(config, checkpoint, num_sessions, seed, *, sampled):
+        if config.algo.name == "grpo":
+            return {"failed_sessions": num_sessions, "num_sessions": num_sessions}
+        return fake_eval(config, checkpoint, num_sessions, seed, sampled=sampled)
+
+    compare(config, ["grpo", "duca"], [0, 1], tmp_path, fake_train, failing_for_grpo, 4, eval_seeds=[0])
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in compare.json")
+
+    report = json.loads((tmp_path / "compare.json").read_text(), parse_constant=refuse)
+    grpo_runs = [run for run in report["runs"] if run["label"] == "grpo"]
+    assert grpo_runs and all(run["greedy/conversion_rate"] is None for run in grpo_runs)
+    assert report["summary"]["greedy/conversion_rate"]["duca"]["mean"] == pytest.approx(0.35)
