@@ -7,6 +7,12 @@ Reported per token against the fp32-logit log-probs: |delta log-prob| (max, p99,
 that the rounding alone puts into an on-policy PPO ratio, |delta entropy|, and the relative error of
 the hidden and lm_head gradients.
 
+Also what ``fp32_matmul="tf32"`` (the default for float32 inputs on CUDA) costs: the model runs in
+fp32, its lm_head weight is moved off the bf16 grid (as fp32 training leaves it), and the lm_head
+products are emulated with both operands rounded to TF32's 10-bit mantissa (round-to-nearest and
+truncation, which is what tensor cores fed raw fp32 do) and accumulated in float64, against float64
+products of the unrounded operands; exact fp32 GEMMs are reported beside them.
+
 Usage: python bench/bench_logits_precision.py [--sessions 8]
 """
 
@@ -45,6 +51,71 @@ def dialogue_token_ids(tokenizer, sessions: int) -> torch.Tensor:
                 break
         texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
     return tokenizer("\n".join(texts), return_tensors="pt").input_ids[0]
+
+
+def to_tf32(values: torch.Tensor, rounding: str) -> torch.Tensor:
+    """fp32 values with the low 13 of 23 mantissa bits dropped: "nearest" (ties to even) or "truncate"."""
+    bits = values.float().contiguous().view(torch.int32)
+    if rounding == "nearest":
+        bits = bits + 0xFFF + ((bits >> 13) & 1)
+    return (bits & ~0x1FFF).view(torch.float32)
+
+
+def tf32_rows(model, ids: torch.Tensor, target: torch.Tensor) -> list[dict[str, object]]:
+    """Per-token log-prob and gradient error of TF32 lm_head products against float64 ones."""
+    with torch.no_grad():
+        hidden = model.float().model(ids[None]).last_hidden_state[0, :-1].contiguous()
+        weight = model.lm_head.weight.detach().float()
+        # fp32 training moves the weights off the bf16 grid (bf16 values are exact in TF32): a uniform
+        # offset within half a bf16 step keeps each weight's bf16 rounding and fills the low bits.
+        step = torch.finfo(torch.bfloat16).eps * weight.abs()
+        noise = torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) - 0.5
+        weight = weight + step * noise
+    advantages = torch.randn(target.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact_h, exact_w = hidden.double(), weight.double()
+    variants = {
+        "fp32 (ieee)": None,
+        "tf32, round to nearest": "nearest",
+        "tf32, truncation": "truncate",
+    }
+
+    def lm_head_terms(h: torch.Tensor, w: torch.Tensor, fp32: bool):
+        """log-probs, d(-sum A logp)/dh, d/dW with both products over h, W as given."""
+        logits = (h.float() @ w.float().T).double() if fp32 else h @ w.T
+        logp = torch.log_softmax(logits, -1)
+        token_logp = logp.gather(1, target[:, None])[:, 0]
+        grad_logits = logp.exp() * advantages[:, None]
+        grad_logits[torch.arange(target.shape[0]), target] -= advantages
+        g = grad_logits.float().double() if fp32 else grad_logits
+        return token_logp, g, logits
+
+    base_logp, base_g, _ = lm_head_terms(exact_h, exact_w, fp32=False)
+    base_dh, base_dw = base_g @ exact_w, base_g.T @ exact_h
+    rows = []
+    for name, rounding in variants.items():
+        if rounding is None:
+            h, w = exact_h, exact_w
+            logp, g, _ = lm_head_terms(h, w, fp32=True)
+            dh = (g.float() @ weight).double()
+            dw = (g.float().T @ hidden).double()
+        else:
+            h, w = to_tf32(hidden, rounding).double(), to_tf32(weight, rounding).double()
+            logp, g, _ = lm_head_terms(h, w, fp32=False)
+            g = to_tf32(g.float(), rounding).double()
+            dh, dw = g @ w, g.T @ h
+        delta = (logp - base_logp).abs()
+        rows.append(
+            {
+                "lm_head products": name,
+                "max_abs_dlogp": delta.max().item(),
+                "p99_abs_dlogp": delta.quantile(0.99).item(),
+                "mean_abs_dlogp": delta.mean().item(),
+                "max_abs_ratio_minus_1": (torch.exp(delta) - 1).max().item(),
+                "rel_err_grad_hidden": ((dh - base_dh).norm() / base_dh.norm()).item(),
+                "rel_err_grad_weight": ((dw - base_dw).norm() / base_dw.norm()).item(),
+            }
+        )
+    return rows
 
 
 def main() -> None:
@@ -117,6 +188,18 @@ def main() -> None:
         "logits_dtype float32 vs bfloat16."
     )
     path = write_results("logits_precision_cpu", rows, run_identity("cpu"), notes=notes)
+    print(markdown_table(rows))
+    print(f"wrote {path}")
+
+    rows = tf32_rows(model, ids, target)
+    notes = (
+        f"SmolLM2-135M-Instruct run in fp32, its lm_head weight moved off the bf16 grid within half a bf16 "
+        f"step, {args.sessions} scripted sales dialogues ({target.shape[0]} tokens). Baseline: float64 "
+        "products of the fp32 operands. TF32 rows are an emulation on CPU (operands of all three lm_head "
+        "products - logits, dH, dW - rounded to a 10-bit mantissa, products accumulated in float64; cuBLAS "
+        "accumulates in fp32, which the fp32 row shows is ~1e-6). Gradients of -sum(A logp), random A."
+    )
+    path = write_results("tf32_precision_cpu", rows, run_identity("cpu"), notes=notes)
     print(markdown_table(rows))
     print(f"wrote {path}")
 

@@ -195,6 +195,9 @@ def measure_one(args) -> dict[str, object]:
     """Run one variant in this process: times and peak extra memory."""
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dtype = getattr(torch, args.dtype)
+    if dtype == torch.float32 and device == "cuda":
+        # Our op multiplies fp32 on tf32 tensor cores by default; the baselines get the same switch.
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
     inputs = make_inputs(args.tokens, args.hidden, args.vocab, dtype, device, args.seqs)
     run = build(args.variant, *inputs, seqs=args.seqs)
     row: dict[str, object] = {"variant": args.variant}
@@ -220,13 +223,26 @@ def measure_one(args) -> dict[str, object]:
 # ---------------------------------------------------------------------------------------------------
 # performance model of the CUDA path (duca_fast.ops.policy_loss.triton_path), per pass
 
-# Stated H100 SXM rates the prediction uses (sustained, not peak): cuBLAS dense bf16/fp16 GEMM, fp32
-# GEMM without tf32 (FMA), HBM3 bandwidth.
-RATES = {"bf16_gemm_flops": 700e12, "fp16_gemm_flops": 700e12, "fp32_gemm_flops": 50e12, "hbm_bytes": 3.0e12}
+# Stated H100 SXM rates the prediction uses (sustained, not peak): cuBLAS dense bf16/fp16 GEMM (~70% of
+# the 989 TFLOP/s peak), tf32 GEMM (fp32 inputs by default; ~70% of 495), fp32 GEMM on FMA
+# (fp32_matmul="ieee"; 67 peak), HBM3 bandwidth.
+RATES = {
+    "bf16_gemm_flops": 700e12,
+    "fp16_gemm_flops": 700e12,
+    "tf32_gemm_flops": 350e12,
+    "fp32_gemm_flops": 50e12,
+    "hbm_bytes": 3.0e12,
+}
+
+
+def gemm_rate(dtype: str, fp32_matmul: str = "tf32") -> float:
+    if dtype == "float32":
+        return RATES["tf32_gemm_flops" if fp32_matmul == "tf32" else "fp32_gemm_flops"]
+    return RATES[f"{dtype.replace('bfloat', 'bf').replace('float', 'fp')}_gemm_flops"]
 
 
 def performance_model(
-    tokens: int, hidden: int, vocab: int, dtype: str, logits_dtype: str = "float32"
+    tokens: int, hidden: int, vocab: int, dtype: str, logits_dtype: str = "float32", fp32_matmul: str = "tf32"
 ) -> tuple[list[dict[str, object]], dict]:
     """FLOPs, bytes and predicted H100 time of every pass; peak extra memory by live-buffer accounting.
 
@@ -240,7 +256,7 @@ def performance_model(
 
     size = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
     logit = 4 if logits_dtype == "float32" else size
-    gemm_rate = RATES[f"{dtype.replace('bfloat', 'bf').replace('float', 'fp')}_gemm_flops"]
+    rate = gemm_rate(dtype, fp32_matmul)
     chunk = chunk_rows(tokens, vocab, None, torch.device("cuda"), logit)
     chunks = -(-tokens // chunk)
     in_place = logit == size  # d-logits overwrite the logits buffer: no side stream
@@ -269,7 +285,7 @@ def performance_model(
     ]
     rows = []
     for name, flops, moved in passes:
-        seconds = max(flops / gemm_rate, moved / RATES["hbm_bytes"])
+        seconds = max(flops / rate, moved / RATES["hbm_bytes"])
         rows.append(
             {"pass": name, "GFLOP": flops / 1e9, "GB moved": moved / 1e9, "predicted_ms": seconds * 1e3}
         )
@@ -291,7 +307,7 @@ def performance_model(
         "side_stream": not in_place,
         "serial_predicted_ms": serial,
         "overlapped_predicted_ms": overlapped,
-        "floor_6NHV_ms": 6 * n * h * v / gemm_rate * 1e3,
+        "floor_6NHV_ms": 6 * n * h * v / rate * 1e3,
         "peak_extra_GiB": sum(live.values()) / 2**30,
         "live_buffers_GiB": {name: value / 2**30 for name, value in live.items()},
     }
@@ -302,7 +318,8 @@ def model_notes(tokens: int, hidden: int, vocab: int, dtype: str, logits_dtype: 
     buffers = "; ".join(f"{name} {gib:.2f} GiB" for name, gib in summary["live_buffers_GiB"].items())
     rates = (
         f"{RATES['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s bf16 GEMM, "
-        f"{RATES['fp32_gemm_flops'] / 1e12:.0f} TFLOP/s fp32 GEMM (no tf32), "
+        f"{RATES['tf32_gemm_flops'] / 1e12:.0f} TFLOP/s tf32 GEMM (fp32 inputs, the default), "
+        f"{RATES['fp32_gemm_flops'] / 1e12:.0f} TFLOP/s fp32 FMA GEMM (fp32_matmul='ieee'), "
         f"{RATES['hbm_bytes'] / 1e12:.1f} TB/s HBM"
     )
     overlap = (
@@ -386,6 +403,8 @@ def main() -> None:
         f"N={args.tokens} tokens in {args.seqs} sequences, H={args.hidden}, V={args.vocab}, {args.dtype} "
         f"on {device}; median of {args.repeats}. *_vs_ours > 1 means that variant is slower / larger."
     )
+    if device == "cuda" and args.dtype == "float32":
+        notes += " fp32 GEMMs on tf32 tensor cores in every variant (torch's switch set for all)."
     if device == "cuda":
         floor = next(r for r in rows if r["variant"] == "lm_head_gemms")
         flops = 6 * args.tokens * args.hidden * args.vocab

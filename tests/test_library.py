@@ -318,7 +318,20 @@ def test_token_logprobs_backward_opcheck():
     _, entropy, lse = torch.ops.duca.token_logprobs(hidden, weight, target, bias)
     grad_logprobs, grad_entropy = torch.randn(7), torch.randn(7)
     for grad_entropy_arg, needs in ((grad_entropy, (True, True, True)), (None, (False, True, False))):
-        args = (hidden, weight, bias, target, lse, entropy, grad_logprobs, grad_entropy_arg, 0.9, 3, "auto")
+        args = (
+            hidden,
+            weight,
+            bias,
+            target,
+            lse,
+            entropy,
+            grad_logprobs,
+            grad_entropy_arg,
+            0.9,
+            3,
+            "ieee",
+            "auto",
+        )
         torch.library.opcheck(torch.ops.duca.token_logprobs_backward.default, (*args, *needs))
 
 

@@ -46,6 +46,8 @@ def loss_and_grads(problem, backend, device, *, use_bias=True, **options):
     options = {k: v for k, v in options.items() if k != "no_old"}
     if options.get("tis_cap") is None:
         rest.pop("behavior_logprobs")
+    # Exact fp32 GEMMs: on a GPU the default (tf32) would differ from the float64 reference by ~1e-3.
+    options.setdefault("fp32_matmul", "ieee")
     loss, metrics = ops.fused_policy_loss(
         leaves["hidden"], leaves["weight"], bias=leaves.get("bias"), backend=backend, **rest, **options
     )
@@ -296,6 +298,7 @@ def test_token_logprobs_and_entropy_with_gradients(backend, device):
             return_entropy=True,
             backend=name,
             chunk_size=7,
+            fp32_matmul="ieee",  # exact fp32 on a GPU too: compared with float64 at 1e-4
         )
         (logp.double().cpu() @ upstream_logp + entropy.double().cpu() @ upstream_entropy).backward()
         results[name] = [t.detach().cpu() for t in (logp, entropy, hidden.grad, weight.grad, bias.grad)]

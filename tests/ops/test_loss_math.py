@@ -60,6 +60,8 @@ def make_problem(num_tokens=23, hidden_dim=8, vocab=37, *, seed=2):
 def run(problem, backend, device, **options):
     leaves = {k: problem[k].detach().to(device).requires_grad_() for k in ("hidden", "weight", "bias")}
     rest = {k: v.to(device) for k, v in problem.items() if k not in leaves}
+    # Exact fp32 GEMMs: on a GPU the default (tf32) would differ from the float64 reference by ~1e-3.
+    options.setdefault("fp32_matmul", "ieee")
     loss, metrics = ops.fused_policy_loss(
         leaves["hidden"], leaves["weight"], bias=leaves["bias"], backend=backend, **rest, **options
     )

@@ -20,6 +20,7 @@ from duca_fast.ops.policy_loss.checks import (
     prepare_loss_call,
 )
 from duca_fast.ops.policy_loss.options import PolicyLossOptions
+from duca_fast.ops.policy_loss.precision import check_fp32_matmul
 
 _DEFAULTS = PolicyLossOptions()
 _FIELDS = tuple(field.name for field in dataclasses.fields(PolicyLossOptions))
@@ -78,6 +79,7 @@ def fused_policy_loss(
     tis_cap: float | None = None,
     chunk_size: int | None = None,
     logits_dtype: str = "float32",
+    fp32_matmul: str = "tf32",
     backend: str = "auto",
     options: PolicyLossOptions | None = None,
     validate: bool = True,
@@ -103,6 +105,10 @@ def fused_policy_loss(
             (must match hidden): it writes them in the input dtype, as a bf16 ``lm_head`` does, halving
             the traffic of the row passes at the cost of rounding each logit (docs/ops.md has the error).
             Ignored by backend="reference" (float64) and for float64 inputs.
+        fp32_matmul: how float32 inputs multiply on CUDA: "tf32" (default: tensor cores, each product's
+            operands rounded to a 10-bit mantissa, fp32 accumulation; docs/ops.md has the error) or
+            "ieee" (exact fp32 FMA, several times slower). The op sets cuBLAS's switch around its own
+            GEMMs and restores the caller's. No effect on CPU or for 16-bit inputs.
         backend: "auto" (CUDA -> triton, else torch), "torch", "triton" or "reference".
         validate: check that hidden, weight and bias are finite (``-inf`` allowed in bias), one
             reduction each; ``False`` skips it (NaN in, NaN out).
@@ -129,6 +135,7 @@ def fused_policy_loss(
     if choose_backend(backend, hidden) == "reference":
         options = PolicyLossOptions(**options)
         check_logits_dtype(logits_dtype, hidden)
+        check_fp32_matmul(fp32_matmul)
         check_loss_shapes(
             hidden,
             weight,
@@ -183,6 +190,7 @@ def fused_policy_loss(
         *_option_args(options),
         chunk_size,
         logits_dtype,
+        fp32_matmul,
         backend,
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,
@@ -201,6 +209,7 @@ def token_logprobs(
     bias: torch.Tensor | None = None,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    fp32_matmul: str = "tf32",
     backend: str = "auto",
     validate: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -208,14 +217,16 @@ def token_logprobs(
 
     With ``return_entropy=True`` also the entropy of each token's tempered distribution. Never holds
     ``[N, V]`` logits: forward keeps the log-sum-exp, backward recomputes the logits chunk by chunk.
-    ``validate``: hidden, weight and bias must be finite (``-inf`` allowed in bias).
+    ``validate``: hidden, weight and bias must be finite (``-inf`` allowed in bias). ``fp32_matmul``:
+    as in ``fused_policy_loss`` (use the same value in both, or on-policy ratios start off 1).
     """
     check_logprob_args(hidden, weight, target, bias, temperature)
+    check_fp32_matmul(fp32_matmul)
     if choose_backend(backend, hidden) == "reference":
         logprobs, entropy = reference.reference_token_logprobs(hidden, weight, target, bias, temperature)
     else:
         logprobs, entropy, _ = torch.ops.duca.token_logprobs(
-            hidden, weight, target, bias, float(temperature), chunk_size, backend, validate
+            hidden, weight, target, bias, float(temperature), chunk_size, fp32_matmul, backend, validate
         )
     return (logprobs, entropy) if return_entropy else logprobs
 

@@ -32,6 +32,7 @@ from duca_fast.ops.policy_loss.checks import (
 )
 from duca_fast.ops.policy_loss.head import check_vector, compact, policy_head
 from duca_fast.ops.policy_loss.options import METRIC_KEYS, NEG_LOGIT_FLOOR, PolicyLossOptions
+from duca_fast.ops.policy_loss.precision import check_fp32_matmul, fp32_matmul_precision
 from duca_fast.ops.policy_loss.torch_path import (
     fused_loss_torch,
     logits_grad_torch,
@@ -103,6 +104,7 @@ def _fused_policy_loss(
     tis_cap: float | None = None,
     chunk_size: int | None = None,
     logits_dtype: str = "float32",
+    fp32_matmul: str = "tf32",
     backend: str = "auto",
     needs_hidden_grad: bool = True,
     needs_weight_grad: bool = True,
@@ -126,6 +128,7 @@ def _fused_policy_loss(
         hidden, weight, target, advantages, old_logprobs, bias, mask, seq_ids, ref_logprobs, behavior_logprobs
     )
     input_dtype_logits = check_logits_dtype(logits_dtype, hidden)
+    check_fp32_matmul(fp32_matmul)
     compute = compute_dtype(hidden)
     inputs = prepare_loss_call(
         ("hidden", hidden),
@@ -152,16 +155,17 @@ def _fused_policy_loss(
         bias = bias.clamp(min=NEG_LOGIT_FLOOR)
     chunk = check_chunk_size(chunk_size, hidden_loss.shape[0], weight.shape[0])
     needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad and bias is not None)
-    if kernel_backend(backend, hidden) == "triton":
-        from duca_fast.ops.policy_loss.triton_path import fused_loss_triton
+    with fp32_matmul_precision(fp32_matmul, hidden.dtype):
+        if kernel_backend(backend, hidden) == "triton":
+            from duca_fast.ops.policy_loss.triton_path import fused_loss_triton
 
-        head, _, _, grads = fused_loss_triton(
-            hidden_loss, weight, bias, inputs, options, needs, chunk_size, input_dtype_logits
-        )
-    else:
-        head, _, _, grads = fused_loss_torch(
-            hidden_loss, weight, bias, inputs, options, needs, chunk, input_dtype_logits
-        )
+            head, _, _, grads = fused_loss_triton(
+                hidden_loss, weight, bias, inputs, options, needs, chunk_size, input_dtype_logits
+            )
+        else:
+            head, _, _, grads = fused_loss_torch(
+                hidden_loss, weight, bias, inputs, options, needs, chunk, input_dtype_logits
+            )
     grad_hidden = grads["hidden"]
     if grad_hidden is not None and rows is not None:
         grad_hidden = hidden.new_zeros(hidden.shape, dtype=grad_hidden.dtype).index_copy_(
@@ -202,6 +206,7 @@ def _fused_policy_loss_fake(
     tis_cap=None,
     chunk_size=None,
     logits_dtype="float32",
+    fp32_matmul="tf32",
     backend="auto",
     needs_hidden_grad=True,
     needs_weight_grad=True,
@@ -235,6 +240,7 @@ def _fused_policy_loss_fake(
     )
     check_chunk_size(chunk_size, hidden.shape[0], weight.shape[0])
     check_logits_dtype(logits_dtype, hidden)
+    check_fp32_matmul(fp32_matmul)
     compute = compute_dtype(hidden)
 
     def grad_like(tensor, needed):
@@ -299,11 +305,13 @@ def _token_logprobs(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    fp32_matmul: str = "tf32",
     backend: str = "auto",
     validate: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(logprobs, entropy, lse)`` per token; ``lse`` (the tempered log-sum-exp) is kept for backward."""
     check_logprob_args(hidden, weight, target, bias, temperature)
+    check_fp32_matmul(fp32_matmul)
     vocab = weight.shape[0]
     checks = ValueChecks()
     checks.forbid(
@@ -319,22 +327,34 @@ def _token_logprobs(
     if bias is not None:
         bias = bias.clamp(min=NEG_LOGIT_FLOOR)
     chunk = check_chunk_size(chunk_size, hidden.shape[0], vocab)
-    if kernel_backend(backend, hidden) == "triton":
-        from duca_fast.ops.policy_loss.triton_path import logprob_stats_triton
+    with fp32_matmul_precision(fp32_matmul, hidden.dtype):
+        if kernel_backend(backend, hidden) == "triton":
+            from duca_fast.ops.policy_loss.triton_path import logprob_stats_triton
 
-        lse, logprobs, entropy = logprob_stats_triton(
-            hidden, weight, bias, target.long(), temperature, chunk_size
-        )
-    else:
-        lse, logprobs, entropy = logprob_stats_torch(hidden, weight, bias, target.long(), temperature, chunk)
+            lse, logprobs, entropy = logprob_stats_triton(
+                hidden, weight, bias, target.long(), temperature, chunk_size
+            )
+        else:
+            lse, logprobs, entropy = logprob_stats_torch(
+                hidden, weight, bias, target.long(), temperature, chunk
+            )
     return logprobs, entropy, lse
 
 
 @_token_logprobs.register_fake
 def _token_logprobs_fake(
-    hidden, weight, target, bias=None, temperature=1.0, chunk_size=None, backend="auto", validate=True
+    hidden,
+    weight,
+    target,
+    bias=None,
+    temperature=1.0,
+    chunk_size=None,
+    fp32_matmul="tf32",
+    backend="auto",
+    validate=True,
 ):
     check_logprob_args(hidden, weight, target, bias, temperature)
+    check_fp32_matmul(fp32_matmul)
     check_chunk_size(chunk_size, hidden.shape[0], weight.shape[0])
     # float32 statistics (float64 for float64 inputs, which always take the torch path).
     return tuple(hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden)) for _ in range(3))
@@ -352,6 +372,7 @@ def _token_logprobs_backward(
     grad_entropy: Tensor | None,
     temperature: float,
     chunk_size: int | None,
+    fp32_matmul: str,
     backend: str,
     needs_hidden_grad: bool,
     needs_weight_grad: bool,
@@ -363,12 +384,13 @@ def _token_logprobs_backward(
     clamped_bias = None if bias is None else bias.clamp(min=NEG_LOGIT_FLOOR)
     stats = (lse, entropy, grad_logprobs, grad_entropy)
     args = (hidden, weight, clamped_bias, target.long(), *stats, temperature, needs)
-    if kernel_backend(backend, hidden) == "triton":
-        from duca_fast.ops.policy_loss.triton_path import logprob_grads_triton
+    with fp32_matmul_precision(fp32_matmul, hidden.dtype):
+        if kernel_backend(backend, hidden) == "triton":
+            from duca_fast.ops.policy_loss.triton_path import logprob_grads_triton
 
-        grads = logprob_grads_triton(*args, chunk_size)
-    else:
-        grads = logprob_grads_torch(*args, chunk)
+            grads = logprob_grads_triton(*args, chunk_size)
+        else:
+            grads = logprob_grads_torch(*args, chunk)
     return tuple(
         hidden.new_empty(0) if grads[name] is None else grads[name].to(tensor.dtype)
         for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias))
@@ -387,11 +409,13 @@ def _token_logprobs_backward_fake(
     grad_entropy,
     temperature,
     chunk_size,
+    fp32_matmul,
     backend,
     needs_hidden_grad,
     needs_weight_grad,
     needs_bias_grad,
 ):
+    check_fp32_matmul(fp32_matmul)
     return (
         torch.empty_like(hidden) if needs_hidden_grad else hidden.new_empty(0),
         torch.empty_like(weight) if needs_weight_grad else hidden.new_empty(0),
@@ -400,17 +424,17 @@ def _token_logprobs_backward_fake(
 
 
 def _logprobs_setup_context(ctx, inputs, output) -> None:
-    hidden, weight, target, bias, temperature, chunk_size, backend, *_ = inputs
+    hidden, weight, target, bias, temperature, chunk_size, fp32_matmul, backend, *_ = inputs
     _, entropy, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(hidden, weight, bias, target, lse, entropy)
-    ctx.config = (temperature, chunk_size, backend)
+    ctx.config = (temperature, chunk_size, fp32_matmul, backend)
     ctx.set_materialize_grads(False)
 
 
 def _logprobs_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     hidden, weight, bias, target, lse, entropy = ctx.saved_tensors
-    temperature, chunk_size, backend = ctx.config
+    temperature, chunk_size, fp32_matmul, backend = ctx.config
     if grad_logprobs is None:
         grad_logprobs = torch.zeros_like(lse)
     needs = needs_input_grad(ctx, 4)
@@ -425,6 +449,7 @@ def _logprobs_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         grad_entropy,
         temperature,
         chunk_size,
+        fp32_matmul,
         backend,
         needs[0],
         needs[1],
