@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--sessions", type=int, help="sessions to run (default: eval_sessions)")
     evaluate.add_argument("--seed", type=int, help="seed of the held-out customers (default: eval_seed)")
+    evaluate.add_argument(
+        "--sampled",
+        action="store_true",
+        help="sample at the rollout temperature (request seeds from --seed) instead of greedy decoding",
+    )
     evaluate.add_argument("--out", help="also write the metrics as JSON here")
     evaluate.add_argument("overrides", nargs="*", help="key=value config overrides")
 
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             checkpoint = _resolve_checkpoint(args.checkpoint, config.run_dir)
             seed = config.eval_seed if args.seed is None else args.seed
-            metrics = evaluate(config, checkpoint, args.sessions or config.eval_sessions, seed)
+            sessions = args.sessions or config.eval_sessions
+            metrics = evaluate(config, checkpoint, sessions, seed, sampled=args.sampled)
             _print_table(metrics)
             if args.out:
                 Path(args.out).write_text(strict_json(metrics))

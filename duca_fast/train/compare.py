@@ -149,22 +149,10 @@ def _run_config(config: TrainConfig, run: Run, out_dir: Path) -> TrainConfig:
 def evaluate_policy(
     config: TrainConfig, checkpoint: Path, num_sessions: int, seed: int, *, sampled: bool
 ) -> dict[str, float]:
-    """Held-out sessions of a checkpoint's policy, greedy or sampled (request seeds from ``seed``)."""
-    from duca_fast.train.checkpoint import load_checkpoint
-    from duca_fast.train.distributed import DistContext
-    from duca_fast.train.loop import build_task, held_out_sessions, seed_everything
-    from duca_fast.train.task import evaluation_metrics
+    """Held-out sessions of a checkpoint's policy, greedy or sampled (``loop.evaluate``)."""
+    from duca_fast.train.loop import evaluate
 
-    seed_everything(config.seed)
-    task = build_task(config, DistContext())
-    try:
-        load_checkpoint(checkpoint, task.model)
-        task.sync(0)
-        scenarios, customers = held_out_sessions(config, num_sessions, seed)
-        played = task.evaluate(scenarios, customers, sample_seed=seed if sampled else None)
-        return evaluation_metrics(played, num_sessions)
-    finally:
-        task.close()
+    return evaluate(config, checkpoint, num_sessions, seed, sampled=sampled)
 
 
 def _read_curves(run_dir: Path) -> dict[str, list[float]]:

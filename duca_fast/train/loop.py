@@ -445,8 +445,11 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         trainer.close()
 
 
-def evaluate(config: TrainConfig, checkpoint: Path | None, num_sessions: int, seed: int) -> dict[str, float]:
-    """Greedy held-out sessions of a checkpoint's policy (the initial policy when ``checkpoint`` is None)."""
+def evaluate(
+    config: TrainConfig, checkpoint: Path | None, num_sessions: int, seed: int, *, sampled: bool = False
+) -> dict[str, float]:
+    """Held-out sessions of a checkpoint's policy (the initial policy when ``checkpoint`` is None):
+    greedy, or ``sampled`` at the rollout temperature with request seeds from ``seed`` (repeatable)."""
     if num_sessions < 1:
         raise ConfigError(f"the number of evaluation sessions must be >= 1, got {num_sessions}")
     seed_everything(config.seed)
@@ -456,6 +459,7 @@ def evaluate(config: TrainConfig, checkpoint: Path | None, num_sessions: int, se
             load_checkpoint(checkpoint, task.model)
             task.sync(0)
         scenarios, customers = held_out_sessions(config, num_sessions, seed)
-        return evaluation_metrics(task.evaluate(scenarios, customers), num_sessions)
+        played = task.evaluate(scenarios, customers, sample_seed=seed if sampled else None)
+        return evaluation_metrics(played, num_sessions)
     finally:
         task.close()

@@ -133,6 +133,21 @@ def test_evaluation_returns_the_papers_metrics(tmp_path):
         assert -4 <= metrics["mean_turn_reward"] <= 0 and metrics["num_sessions"] == 12
 
 
+def test_sampled_evaluation_from_the_cli_is_repeatable_and_not_greedy(tmp_path):
+    from duca_fast.cli import main
+
+    base = ["eval", "--config", str(ACTS_CONFIG), "--checkpoint", "none", "--sessions", "12", "--seed", "4"]
+    results = {}
+    for name, extra in {"greedy": [], "sampled": ["--sampled"], "again": ["--sampled"]}.items():
+        out = tmp_path / f"{name}.json"
+        assert main([*base, *extra, "--out", str(out), f"run_dir={tmp_path / 'run'}"]) == 0
+        results[name] = json.loads(out.read_text())
+    assert results["sampled"] == results["again"], "the same seed samples the same sessions"
+    assert results["sampled"] != results["greedy"]
+    config = load_config(ACTS_CONFIG, [f"run_dir={tmp_path / 'run'}"])
+    assert results["greedy"] == evaluate(config, None, 12, 4)
+
+
 def test_before_after_evaluation_is_written_and_tabulated(tmp_path, capsys):
     config = tiny_acts_config(tmp_path / "run", "eval_before_after=true", "eval_sessions=6")
     run_dir = train(config)
