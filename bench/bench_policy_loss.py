@@ -424,7 +424,12 @@ def main() -> None:
                 f"beside the H100 model's {summary['serial_predicted_ms']:.1f} ms in series / "
                 f"{summary['overlapped_predicted_ms']:.1f} ms overlapped."
             )
-    name = f"policy_loss_{device}"
+    # The GPU headline is bf16; other dtypes there get their own files (fp32 = the tf32 default).
+    name = (
+        f"policy_loss_{device}"
+        if device == "cpu" or args.dtype == "bfloat16"
+        else f"policy_loss_{device}_{args.dtype}"
+    )
     path = write_results(name, rows, run_identity(device), notes=notes)
     print(markdown_table(rows))
     print(f"wrote {path}")

@@ -23,6 +23,8 @@ python3 -m pytest -q -p no:cacheprovider tests/ops tests/native tests/test_advan
 tail -5 "$OUT/gpu_tests.txt"
 python3 bench/bench_advantages.py --sessions 16000 128000
 python3 bench/bench_policy_loss.py
-for name in advantages_triton policy_loss_cuda; do
+# fp32 inputs on tf32 tensor cores (the default; every variant gets the same switch), half the tokens.
+python3 bench/bench_policy_loss.py --dtype float32 --tokens 4096
+for name in advantages_triton policy_loss_cuda policy_loss_cuda_float32; do
     cp "bench/results/$name.md" "bench/results/$name.csv" "$OUT/" 2>/dev/null || echo "no results for $name"
 done
