@@ -112,8 +112,8 @@ MUTANTS = [
     Mutant(
         "temperature multiplies the logits instead of dividing",
         PL + "torch_path.py",
-        "        logits = logits / temperature\n",
-        "        logits = logits * temperature\n",
+        "        logits.div_(temperature)\n",
+        "        logits.mul_(temperature)\n",
         LOSS_TESTS,
     ),
     Mutant(
