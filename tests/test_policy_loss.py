@@ -266,10 +266,16 @@ def test_backward_gemms_on_the_side_stream_give_the_serial_result(monkeypatch):
     from duca_fast.ops.policy_loss import triton_path
 
     problem = make_problem(num_tokens=700, hidden_dim=64, vocab=3000, seed=8, dtype=torch.bfloat16)
+    streams = []
+    choose = triton_path._side_stream
+    monkeypatch.setattr(
+        triton_path, "_side_stream", lambda *args: streams.append(choose(*args)) or streams[-1]
+    )
     runs = []
     for overlap in (False, True):
         monkeypatch.setattr(triton_path, "OVERLAP_BACKWARD_GEMMS", overlap)
         runs.append(loss_and_grads(problem, "triton", "cuda", kl_coef=0.1, chunk_size=128))
+    assert streams[0] is None and isinstance(streams[1], torch.cuda.Stream), "the overlap really ran"
     (serial_loss, serial_grads, _), (loss, grads, _) = runs
     assert torch.equal(loss, serial_loss)
     for name in serial_grads:
