@@ -329,6 +329,7 @@ def test_token_logprobs_backward_opcheck():
             grad_entropy_arg,
             0.9,
             3,
+            "float32",
             "ieee",
             "auto",
         )

@@ -253,12 +253,70 @@ def test_logits_dtype_bfloat16_rounds_the_logits_as_a_bf16_lm_head_does(backend,
         assert_close_scaled(fp32_grads[name], ref_grads[name], 0.02, name)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_token_logprobs_with_bf16_logits_match_the_loss_on_policy(backend, device):
+    """Old log-probs from token_logprobs(logits_dtype="bfloat16") are what the loss with bf16 logits
+    computes: on-policy ratios are exactly 1 (with fp32-logit old log-probs they are not), and the
+    log-probs and their gradients are those of the bf16-rounded logits."""
+    problem = _bf16_problem(seed=9)
+    leaves = {k: problem[k].detach().to(device).requires_grad_() for k in ("hidden", "weight", "bias")}
+    target = problem["target"].to(device)
+    ratios = {}
+    for logits_dtype in ("bfloat16", "float32"):
+        old = ops.token_logprobs(
+            leaves["hidden"].detach(),
+            leaves["weight"].detach(),
+            target,
+            bias=leaves["bias"].detach(),
+            logits_dtype=logits_dtype,
+            backend=backend,
+            chunk_size=16,
+        )
+        _, metrics = ops.fused_policy_loss(
+            **{k: v.detach() for k, v in leaves.items()},
+            target=target,
+            advantages=problem["advantages"].to(device),
+            old_logprobs=old,
+            logits_dtype="bfloat16",
+            backend=backend,
+            chunk_size=16,
+        )
+        ratios[logits_dtype] = metrics
+    assert ratios["bfloat16"]["ratio_mean"].item() == 1.0 and ratios["bfloat16"]["approx_kl"].item() == 0.0
+    assert ratios["float32"]["approx_kl"].item() > 1e-6  # the rounding is visible in the ratio
+    # Against float64 autograd through the bf16-rounded logits (rounding as the identity in backward).
+    logp, entropy = ops.token_logprobs(
+        leaves["hidden"],
+        leaves["weight"],
+        target,
+        bias=leaves["bias"],
+        return_entropy=True,
+        logits_dtype="bfloat16",
+        backend=backend,
+        chunk_size=16,
+    )
+    upstream = torch.linspace(-1, 1, logp.shape[0], dtype=torch.float64)
+    (logp.double().cpu() @ upstream + entropy.double().cpu().sum()).backward()
+    double = {k: problem[k].detach().double().requires_grad_() for k in ("hidden", "weight", "bias")}
+    product = double["hidden"] @ double["weight"].T
+    logits = product + (product.to(torch.bfloat16).double() - product).detach() + double["bias"]
+    ref_logp = torch.log_softmax(logits, -1).gather(1, problem["target"][:, None])[:, 0]
+    ref_entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    (ref_logp @ upstream + ref_entropy.sum()).backward()
+    assert_close_scaled(logp.detach().cpu(), ref_logp.detach(), 1e-5, "logp")
+    assert_close_scaled(entropy.detach().cpu(), ref_entropy.detach(), 1e-5, "entropy")
+    for name in ("hidden", "weight", "bias"):
+        assert_close_scaled(leaves[name].grad.cpu(), double[name].grad, 2e-2, name)
+
+
 def test_logits_dtype_is_validated():
     problem = make_problem()
     with pytest.raises(ValueError, match="logits_dtype='bfloat16' needs bfloat16 hidden"):
         loss_and_grads(problem, "torch", "cpu", logits_dtype="bfloat16")
     with pytest.raises(ValueError, match="logits_dtype must be one of"):
         loss_and_grads(problem, "reference", "cpu", logits_dtype="fp8")
+    with pytest.raises(ValueError, match="logits_dtype='bfloat16' needs bfloat16 hidden"):
+        ops.token_logprobs(problem["hidden"], problem["weight"], problem["target"], logits_dtype="bfloat16")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream exists on CUDA only")

@@ -209,6 +209,7 @@ def token_logprobs(
     bias: torch.Tensor | None = None,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    logits_dtype: str = "float32",
     fp32_matmul: str = "tf32",
     backend: str = "auto",
     validate: bool = True,
@@ -217,16 +218,27 @@ def token_logprobs(
 
     With ``return_entropy=True`` also the entropy of each token's tempered distribution. Never holds
     ``[N, V]`` logits: forward keeps the log-sum-exp, backward recomputes the logits chunk by chunk.
-    ``validate``: hidden, weight and bias must be finite (``-inf`` allowed in bias). ``fp32_matmul``:
-    as in ``fused_policy_loss`` (use the same value in both, or on-policy ratios start off 1).
+    ``validate``: hidden, weight and bias must be finite (``-inf`` allowed in bias). ``logits_dtype``
+    and ``fp32_matmul``: as in ``fused_policy_loss``; give old log-probs the values the loss will use,
+    or on-policy ratios start off 1 (ignored by backend="reference").
     """
     check_logprob_args(hidden, weight, target, bias, temperature)
+    check_logits_dtype(logits_dtype, hidden)
     check_fp32_matmul(fp32_matmul)
     if choose_backend(backend, hidden) == "reference":
         logprobs, entropy = reference.reference_token_logprobs(hidden, weight, target, bias, temperature)
     else:
         logprobs, entropy, _ = torch.ops.duca.token_logprobs(
-            hidden, weight, target, bias, float(temperature), chunk_size, fp32_matmul, backend, validate
+            hidden,
+            weight,
+            target,
+            bias,
+            float(temperature),
+            chunk_size,
+            logits_dtype,
+            fp32_matmul,
+            backend,
+            validate,
         )
     return (logprobs, entropy) if return_entropy else logprobs
 

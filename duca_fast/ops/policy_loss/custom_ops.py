@@ -305,12 +305,14 @@ def _token_logprobs(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    logits_dtype: str = "float32",
     fp32_matmul: str = "tf32",
     backend: str = "auto",
     validate: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(logprobs, entropy, lse)`` per token; ``lse`` (the tempered log-sum-exp) is kept for backward."""
     check_logprob_args(hidden, weight, target, bias, temperature)
+    input_dtype_logits = check_logits_dtype(logits_dtype, hidden)
     check_fp32_matmul(fp32_matmul)
     vocab = weight.shape[0]
     checks = ValueChecks()
@@ -332,11 +334,11 @@ def _token_logprobs(
             from duca_fast.ops.policy_loss.triton_path import logprob_stats_triton
 
             lse, logprobs, entropy = logprob_stats_triton(
-                hidden, weight, bias, target.long(), temperature, chunk_size
+                hidden, weight, bias, target.long(), temperature, chunk_size, input_dtype_logits
             )
         else:
             lse, logprobs, entropy = logprob_stats_torch(
-                hidden, weight, bias, target.long(), temperature, chunk
+                hidden, weight, bias, target.long(), temperature, chunk, input_dtype_logits
             )
     return logprobs, entropy, lse
 
@@ -349,11 +351,13 @@ def _token_logprobs_fake(
     bias=None,
     temperature=1.0,
     chunk_size=None,
+    logits_dtype="float32",
     fp32_matmul="tf32",
     backend="auto",
     validate=True,
 ):
     check_logprob_args(hidden, weight, target, bias, temperature)
+    check_logits_dtype(logits_dtype, hidden)
     check_fp32_matmul(fp32_matmul)
     check_chunk_size(chunk_size, hidden.shape[0], weight.shape[0])
     # float32 statistics (float64 for float64 inputs, which always take the torch path).
@@ -372,6 +376,7 @@ def _token_logprobs_backward(
     grad_entropy: Tensor | None,
     temperature: float,
     chunk_size: int | None,
+    logits_dtype: str,
     fp32_matmul: str,
     backend: str,
     needs_hidden_grad: bool,
@@ -380,6 +385,7 @@ def _token_logprobs_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of hidden, weight, bias (input dtypes; empty ``[0]`` when not needed)."""
     chunk = check_chunk_size(chunk_size, hidden.shape[0], weight.shape[0])
+    input_dtype_logits = check_logits_dtype(logits_dtype, hidden)
     needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad and bias is not None)
     clamped_bias = None if bias is None else bias.clamp(min=NEG_LOGIT_FLOOR)
     stats = (lse, entropy, grad_logprobs, grad_entropy)
@@ -388,9 +394,9 @@ def _token_logprobs_backward(
         if kernel_backend(backend, hidden) == "triton":
             from duca_fast.ops.policy_loss.triton_path import logprob_grads_triton
 
-            grads = logprob_grads_triton(*args, chunk_size)
+            grads = logprob_grads_triton(*args, chunk_size, input_dtype_logits)
         else:
-            grads = logprob_grads_torch(*args, chunk)
+            grads = logprob_grads_torch(*args, chunk, input_dtype_logits)
     return tuple(
         hidden.new_empty(0) if grads[name] is None else grads[name].to(tensor.dtype)
         for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias))
@@ -409,12 +415,14 @@ def _token_logprobs_backward_fake(
     grad_entropy,
     temperature,
     chunk_size,
+    logits_dtype,
     fp32_matmul,
     backend,
     needs_hidden_grad,
     needs_weight_grad,
     needs_bias_grad,
 ):
+    check_logits_dtype(logits_dtype, hidden)
     check_fp32_matmul(fp32_matmul)
     return (
         torch.empty_like(hidden) if needs_hidden_grad else hidden.new_empty(0),
@@ -424,17 +432,17 @@ def _token_logprobs_backward_fake(
 
 
 def _logprobs_setup_context(ctx, inputs, output) -> None:
-    hidden, weight, target, bias, temperature, chunk_size, fp32_matmul, backend, *_ = inputs
+    hidden, weight, target, bias, temperature, chunk_size, logits_dtype, fp32_matmul, backend, *_ = inputs
     _, entropy, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(hidden, weight, bias, target, lse, entropy)
-    ctx.config = (temperature, chunk_size, fp32_matmul, backend)
+    ctx.config = (temperature, chunk_size, logits_dtype, fp32_matmul, backend)
     ctx.set_materialize_grads(False)
 
 
 def _logprobs_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     hidden, weight, bias, target, lse, entropy = ctx.saved_tensors
-    temperature, chunk_size, fp32_matmul, backend = ctx.config
+    temperature, chunk_size, logits_dtype, fp32_matmul, backend = ctx.config
     if grad_logprobs is None:
         grad_logprobs = torch.zeros_like(lse)
     needs = needs_input_grad(ctx, 4)
@@ -449,6 +457,7 @@ def _logprobs_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         grad_entropy,
         temperature,
         chunk_size,
+        logits_dtype,
         fp32_matmul,
         backend,
         needs[0],

@@ -216,6 +216,7 @@ def logprob_stats_torch(
     target: torch.Tensor,
     temperature: float,
     chunk_size: int,
+    input_dtype_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-sum-exp, target log-prob and entropy of every token, chunk by chunk."""
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -225,7 +226,7 @@ def logprob_stats_torch(
     for start in range(0, num_tokens, chunk_size):
         rows = slice(start, min(start + chunk_size, num_tokens))
         logits_out, probs_out = scratch.take(rows)
-        logits = _chunk_logits(hidden[rows], weight, bias, temperature, out=logits_out)
+        logits = _chunk_logits(hidden[rows], weight, bias, temperature, input_dtype_logits, logits_out)
         lse, logprobs, entropy, _ = _chunk_stats(logits, target[rows], probs_out, keep_logits=False)
         out[0][rows], out[1][rows], out[2][rows] = lse, logprobs, entropy
     return out[0], out[1], out[2]
@@ -243,6 +244,7 @@ def logprob_grads_torch(
     temperature: float,
     needs: tuple[bool, bool, bool],
     chunk_size: int,
+    input_dtype_logits: bool = False,
 ) -> dict:
     """Backward of ``logprob_stats_torch``: recompute each chunk's logits, then the gradients."""
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -251,7 +253,7 @@ def logprob_grads_torch(
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, min(start + chunk_size, hidden.shape[0]))
         logits_out, probs_out = scratch.take(rows)
-        logits = _chunk_logits(hidden[rows], weight, bias, temperature, out=logits_out)
+        logits = _chunk_logits(hidden[rows], weight, bias, temperature, input_dtype_logits, logits_out)
         probs = torch.sub(logits, lse[rows, None], out=probs_out).exp_()
         grad_logits = _grad_logits_(
             logits,

@@ -434,13 +434,15 @@ def logprob_stats_triton(
     target: torch.Tensor,
     temperature: float,
     chunk_size: int | None = None,
+    input_dtype_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-sum-exp, target log-prob and entropy per token (fp32): GEMM1 + row kernel per chunk."""
     _check_triton_dtype("hidden", hidden)
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     out = [hidden.new_empty(num_tokens, dtype=torch.float32) for _ in range(3)]
-    rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device)
-    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, with_grad=False, input_dtype_logits=False)
+    logit_bytes = hidden.element_size() if input_dtype_logits else 4
+    rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device, logit_bytes)
+    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, False, input_dtype_logits)
     for start in range(0, num_tokens, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_tokens))
         logits = buffers.gemm1(hidden[rows], weight)
@@ -460,14 +462,16 @@ def logprob_grads_triton(
     temperature: float,
     needs: tuple[bool, bool, bool],
     chunk_size: int | None = None,
+    input_dtype_logits: bool = False,
 ) -> dict[str, torch.Tensor | None]:
-    """Backward of ``logprob_stats_triton``: GEMM1 recomputed, d-logits in place, GEMM2 and GEMM3."""
+    """Backward of ``logprob_stats_triton``: GEMM1 recomputed, d-logits (in place), GEMM2 and GEMM3."""
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     grads = _new_grads(hidden, weight, bias, needs)
     if num_tokens == 0 or not any(g is not None for g in grads.values()):
         return grads
-    rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device)
-    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, with_grad=True, input_dtype_logits=False)
+    logit_bytes = hidden.element_size() if input_dtype_logits else 4
+    rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device, logit_bytes)
+    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, True, input_dtype_logits)
     for start in range(0, num_tokens, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_tokens))
         count = rows.stop - rows.start
