@@ -219,8 +219,8 @@ def token_logprobs(
     With ``return_entropy=True`` also the entropy of each token's tempered distribution. Never holds
     ``[N, V]`` logits: forward keeps the log-sum-exp, backward recomputes the logits chunk by chunk.
     ``validate``: hidden, weight and bias must be finite (``-inf`` allowed in bias). ``logits_dtype``
-    and ``fp32_matmul``: as in ``fused_policy_loss``; give old log-probs the values the loss will use,
-    or on-policy ratios start off 1 (ignored by backend="reference").
+    and ``fp32_matmul``: as in ``fused_policy_loss``; compute old log-probs with the values the loss
+    uses, or on-policy ratios are not exactly 1 (both ignored by backend="reference").
     """
     check_logprob_args(hidden, weight, target, bias, temperature)
     check_logits_dtype(logits_dtype, hidden)
