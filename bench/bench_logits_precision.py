@@ -13,7 +13,7 @@ products are emulated with both operands rounded to TF32's 10-bit mantissa (roun
 truncation, which is what tensor cores fed raw fp32 do) and accumulated in float64, against float64
 products of the unrounded operands; exact fp32 GEMMs are reported beside them.
 
-Usage: python bench/bench_logits_precision.py [--sessions 8]
+Usage: python bench/bench_logits_precision.py [--sessions 8] [--threads 1]
 """
 
 from __future__ import annotations
@@ -124,7 +124,14 @@ def main() -> None:
     )
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--cache", default=".cache/duca_fast", help="where the converted model is kept")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads; the model's bf16 hidden states (and so the bf16 rows) change with it",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
