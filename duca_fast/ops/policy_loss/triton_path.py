@@ -332,6 +332,15 @@ class _ChunkBuffers:
         return mm_fp32(hidden_rows, weight.T, out=out)
 
 
+def _chunking(
+    hidden: torch.Tensor, vocab_size: int, chunk_size: int | None, with_grad: bool, input_dtype_logits: bool
+) -> tuple[int, _ChunkBuffers]:
+    """Rows per chunk (from the logits buffer's element size) and the chunk buffers."""
+    logit_bytes = hidden.element_size() if input_dtype_logits else 4
+    rows = chunk_rows(hidden.shape[0], vocab_size, chunk_size, hidden.device, logit_bytes)
+    return rows, _ChunkBuffers(hidden, vocab_size, rows, with_grad, input_dtype_logits)
+
+
 def _new_grads(hidden, weight, bias, needs) -> dict[str, torch.Tensor | None]:
     return {
         "hidden": hidden.new_empty(hidden.shape, dtype=torch.float32) if needs[0] else None,
@@ -389,9 +398,7 @@ def fused_loss_triton(
     entropy = hidden.new_empty(num_tokens, dtype=torch.float32)
     grads = _new_grads(hidden, weight, bias, needs)
     want_grads = any(g is not None for g in grads.values())
-    logit_bytes = hidden.element_size() if input_dtype_logits else 4
-    rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device, logit_bytes)
-    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, want_grads, input_dtype_logits)
+    rows_per_chunk, buffers = _chunking(hidden, vocab_size, chunk_size, want_grads, input_dtype_logits)
     side = _side_stream(hidden.device, buffers) if want_grads else None
     main = torch.cuda.current_stream(hidden.device) if side is not None else None
     for start in range(0, num_tokens, rows_per_chunk):
@@ -440,9 +447,7 @@ def logprob_stats_triton(
     _check_triton_dtype("hidden", hidden)
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     out = [hidden.new_empty(num_tokens, dtype=torch.float32) for _ in range(3)]
-    logit_bytes = hidden.element_size() if input_dtype_logits else 4
-    rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device, logit_bytes)
-    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, False, input_dtype_logits)
+    rows_per_chunk, buffers = _chunking(hidden, vocab_size, chunk_size, False, input_dtype_logits)
     for start in range(0, num_tokens, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_tokens))
         logits = buffers.gemm1(hidden[rows], weight)
@@ -469,9 +474,7 @@ def logprob_grads_triton(
     grads = _new_grads(hidden, weight, bias, needs)
     if num_tokens == 0 or not any(g is not None for g in grads.values()):
         return grads
-    logit_bytes = hidden.element_size() if input_dtype_logits else 4
-    rows_per_chunk = chunk_rows(num_tokens, vocab_size, chunk_size, hidden.device, logit_bytes)
-    buffers = _ChunkBuffers(hidden, vocab_size, rows_per_chunk, True, input_dtype_logits)
+    rows_per_chunk, buffers = _chunking(hidden, vocab_size, chunk_size, True, input_dtype_logits)
     for start in range(0, num_tokens, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_tokens))
         count = rows.stop - rows.start
