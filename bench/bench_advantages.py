@@ -124,16 +124,19 @@ def bench_cpu(sessions: list[int], turns: int, group_size: int) -> list[dict[str
 
 def bench_triton_bandwidth(num_turns_list: list[int], group_size: int) -> list[dict[str, object]]:
     """Achieved GB/s of the Triton path (bytes it must read and write once) vs a device-to-device copy."""
+    from triton.testing import do_bench
+
     rows = []
     for num_turns in num_turns_list:
         turns = 4
         inputs = make_inputs(num_turns // turns, turns, group_size, "cuda")
         num_groups = num_turns // turns // group_size
         call = lambda: ops.hian_advantages(*inputs, num_groups=num_groups, validate=False)
-        seconds = time_call(call, device="cuda", repeats=50, warmup=5)
+        # Device events, the L2 flushed before each call, median (triton.testing.do_bench).
+        seconds = do_bench(call, warmup=25, rep=200, return_mode="median") / 1e3
         compulsory = sum(t.numel() * t.element_size() for t in inputs) + num_turns * 4
-        buffer = torch.empty(compulsory // 4, device="cuda")
-        copy_seconds = time_call(lambda: buffer.clone(), device="cuda", repeats=50, warmup=5)
+        buffer = torch.randn(compulsory // 4, device="cuda")
+        copy_seconds = do_bench(lambda: buffer.clone(), warmup=25, rep=200, return_mode="median") / 1e3
         achieved, copy_bw = compulsory / seconds / 1e9, 2 * compulsory / copy_seconds / 1e9
         rows.append(
             {

@@ -1,30 +1,70 @@
 #!/usr/bin/env bash
-# The GPU pass in one call on a lent device machine (see README, "The GPU pass"):
+# The GPU pass in one call on a lent device machine (see docs/benchmarks.md, "On a GPU"):
 #   1. carried wheels in .whl/ (liger-kernel, the Liger baseline) are installed without a network;
-#   2. the op tests run with the Triton kernels compiled for the device, not interpreted;
-#   3. the kernel benchmarks write CSV/Markdown (device, commit, date) into $OUT, to be committed
-#      under bench/results/.
+#   2. the native library is built with its CUDA part (ptxas reports kept);
+#   3. the op tests run with the Triton kernels compiled for the device, not interpreted (pytest-xdist
+#      workers when it is installed: compiling the kernels is CPU work);
+#   4. the kernel benchmarks write CSV/Markdown (device, commit, date), to be committed under bench/results/.
+# Every stage has its own time limit, so one slow stage cannot take the others' results with it; the
+# results are packed into $OUT/results.tgz after each stage (a device machine returns at most 8 files).
 # The device gets a copy of the working tree without .git: pass the commit as DUCA_BENCH_COMMIT.
+# Stage limits (seconds) can be set: GPU_PASS_TEST_S, GPU_PASS_BENCH_S.
 set -uo pipefail
 OUT="${OUT:-/tmp/duca_gpu_pass}"
+TEST_S="${GPU_PASS_TEST_S:-240}"
+BENCH_S="${GPU_PASS_BENCH_S:-200}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[[ -x /usr/local/cuda/bin/nvcc ]] && export PATH="$PATH:/usr/local/cuda/bin"
+start=$SECONDS
+stamp() { echo "== $1 ($((SECONDS - start)) s)"; }
+
+pack() {
+    local files=()
+    for f in bench/results/advantages_triton.* bench/results/policy_loss_cuda*.* build/kernels/ptxas_sm*.md; do
+        [[ -f $f ]] && files+=("$f")
+    done
+    ((${#files[@]})) && tar czf "$OUT/results.tgz" "${files[@]}"
+}
+
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install --quiet --no-deps --no-index .whl/*.whl
+    python3 -m pip install --quiet --no-deps --no-index .whl/*.whl \
+        || { python3 -m pip install --quiet --no-deps --no-index --target /tmp/site .whl/*.whl \
+            && export PYTHONPATH="$PYTHONPATH:/tmp/site"; }
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-# The native library with its CUDA part (its GPU tests compare it with the CPU library and the reference).
-if command -v cmake > /dev/null && command -v nvcc > /dev/null; then
-    cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release > "$OUT/native_build.txt" 2>&1 \
-        && cmake --build build >> "$OUT/native_build.txt" 2>&1 || echo "native build failed: $OUT/native_build.txt"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"
+    python3 -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))"
+    nvcc --version | tail -2
+} 2>&1 | tee "$OUT/device.txt"
+
+stamp "native library (CMake, CUDA part when nvcc is found)"
+if command -v cmake > /dev/null; then
+    timeout 240 bash -c 'cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release && cmake --build build' \
+        > "$OUT/native_build.txt" 2>&1 || echo "native build failed: see native_build.txt"
+    tail -3 "$OUT/native_build.txt"
 fi
-python3 -m pytest -q -p no:cacheprovider tests/ops tests/native tests/test_advantages.py tests/test_policy_loss.py tests/test_library.py \
+pack
+
+stamp "op tests, kernels compiled for the device"
+workers=()
+python3 -c "import xdist" 2> /dev/null && workers=(-n 8)
+timeout "$TEST_S" python3 -m pytest -q -rfE -p no:cacheprovider "${workers[@]}" --timeout 150 \
+    tests/ops tests/native tests/test_advantages.py tests/test_policy_loss.py tests/test_library.py \
     > "$OUT/gpu_tests.txt" 2>&1
-tail -5 "$OUT/gpu_tests.txt"
-python3 bench/bench_advantages.py --sessions 16000 128000
-python3 bench/bench_policy_loss.py
+echo "pytest exit $?"
+tail -15 "$OUT/gpu_tests.txt"
+
+stamp "HIAN advantages"
+timeout 120 python3 bench/bench_advantages.py --sessions 16000 128000 2>&1 | tail -8 | tee "$OUT/bench_log.txt"
+pack
+stamp "fused policy loss, bf16"
+timeout "$BENCH_S" python3 bench/bench_policy_loss.py 2>&1 | tail -25 | tee -a "$OUT/bench_log.txt"
+pack
 # fp32 inputs on tf32 tensor cores (the default; every variant gets the same switch), half the tokens.
-python3 bench/bench_policy_loss.py --dtype float32 --tokens 4096
-for name in advantages_triton policy_loss_cuda policy_loss_cuda_float32; do
-    cp "bench/results/$name.md" "bench/results/$name.csv" "$OUT/" 2>/dev/null || echo "no results for $name"
-done
+stamp "fused policy loss, fp32 (tf32)"
+timeout "$BENCH_S" python3 bench/bench_policy_loss.py --dtype float32 --tokens 4096 2>&1 | tail -25 \
+    | tee -a "$OUT/bench_log.txt"
+pack
+stamp "done"
