@@ -2,10 +2,11 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdio>
 #include <cstring>
 #include <new>
-#include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "duca_kernels.h"
@@ -17,11 +18,29 @@ struct Error {
   std::string message;
 };
 
+// Messages are built without iostreams: a stream's locale facets belong to one libstdc++, and a library
+// loaded into a process holding another copy lost every number after the first one (seen on the H200
+// image, where it crashed the process).
+template <class Part>
+void append_part(std::string& text, const Part& part) {
+  if constexpr (std::is_floating_point_v<Part>) {
+    char buffer[32];
+    std::snprintf(buffer, sizeof buffer, "%g", static_cast<double>(part));
+    text += buffer;
+  } else if constexpr (std::is_enum_v<Part>) {
+    text += std::to_string(static_cast<long long>(part));
+  } else if constexpr (std::is_integral_v<Part>) {
+    text += std::to_string(part);
+  } else {
+    text += part;
+  }
+}
+
 template <class... Parts>
 [[noreturn]] void fail(duca_status status, const Parts&... parts) {
-  std::ostringstream text;
-  (text << ... << parts);
-  throw Error{status, text.str()};
+  std::string text;
+  (append_part(text, parts), ...);
+  throw Error{status, std::move(text)};
 }
 
 inline void write_message(char* buffer, size_t capacity, const std::string& text) {
