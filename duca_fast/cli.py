@@ -22,6 +22,12 @@ from pathlib import Path
 BENCHES = ("advantages", "policy_loss", "rollout", "train")
 
 
+TRUST_HELP = (
+    "load a checkpoint whose trainer state is a pickle (duca_fast 0.1): only for runs you wrote yourself, "
+    "since unpickling can run code hidden in the file"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="duca-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -39,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --resume: accept overrides that change what the run is (algorithm, group size, model)",
     )
+    train.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     train.add_argument("overrides", nargs="*", help="key=value config overrides")
 
     evaluate = commands.add_parser("eval", help="run sessions with a checkpoint and print the metrics table")
@@ -55,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sample at the rollout temperature (request seeds from --seed) instead of greedy decoding",
     )
+    evaluate.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     evaluate.add_argument("--out", help="also write the metrics as JSON here")
     evaluate.add_argument("overrides", nargs="*", help="key=value config overrides")
 
@@ -159,13 +167,26 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--force only applies with --resume")
         config = load_config(args.config, args.overrides)
         if args.command == "train":
-            run_dir = train(config, resume=args.resume, overwrite=args.overwrite, force=args.force)
+            run_dir = train(
+                config,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                force=args.force,
+                trust_checkpoint=args.trust_checkpoint,
+            )
             print(f"run directory: {run_dir}")
         elif args.command == "eval":
             checkpoint = _resolve_checkpoint(args.checkpoint, config.run_dir)
             seed = config.eval_seed if args.seed is None else args.seed
             sessions = args.sessions or config.eval_sessions
-            metrics = evaluate(config, checkpoint, sessions, seed, sampled=args.sampled)
+            metrics = evaluate(
+                config,
+                checkpoint,
+                sessions,
+                seed,
+                sampled=args.sampled,
+                trust_checkpoint=args.trust_checkpoint,
+            )
             _print_table(metrics)
             if args.out:
                 Path(args.out).write_text(strict_json(metrics))

@@ -2,7 +2,12 @@
 
 A checkpoint holds the trainable parameters (adapter or full model, safetensors), the optimizer and
 scheduler states, every RNG state and the data cursor, so that a resumed CPU run reproduces the
-metrics of an uninterrupted one. It is written into ``.tmp-step_N-<host>-<pid>-<start>``; when every
+metrics of an uninterrupted one. Loading a checkpoint someone handed you runs no code from it: the
+trainer state is JSON plus safetensors (``safe_state``), a sharded checkpoint's torch.distributed.checkpoint
+files go through an allow-listed unpickler and ``weights_only`` loads, and a pickled ``trainer_state.pt``
+of duca_fast 0.1 is refused unless the caller trusts it explicitly.
+
+It is written into ``.tmp-step_N-<host>-<pid>-<start>``; when every
 file is on disk (fsync), ``manifest.json`` (run id, step, size and SHA-256 of every file) is written
 last and the directory is renamed to ``step_N``. A run killed at any moment (SIGKILL included) leaves
 either a complete ``step_N`` or a temporary directory, which is removed once its writer is gone (never
@@ -33,6 +38,13 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from duca_fast.train.rundir import ProcessTag, RunDirError, current_process, process_alive, read_run_id
+from duca_fast.train.safe_state import (
+    StateFormatError,
+    decode_state,
+    encode_state,
+    safe_load_planner,
+    safe_reader,
+)
 
 MANIFEST = "manifest.json"
 """Written last; a checkpoint without it is incomplete or unverifiable and is never used."""
@@ -42,10 +54,14 @@ SHARDED_DIR = "sharded"
 STEP_DIR = re.compile(r"step_(\d+)")
 TEMP_DIR = re.compile(r"\.tmp-step_(?P<step>\d+)(?P<old>\.old)?-(?P<host>.+)-(?P<pid>\d+)-(?P<start>\d+)")
 """A checkpoint being written, or (``.old``) one being deleted; named by the process doing it."""
+TRAINER_STATE = "trainer_state"
+"""Optimizer, scheduler and RNG states: ``trainer_state.json`` + ``trainer_state.safetensors``."""
+LEGACY_TRAINER_STATE = "trainer_state.pt"
+"""The pickled trainer state of duca_fast 0.1; loaded only with ``trust_pickle=True``."""
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, CheckpointException)
-"""What a failed write raises: OSError (json, fsync, rename), RuntimeError (torch.save), SafetensorError
+"""What a failed write raises: OSError (json, fsync, rename), RuntimeError (torch), SafetensorError
 (safetensors), CheckpointException (torch.distributed.checkpoint)."""
-READ_ERRORS = (*WRITE_ERRORS, ValueError, EOFError, KeyError, pickle.UnpicklingError)
+READ_ERRORS = (*WRITE_ERRORS, ValueError, EOFError, KeyError, TypeError, pickle.UnpicklingError)
 
 logger = logging.getLogger(__name__)
 
@@ -133,15 +149,17 @@ def save_checkpoint(
             writing = "trainable.safetensors"
             if not sharded:
                 save_file(trainable_state(model), str(tmp / writing))
-            writing = "trainer_state.pt"
-            trainer_state = {
-                "optimizer": None if sharded else optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": capture_rng(),
-            }
-            # Through a Python file so that a failed write keeps its OSError (as __context__).
-            with open(tmp / writing, "wb") as handle:
-                torch.save(trainer_state, handle)
+            document, tensors = encode_state(
+                {
+                    "optimizer": None if sharded else optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "rng": capture_rng(),
+                }
+            )
+            writing = f"{TRAINER_STATE}.safetensors"
+            save_file(tensors, str(tmp / writing))
+            writing = f"{TRAINER_STATE}.json"
+            (tmp / writing).write_text(json.dumps(document))
             writing = "cursor.json"
             (tmp / writing).write_text(json.dumps({"step": step, **data_cursor}))
             if export is not None:
@@ -301,7 +319,7 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     state = {"model": model_state}
     if with_optimizer:
         state["optim"] = optim_state
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, storage_reader=safe_reader(path), planner=safe_load_planner())
     # dcp.load already failed on any trainable key the checkpoint lacks; frozen weights are not in it.
     set_state_dict(
         model,
@@ -487,19 +505,22 @@ def load_checkpoint(
     *,
     run_id: str | None = None,
     verify: bool = True,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Load trainable parameters (and optimizer, scheduler, RNG states); return the data cursor.
 
     The checkpoint is verified first (``verify_checkpoint``; with ``run_id`` it must be that run's);
     every read error is a CheckpointError naming the file. Nothing is restored unless every file reads.
+    No file is unpickled: a duca_fast 0.1 checkpoint (pickled ``trainer_state.pt``) raises CheckpointError
+    unless ``trust_pickle`` (the CLI's ``--trust-checkpoint``, for the user's own old runs).
     """
     path = Path(path)
     if verify:
         verify_checkpoint(path, run_id=run_id)
     elif not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is not a directory")
-    with _reading(path, "trainer_state.pt"):
-        trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    trainer_state = _read_trainer_state(path, trust_pickle)
+    with _reading(path, f"{TRAINER_STATE}.json"):
         rng = trainer_state["rng"]
     with _reading(path, "cursor.json"):
         cursor = json.loads((path / "cursor.json").read_text())
@@ -508,10 +529,36 @@ def load_checkpoint(
             _load_sharded(path / SHARDED_DIR, model, optimizer)
     else:
         _load_trainable(path, model)
-    with _reading(path, "trainer_state.pt (optimizer, scheduler and RNG states)"):
+    with _reading(path, f"{TRAINER_STATE} (optimizer, scheduler and RNG states)"):
         if optimizer is not None and trainer_state["optimizer"] is not None:
             optimizer.load_state_dict(trainer_state["optimizer"])
         if scheduler is not None and trainer_state["scheduler"] is not None:
             scheduler.load_state_dict(trainer_state["scheduler"])
         restore_rng(rng)
     return cursor
+
+
+def _read_trainer_state(path: Path, trust_pickle: bool) -> dict[str, Any]:
+    if not (path / f"{TRAINER_STATE}.json").is_file() and (path / LEGACY_TRAINER_STATE).is_file():
+        if not trust_pickle:
+            raise CheckpointError(
+                f"checkpoint {path} keeps its trainer state as a pickle ({LEGACY_TRAINER_STATE}, duca_fast "
+                "0.1), and loading a pickle can run code hidden in it; if you wrote this run yourself, pass "
+                "--trust-checkpoint once (its next checkpoint is written without pickle), otherwise do not "
+                "load it"
+            )
+        logger.warning("loading the pickled %s of %s (trusted by the caller)", LEGACY_TRAINER_STATE, path)
+        with _reading(path, LEGACY_TRAINER_STATE):
+            return torch.load(path / LEGACY_TRAINER_STATE, weights_only=False)
+    with _reading(path, f"{TRAINER_STATE}.json"):
+        document = json.loads((path / f"{TRAINER_STATE}.json").read_text())
+    with _reading(path, f"{TRAINER_STATE}.safetensors"):
+        tensors = load_file(str(path / f"{TRAINER_STATE}.safetensors"))
+    with _reading(path, f"{TRAINER_STATE}.json"):
+        try:
+            state = decode_state(document, tensors)
+        except StateFormatError as error:
+            raise CheckpointError(f"checkpoint {path}: {TRAINER_STATE}.json: {error}") from error
+        if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= state.keys():
+            raise CheckpointError(f"checkpoint {path}: {TRAINER_STATE}.json lacks optimizer/scheduler/rng")
+        return state

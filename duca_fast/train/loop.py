@@ -149,9 +149,16 @@ class Trainer:
     """Owns the task, the optimizer and the run directory; ``run()`` trains."""
 
     def __init__(
-        self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        force: bool = False,
+        trust_checkpoint: bool = False,
     ) -> None:
         self.config = config
+        self.trust_checkpoint = trust_checkpoint
         self.run_dir = Path(config.run_dir)
         self.dist = init_distributed(config.distributed_timeout_s)
         check_same_config(self.dist, to_yaml(config))
@@ -216,7 +223,12 @@ class Trainer:
         self.interrupted = False
         if checkpoint is not None:
             state = load_checkpoint(
-                checkpoint, self.task.model, self.optimizer, self.scheduler, run_id=self.run_id
+                checkpoint,
+                self.task.model,
+                self.optimizer,
+                self.scheduler,
+                run_id=self.run_id,
+                trust_pickle=self.trust_checkpoint,
             )
             self.cursor.position = state["scenario_position"]
             self.start_step = state["step"] + 1
@@ -432,13 +444,23 @@ class Trainer:
             self._release()
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> Path:
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    trust_checkpoint: bool = False,
+) -> Path:
     """Train as configured; returns the run directory.
 
-    ``resume`` continues the run in ``run_dir`` (overrides that change what the run is need ``force``);
+    ``resume`` continues the run in ``run_dir`` (overrides that change what the run is need ``force``;
+    a duca_fast 0.1 checkpoint with a pickled trainer state needs ``trust_checkpoint``);
     ``overwrite`` replaces it; with neither, ``run_dir`` must be empty or missing (``RunDirError``).
     """
-    trainer = Trainer(config, resume=resume, overwrite=overwrite, force=force)
+    trainer = Trainer(
+        config, resume=resume, overwrite=overwrite, force=force, trust_checkpoint=trust_checkpoint
+    )
     try:
         return trainer.run()
     finally:
@@ -446,17 +468,24 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
 
 def evaluate(
-    config: TrainConfig, checkpoint: Path | None, num_sessions: int, seed: int, *, sampled: bool = False
+    config: TrainConfig,
+    checkpoint: Path | None,
+    num_sessions: int,
+    seed: int,
+    *,
+    sampled: bool = False,
+    trust_checkpoint: bool = False,
 ) -> dict[str, float]:
     """Held-out sessions of a checkpoint's policy (the initial policy when ``checkpoint`` is None):
-    greedy, or ``sampled`` at the rollout temperature with request seeds from ``seed`` (repeatable)."""
+    greedy, or ``sampled`` at the rollout temperature with request seeds from ``seed`` (repeatable).
+    ``trust_checkpoint`` allows a duca_fast 0.1 checkpoint's pickled trainer state."""
     if num_sessions < 1:
         raise ConfigError(f"the number of evaluation sessions must be >= 1, got {num_sessions}")
     seed_everything(config.seed)
     task = build_task(config, DistContext())
     try:
         if checkpoint is not None:
-            load_checkpoint(checkpoint, task.model)
+            load_checkpoint(checkpoint, task.model, trust_pickle=trust_checkpoint)
             task.sync(0)
         scenarios, customers = held_out_sessions(config, num_sessions, seed)
         played = task.evaluate(scenarios, customers, sample_seed=seed if sampled else None)

@@ -109,7 +109,7 @@ def truncate_half(file: Path) -> None:
 
 CORRUPTIONS = {
     "truncated safetensors": ("trainable.safetensors", truncate_half, "has .* bytes, the manifest says"),
-    "half a trainer_state.pt": ("trainer_state.pt", truncate_half, "has .* bytes, the manifest says"),
+    "half a trainer state": ("trainer_state.safetensors", truncate_half, "has .* bytes, the manifest says"),
     "missing cursor.json": ("cursor.json", Path.unlink, "is missing"),
     "flipped byte in tensor data": ("trainable.safetensors", flip_last_tensor_byte, "SHA-256 differs"),
     "missing manifest": (MANIFEST, Path.unlink, "no manifest.json"),
@@ -151,13 +151,13 @@ def test_a_flipped_byte_loads_silently_without_verification(tmp_path):
 @pytest.mark.parametrize(
     "name,corrupt",
     [
-        ("trainer_state.pt", truncate_half),
+        ("trainer_state.safetensors", truncate_half),
         ("cursor.json", Path.unlink),
         ("trainable.safetensors", truncate_half),
     ],
 )
 def test_unverified_reads_still_name_the_file(tmp_path, name, corrupt):
-    # Before: half a trainer_state.pt gave "OSError: [Errno 22] Invalid argument" naming no file.
+    # Before: half a (pickled) trainer_state.pt gave "OSError: [Errno 22] Invalid argument" naming no file.
     two_checkpoints(tmp_path)
     corrupt(tmp_path / "checkpoints" / "step_2" / name)
     model, optimizer = tiny()
@@ -362,14 +362,22 @@ def pages(size: int) -> int:
     return math.ceil(size / PAGE)
 
 
-@pytest.mark.parametrize("failing", ["trainable.safetensors", "trainer_state.pt", "cursor.json", MANIFEST])
+WRITE_ORDER = [
+    "trainable.safetensors",
+    "trainer_state.safetensors",
+    "trainer_state.json",
+    "cursor.json",
+    MANIFEST,
+]
+
+
+@pytest.mark.parametrize("failing", WRITE_ORDER)
 def test_a_real_full_disk_keeps_the_previous_checkpoint(tmp_path, small_tmpfs, failing):
     # Before: "SafetensorError ... No space left on device" traceback and a .tmp-step_* left behind.
     model, optimizer = tiny(128)  # 66 KB of weights: step_1 fits, step_2 does not
     reference = save(tmp_path / "reference", 2, model, optimizer)
     sizes = {f.name: f.stat().st_size for f in reference.iterdir()}
-    order = ["trainable.safetensors", "trainer_state.pt", "cursor.json", MANIFEST]
-    room = sum(pages(sizes[name]) for name in order[: order.index(failing)]) * PAGE
+    room = sum(pages(sizes[name]) for name in WRITE_ORDER[: WRITE_ORDER.index(failing)]) * PAGE
 
     run_dir = small_tmpfs / "run"
     save(run_dir, 1, model, optimizer)
@@ -417,7 +425,7 @@ except CheckpointError as error:
 
 @pytest.mark.parametrize(
     "failing,blob,text",
-    [("trainable.safetensors", 1, "File too large"), ("trainer_state.pt", 16384, "File too large")],
+    [("trainable.safetensors", 1, "File too large"), ("trainer_state.safetensors", 16384, "File too large")],
 )
 def test_a_write_past_the_file_size_limit_keeps_the_previous_checkpoint(tmp_path, failing, blob, text):
     """Works without root: RLIMIT_FSIZE makes the real write fail (safetensors' or torch.save's)."""
