@@ -23,7 +23,11 @@ from pathlib import Path
 from duca_fast import native
 
 ROOT = Path(__file__).resolve().parent.parent
-LOSS_TESTS = ("tests/ops/test_loss_math.py", "tests/test_policy_loss.py")
+LOSS_TESTS = (
+    "tests/ops/test_loss_math.py",
+    "tests/test_policy_loss.py",
+    "tests/ops/test_upstream_gradients.py",
+)
 ADVANTAGE_TESTS = ("tests/test_advantages.py", "tests/ops/test_validation.py")
 
 
@@ -178,6 +182,55 @@ MUTANTS = [
         "        weights = weights * cast(token_weights)\n",
         "        weights = weights * 1.0\n",
         LOSS_TESTS,
+    ),
+    Mutant(
+        "fused_policy_loss backward ignores the upstream gradient",
+        PL + "custom_ops.py",
+        "torch.mul(saved, grad_loss.to(saved.dtype),",
+        "torch.mul(saved, torch.ones_like(grad_loss).to(saved.dtype),",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "policy_loss_from_logits backward ignores the upstream gradient",
+        PL + "custom_ops.py",
+        "    scale = grad_loss.to(lse.dtype)\n",
+        "    scale = torch.ones_like(grad_loss).to(lse.dtype)\n",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "policy_loss_from_logprobs backward ignores the upstream gradient",
+        PL + "custom_ops.py",
+        "(grad_logprobs * grad_loss.to(grad_logprobs.dtype))",
+        "(grad_logprobs * torch.ones_like(grad_loss).to(grad_logprobs.dtype))",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "token_logprobs backward ignores the upstream gradient of the log-probs",
+        PL + "custom_ops.py",
+        "    if grad_logprobs is None:\n        grad_logprobs = torch.zeros_like(lse)\n",
+        "    grad_logprobs = torch.ones_like(lse)\n",
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "ratio_mean counts masked tokens",
+        PL + "head.py",
+        "_masked_mean(ratio, active)",
+        "ratio.sum() / max(ratio.numel(), 1)",  # no NaN on an empty batch: only the metric tests see it
+        LOSS_TESTS,
+    ),
+    Mutant(
+        "token advantages: token_turn -1 takes the last turn's advantage instead of 0",
+        ADV + "torch_path.py",
+        "torch.where(has_loss, fused[problem.token_turn.long().clamp_min(0)], fused.new_zeros(()))",
+        "fused[problem.token_turn.long()]",
+        ADVANTAGE_TESTS,
+    ),
+    Mutant(
+        "token advantages broadcast from the next turn (off by one)",
+        ADV + "torch_path.py",
+        "fused[problem.token_turn.long().clamp_min(0)]",
+        "fused[(problem.token_turn.long() + 1).clamp(0, fused.shape[0] - 1)]",
+        ADVANTAGE_TESTS,
     ),
 ]
 

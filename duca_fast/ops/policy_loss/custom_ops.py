@@ -275,6 +275,9 @@ def _fused_setup_context(ctx, inputs, output) -> None:
 def _fused_backward(ctx, grad_loss, *unused_grads):
     needs = needs_input_grad(ctx, max(_LOSS_GRAD_INPUTS.values()) + 1)
     grads = [None] * len(ctx.needs_input_grad)
+    if grad_loss is None:
+        # Not materialized (see setup): the loss got no gradient, so no input gets one from it.
+        return tuple(grads)
     for (name, position), saved, meta in zip(_LOSS_GRAD_INPUTS.items(), ctx.saved_tensors, ctx.input_meta):
         if not needs[position]:
             continue
