@@ -1,11 +1,11 @@
 """torch.ops.duca.*: opcheck (schema, fake kernels, autograd registration), the same numbers and
-gradients as the plain ops, and torch.compile(fullgraph=True) over them."""
+gradients as the float64 references, and torch.compile(fullgraph=True) over them."""
 
 import pytest
 import torch
 
 from duca_fast import ops
-from duca_fast.ops.library import METRIC_KEYS, fused_policy_loss_op, token_logprobs_op
+from duca_fast.ops.library import METRIC_KEYS, fused_policy_loss_op
 from tests.conftest import KERNEL_DEVICE
 from tests.native import ensure_native_library
 from tests.test_advantages import make_batch
@@ -63,15 +63,18 @@ def call_hian_op(tensors, options):
 
 
 @pytest.mark.parametrize("case", HIAN_CASES.values(), ids=HIAN_CASES.keys())
-def test_hian_opcheck_and_same_numbers(case):
+def test_hian_opcheck_and_the_op_matches_the_reference(case):
     tensors, options = split_hian_case(case)
     args = tuple(tensors[k] for k in ("turn_rewards", "turn_session", "session_rewards", "session_group"))
     kwargs = dict(turn_index=tensors["turn_index"], token_turn=tensors["token_turn"], **options)
     torch.library.opcheck(HIAN, (*args, 3), kwargs)
-    expected = ops.hian_advantages(*args, num_groups=3, **kwargs)
+    # The op against the float64 reference (plain loops, no op code): not the public function, which
+    # calls this very op.
+    expected = ops.hian_advantages(*args, num_groups=3, backend="reference", **kwargs)
     got = call_hian_op(tensors, options)
-    assert got.dtype == expected.dtype and got.shape == expected.shape
-    assert torch.equal(got, expected)
+    assert got.shape == expected.shape
+    assert got.dtype == (torch.float64 if tensors["turn_rewards"].dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
@@ -165,39 +168,69 @@ def loss_inputs(case, device="cpu"):
     return leaves, rest, case
 
 
-def plain_and_op(case, backend="auto", device="cpu"):
-    results = []
-    for fn in (ops.fused_policy_loss, fused_policy_loss_op):
-        leaves, rest, options = loss_inputs(case, device)
-        loss, metrics = fn(
-            leaves["hidden"],
-            leaves["weight"],
-            rest.pop("target"),
-            rest.pop("advantages"),
-            rest.pop("old_logprobs"),
-            bias=leaves["bias"],
-            backend=backend,
-            **rest,
-            **options,
-        )
-        loss.backward()
-        grads = {name: leaf.grad for name, leaf in leaves.items() if leaf is not None}
-        results.append((loss.detach(), metrics, grads))
-    return results
+def raw_op_and_reference(case, backend="auto", device="cpu"):
+    """``torch.ops.duca.fused_policy_loss`` itself (schema, dispatcher, registered autograd) and the
+    float64 reference (``backend="reference"``: autograd through plain torch), loss, metrics, gradients."""
+    leaves, rest, options = loss_inputs(case, device)
+    extra = {k: options.pop(k) for k in ("chunk_size",) if k in options}
+    loss, metrics, *_ = torch.ops.duca.fused_policy_loss(
+        leaves["hidden"],
+        leaves["weight"],
+        rest["target"],
+        rest["advantages"],
+        rest["old_logprobs"],
+        leaves["bias"],
+        mask=rest["mask"],
+        seq_ids=rest["seq_ids"],
+        ref_logprobs=rest["ref_logprobs"],
+        behavior_logprobs=rest.get("behavior_logprobs"),
+        backend=backend,
+        fp32_matmul="ieee",
+        needs_bias_grad=leaves["bias"] is not None,
+        **extra,
+        **options,
+    )
+    (loss * 1.7).backward()
+    got = (loss.detach(), metrics, {n: leaf.grad for n, leaf in leaves.items() if leaf is not None})
+
+    leaves, rest, options = loss_inputs(case, "cpu")
+    ref_loss, ref_metrics = ops.fused_policy_loss(
+        leaves["hidden"],
+        leaves["weight"],
+        rest.pop("target"),
+        rest.pop("advantages"),
+        rest.pop("old_logprobs"),
+        bias=leaves["bias"],
+        backend="reference",
+        **rest,
+        **options,
+    )
+    (ref_loss * 1.7).backward()
+    expected = (
+        ref_loss.detach(),
+        ref_metrics,
+        {n: leaf.grad for n, leaf in leaves.items() if leaf is not None},
+    )
+    return got, expected
+
+
+def assert_op_matches_reference(got, expected, tolerance):
+    (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads) = got, expected
+    close = dict(rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(loss.cpu().double(), ref_loss.double(), **close)
+    for key, value in ref_metrics.items():
+        got_metric = metrics[METRIC_KEYS.index(key)].cpu().double()
+        torch.testing.assert_close(got_metric, value.double(), **close, msg=key)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name].cpu().double(), ref_grads[name].double(), **close, msg=name)
 
 
 @pytest.mark.parametrize("case", LOSS_CASES.values(), ids=LOSS_CASES.keys())
-def test_fused_policy_loss_same_loss_metrics_and_gradients(case):
-    (loss, metrics, grads), (op_loss, op_metrics, op_grads) = plain_and_op(case)
-    assert op_loss.dtype == loss.dtype
-    assert torch.equal(op_loss, loss)
-    assert op_metrics.keys() == metrics.keys()
-    for key in metrics:
-        assert torch.equal(op_metrics[key], metrics[key]), key
-    assert op_grads.keys() == grads.keys()
-    for name in grads:
-        assert op_grads[name].dtype == grads[name].dtype
-        assert torch.equal(op_grads[name], grads[name]), name
+def test_fused_policy_loss_op_matches_the_reference(case):
+    got, expected = raw_op_and_reference(case)
+    assert got[0].dtype == (torch.float64 if case.get("dtype") == torch.float64 else torch.float32)
+    assert_op_matches_reference(got, expected, 1e-10 if case.get("dtype") == torch.float64 else 2e-5)
 
 
 @pytest.mark.parametrize("case", LOSS_CASES.values(), ids=LOSS_CASES.keys())
@@ -261,43 +294,42 @@ def test_fused_policy_loss_validates():
 
 
 def test_fused_policy_loss_triton_dispatch():
-    """backend='triton' through the op: the Triton kernels (interpreted without a GPU)."""
-    case = dict(kl_coef=0.05, entropy_coef=0.01)
-    (loss, metrics, grads), (op_loss, op_metrics, op_grads) = plain_and_op(case, "triton", KERNEL_DEVICE)
-    assert torch.equal(op_loss, loss)
-    for key in metrics:
-        assert torch.equal(op_metrics[key], metrics[key]), key
-    for name in grads:
-        assert torch.equal(op_grads[name], grads[name]), name
+    """backend='triton' through the op: the Triton kernels (interpreted without a GPU), against float64."""
+    got, expected = raw_op_and_reference(dict(kl_coef=0.05, entropy_coef=0.01), "triton", KERNEL_DEVICE)
+    assert_op_matches_reference(got, expected, 2e-5)
 
 
 @pytest.mark.parametrize("backend,device", [("auto", "cpu"), ("triton", KERNEL_DEVICE)])
 @pytest.mark.parametrize("use_bias", [True, False])
-def test_token_logprobs_same_values_and_gradients(backend, device, use_bias):
+def test_token_logprobs_op_matches_float64_autograd(backend, device, use_bias):
     problem = make_problem(num_tokens=13, vocab=37)
-    results = []
-    for fn in (ops.token_logprobs, token_logprobs_op):
-        leaves = {n: problem[n].clone().to(device).requires_grad_() for n in ("hidden", "weight", "bias")}
-        bias = leaves["bias"] if use_bias else None
-        logprobs, entropy = fn(
-            leaves["hidden"],
-            leaves["weight"],
-            problem["target"].to(device),
-            bias=bias,
-            temperature=0.8,
-            return_entropy=True,
-            chunk_size=4,
-            backend=backend,
-        )
-        (logprobs * torch.linspace(-1, 1, 13, device=device)).sum().add(0.3 * entropy.sum()).backward()
-        grads = [leaves["hidden"].grad, leaves["weight"].grad, leaves["bias"].grad]
-        results.append((logprobs.detach(), entropy.detach(), grads))
-    (logprobs, entropy, grads), (op_logprobs, op_entropy, op_grads) = results
-    assert torch.equal(op_logprobs, logprobs) and torch.equal(op_entropy, entropy)
-    for got, expected in zip(op_grads, grads):
-        assert (got is None) == (expected is None)
-        if got is not None:
-            assert torch.equal(got, expected)
+    target = problem["target"].clamp_min(0)
+    upstream = (torch.linspace(-1, 1, 13, dtype=torch.float64), torch.full((13,), 0.3, dtype=torch.float64))
+    leaves = {n: problem[n].clone().to(device).requires_grad_() for n in ("hidden", "weight", "bias")}
+    logprobs, entropy, _ = torch.ops.duca.token_logprobs(
+        leaves["hidden"],
+        leaves["weight"],
+        target.to(device),
+        leaves["bias"] if use_bias else None,
+        temperature=0.8,
+        chunk_size=4,
+        fp32_matmul="ieee",
+        backend=backend,
+    )
+    torch.autograd.backward((logprobs, entropy), tuple(g.float().to(device) for g in upstream))
+
+    ref = {n: problem[n].double().clone().requires_grad_() for n in ("hidden", "weight", "bias")}
+    logits = ref["hidden"] @ ref["weight"].T + (ref["bias"] if use_bias else 0)
+    log_probs = torch.log_softmax(logits / 0.8, -1)
+    ref_logprobs = log_probs.gather(1, target[:, None])[:, 0]
+    ref_entropy = -(log_probs.exp() * log_probs).sum(-1)
+    torch.autograd.backward((ref_logprobs, ref_entropy), upstream)
+    close = dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(logprobs.detach().cpu().double(), ref_logprobs.detach(), **close)
+    torch.testing.assert_close(entropy.detach().cpu().double(), ref_entropy.detach(), **close)
+    for name in ("hidden", "weight") + (("bias",) if use_bias else ()):
+        torch.testing.assert_close(leaves[name].grad.cpu().double(), ref[name].grad, **close, msg=name)
+    assert use_bias or leaves["bias"].grad is None
 
 
 def test_token_logprobs_opcheck():

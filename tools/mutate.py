@@ -1,6 +1,6 @@
 """Mutation check of the op tests: plant bugs in the advantage and loss math, one at a time, in a copy.
 
-Each mutant is one textual edit of one file of ``duca_fast/ops``. The package and the tests are copied
+Each mutant is one textual edit of one file of ``duca_fast`` (the ops, and the rollout driver). The package and the tests are copied
 into a temporary directory, the edit is applied there (the working tree is never touched), and the
 op test files that cover that file run against the copy with ``-x``. A mutant is caught when the
 tests fail. The last line reads ``caught N of M planted bugs``; the exit status is 1 if any survived.
@@ -217,6 +217,13 @@ MUTANTS = [
         "_masked_mean(ratio, active)",
         "ratio.sum() / max(ratio.numel(), 1)",  # no NaN on an empty batch: only the metric tests see it
         LOSS_TESTS,
+    ),
+    Mutant(
+        "behavior log-probs rotated by one position within each agent turn",
+        "duca_fast/rollout/driver.py",
+        "logprobs=completion.logprobs)",
+        "logprobs=list(completion.logprobs[1:]) + list(completion.logprobs[:1]))",
+        ("tests/rollout/test_rollout_driver.py",),
     ),
     Mutant(
         "token advantages: token_turn -1 takes the last turn's advantage instead of 0",

@@ -228,3 +228,36 @@ def test_driver_runs_on_the_hf_backend(tiny_model_dir):
     assert batch.turn_session.tolist() == [0, 0, 1, 1]
     assert int(batch.loss_mask.sum()) == 16
     assert (batch.behavior_logprobs[batch.loss_mask] < 0).all()
+
+
+def teacher_forced_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= 1 from one forward of the trainer-side copy (float64 softmax)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_behavior_logprobs_are_the_engines_logprobs_of_their_own_tokens(engine, trainer_model):
+    """Every agent token's behavior log-prob equals the model's log-prob of that very token, recomputed
+    by a teacher-forced forward of the same weights: a shift or rotation within a turn cannot pass."""
+    specs = make_session_specs([{"turns": 3}, {"turns": 2}], group_size=2, seed=21)
+    config = RolloutConfig(sampling=SamplingConfig(max_new_tokens=8, temperature=1.0), max_turns=3)
+    batch = rollout(engine, EchoCustomer, specs, config)
+    # vLLM's CPU float32 kernels vs transformers' float32 forward of the same weights: 1.0e-6 apart here
+    # (2026-12-04); a rotation by one position moved them by 0.53.
+    tolerance = 1e-4
+    worst, worst_shifted, turns_checked = 0.0, 0.0, 0
+    for turn, (start, end) in enumerate(batch.turn_spans.tolist()):
+        session = batch.turn_session[turn].item()
+        lo = batch.cu_seqlens[session].item()
+        recomputed = teacher_forced_logprobs(trainer_model, batch.input_ids[lo:end].tolist())[start - lo - 1 :]
+        behavior = batch.behavior_logprobs[start:end].double()
+        assert recomputed.shape == behavior.shape
+        worst = max(worst, (behavior - recomputed).abs().max().item())
+        if end - start > 1:
+            worst_shifted = max(worst_shifted, (behavior.roll(1) - recomputed).abs().max().item())
+        turns_checked += 1
+    assert turns_checked == 10
+    assert worst < tolerance, f"behavior log-probs differ from the recomputed ones by up to {worst:.3g}"
+    # The check has power: the same log-probs rotated by one position within their turn would fail it.
+    assert worst_shifted > 10 * tolerance, worst_shifted
