@@ -1,9 +1,10 @@
-"""Mutation check of the op tests: plant bugs in the advantage and loss math, one at a time, in a copy.
+"""Mutation check of the tests: plant bugs in the advantage and loss math, one at a time, in a copy.
 
-Each mutant is one textual edit of one file of ``duca_fast`` (the ops, and the rollout driver). The package and the tests are copied
-into a temporary directory, the edit is applied there (the working tree is never touched), and the
-op test files that cover that file run against the copy with ``-x``. A mutant is caught when the
-tests fail. The last line reads ``caught N of M planted bugs``; the exit status is 1 if any survived.
+Each mutant is one textual edit of one file of ``duca_fast`` (the ops, and the rollout driver). The
+package and the tests are copied into a temporary directory, the edit is applied there (the working
+tree is never touched), and the test files that cover that file run against the copy with ``-x``. A
+mutant is caught when the tests fail. The last line reads ``caught N of M planted bugs``; the exit
+status is 1 if any survived.
 
 Usage: ``python -m tools.mutate [--only NAME ...] [--list]`` (``make mutate``).
 """

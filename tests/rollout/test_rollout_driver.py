@@ -250,7 +250,8 @@ def test_behavior_logprobs_are_the_engines_logprobs_of_their_own_tokens(engine, 
     for turn, (start, end) in enumerate(batch.turn_spans.tolist()):
         session = batch.turn_session[turn].item()
         lo = batch.cu_seqlens[session].item()
-        recomputed = teacher_forced_logprobs(trainer_model, batch.input_ids[lo:end].tolist())[start - lo - 1 :]
+        session_ids = batch.input_ids[lo:end].tolist()
+        recomputed = teacher_forced_logprobs(trainer_model, session_ids)[start - lo - 1 :]
         behavior = batch.behavior_logprobs[start:end].double()
         assert recomputed.shape == behavior.shape
         worst = max(worst, (behavior - recomputed).abs().max().item())
