@@ -43,7 +43,65 @@ class Mutant:
 
 PL = "duca_fast/ops/policy_loss/"
 ADV = "duca_fast/ops/advantages/"
+OBJ = PL + "objectives/"
+OBJECTIVE_TESTS = (*LOSS_TESTS, "tests/ops/test_objectives.py")
 MUTANTS = [
+    Mutant(
+        "GSPO: sequence log-ratio summed instead of averaged",
+        OBJ + "gspo.py",
+        "seq_log_ratio = sequence_sums(log_ratio, batch.seq_ids, active) / lengths",
+        "seq_log_ratio = sequence_sums(log_ratio, batch.seq_ids, active)",
+        OBJECTIVE_TESTS,
+    ),
+    Mutant(
+        "GeoMean: cross-token gradient without the sequence's aggregation weight",
+        OBJ + "geo_mean.py",
+        "sequence_weight = sequence_sums(batch.weights, seq, active)",
+        "sequence_weight = batch.weights",
+        OBJECTIVE_TESTS,
+    ),
+    Mutant(
+        "CISPO: the importance weight not clipped",
+        OBJ + "cispo.py",
+        "        weight = ratio.clamp(low, high)\n",
+        "        weight = ratio\n",
+        OBJECTIVE_TESTS,
+    ),
+    Mutant(
+        "SAPO: tau_pos and tau_neg swapped",
+        OBJ + "sapo.py",
+        "torch.where(batch.advantages > 0, self.tau_pos, self.tau_neg)",
+        "torch.where(batch.advantages > 0, self.tau_neg, self.tau_pos)",
+        OBJECTIVE_TESTS,
+    ),
+    Mutant(
+        "GPG: gradient sign flipped",
+        OBJ + "gpg.py",
+        "batch.weights * -batch.advantages, {}",
+        "batch.weights * batch.advantages, {}",
+        OBJECTIVE_TESTS,
+    ),
+    Mutant(
+        "DRO: penalty gradient without beta",
+        OBJ + "dro.py",
+        "-(batch.advantages - self.beta * log_ratio)",
+        "-(batch.advantages - log_ratio)",
+        OBJECTIVE_TESTS,
+    ),
+    Mutant(
+        "DPPO: the KL trust region tests the wrong direction for positive advantages",
+        OBJ + "dppo.py",
+        "up = (kl <= self.clip_high) | (prob <= old_prob)",
+        "up = (kl <= self.clip_high) | (prob >= old_prob)",
+        OBJECTIVE_TESTS,
+    ),
+    Mutant(
+        "PPOClip: delta cap not applied to the gradient",
+        OBJ + "ppo_clip.py",
+        "            dead = dead | (ratio > self.delta)\n",
+        "            dead = dead\n",
+        OBJECTIVE_TESTS,
+    ),
     Mutant(
         "seq_mean_token_sum drops the division by the number of sequences",
         PL + "head.py",
@@ -67,16 +125,16 @@ MUTANTS = [
     ),
     Mutant(
         "clip bounds swapped (clip_low above, clip_high below)",
-        PL + "head.py",
-        "ratio.clamp(1.0 - options.clip_low, 1.0 + options.clip_high)",
-        "ratio.clamp(1.0 - options.clip_high, 1.0 + options.clip_low)",
+        OBJ + "ppo_clip.py",
+        "ratio.clamp(1.0 - self.clip_low, 1.0 + self.clip_high)",
+        "ratio.clamp(1.0 - self.clip_high, 1.0 + self.clip_low)",
         LOSS_TESTS,
     ),
     Mutant(
         "approx_kl sign flipped",
         PL + "head.py",
-        'metrics["approx_kl"] = _masked_mean(',
-        'metrics["approx_kl"] = -_masked_mean(',
+        'metrics["approx_kl"] = masked_mean(',
+        'metrics["approx_kl"] = -masked_mean(',
         LOSS_TESTS,
     ),
     Mutant(
@@ -88,16 +146,16 @@ MUTANTS = [
     ),
     Mutant(
         "dual clip also caps positive advantages",
-        PL + "head.py",
-        "dual = (advantages < 0) & (pg_loss > cap)",
-        "dual = pg_loss > cap",
+        OBJ + "ppo_clip.py",
+        "dual = (advantages < 0) & (loss > cap)",
+        "dual = loss > cap",
         LOSS_TESTS,
     ),
     Mutant(
         "TIS weight clamped from below instead of above",
         PL + "head.py",
-        "tis_weight = raw_weight.clamp(max=options.tis_cap)",
-        "tis_weight = raw_weight.clamp(min=options.tis_cap)",
+        "pg_weights = weights * raw_weight.clamp(max=options.tis_cap)",
+        "pg_weights = weights * raw_weight.clamp(min=options.tis_cap)",
         LOSS_TESTS,
     ),
     Mutant(
@@ -110,7 +168,7 @@ MUTANTS = [
     Mutant(
         "mask ignored in the behavior_logprob_gap metric",
         PL + "head.py",
-        "_masked_mean((logprobs - inputs.behavior_logprobs).abs(), active)",
+        "masked_mean((logprobs - inputs.behavior_logprobs).abs(), active)",
         "(logprobs - inputs.behavior_logprobs).abs().mean()",
         LOSS_TESTS,
     ),
@@ -215,8 +273,8 @@ MUTANTS = [
     Mutant(
         "ratio_mean counts masked tokens",
         PL + "head.py",
-        "_masked_mean(ratio, active)",
-        "ratio.sum() / max(ratio.numel(), 1)",  # no NaN on an empty batch: only the metric tests see it
+        'metrics["ratio_mean"] = masked_mean(ratio, active)',
+        'metrics["ratio_mean"] = ratio.sum() / max(ratio.numel(), 1)',  # no NaN on an empty batch
         LOSS_TESTS,
     ),
     Mutant(

@@ -2,6 +2,7 @@
 
 One spine (see docs/ops.md):
 - ``options``: ``PolicyLossOptions`` and the per-token types (leaf module).
+- ``objectives``: the policy objectives, one file each (per-token math, derivative, metrics, reference).
 - ``head``: the per-token policy head of the fast paths (objective, d loss / d logp and d H, metrics).
 - ``torch_path`` / ``triton_path``: chunked torch (any device) and Triton (CUDA) row work.
 - ``custom_ops``: ``torch.ops.duca.*``, the only autograd path; real and fake kernels share ``checks``.
@@ -9,6 +10,7 @@ One spine (see docs/ops.md):
 - ``api``: the public functions.
 """
 
+from duca_fast.ops.policy_loss import objectives
 from duca_fast.ops.policy_loss.api import (
     fused_policy_loss,
     policy_loss_from_logits,
@@ -23,6 +25,7 @@ __all__ = [
     "PolicyLossOptions",
     "TokenInputs",
     "fused_policy_loss",
+    "objectives",
     "policy_head",
     "policy_loss_from_logits",
     "policy_loss_from_logprobs",

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from duca_fast.ops.policy_loss import custom_ops, reference
+from duca_fast.ops.policy_loss import custom_ops, objectives, reference
 from duca_fast.ops.policy_loss.checks import (
     check_chunk_size,
     check_logits_dtype,
@@ -19,6 +19,7 @@ from duca_fast.ops.policy_loss.checks import (
     choose_backend,
     prepare_loss_call,
 )
+from duca_fast.ops.policy_loss.objectives import Objective
 from duca_fast.ops.policy_loss.options import PolicyLossOptions
 from duca_fast.ops.policy_loss.precision import check_fp32_matmul
 
@@ -46,7 +47,8 @@ def _present(options: dict, ref_logprobs, behavior_logprobs) -> dict[str, bool]:
     return {
         "kl_ref": ref_logprobs is not None,
         "tis_frac_capped": behavior_logprobs is not None and options["tis_cap"] is not None,
-        "dual_clip_frac": options["dual_clip"] is not None,
+        # PPOClip's dual clip, from the options or from the objective's own spec (string test: traceable).
+        "dual_clip_frac": options["dual_clip"] is not None or "dual_clip=" in options["objective"],
         "behavior_logprob_gap": behavior_logprobs is not None,
     }
 
@@ -77,6 +79,7 @@ def fused_policy_loss(
     loss_agg: str = "token_mean",
     max_tokens: int | None = None,
     tis_cap: float | None = None,
+    objective: str | Objective | None = None,
     chunk_size: int | None = None,
     logits_dtype: str = "float32",
     fp32_matmul: str = "tf32",
@@ -100,6 +103,10 @@ def fused_policy_loss(
         behavior_logprobs: ``[N]`` the engine's sampler log-probs, for truncated importance sampling.
         clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, temperature, loss_agg,
         max_tokens, tis_cap: see ``PolicyLossOptions``; or pass ``options=`` instead.
+        objective: the policy objective, an ``ops.objectives`` instance (``objectives.GSPO(...)``) or its
+            name for the defaults ("ppo_clip", "gspo", "geo_mean", "cispo", "sapo", "gpg", "dro", "dppo");
+            None: PPOClip with clip_low / clip_high / dual_clip. Sequence-level objectives (gspo, geo_mean)
+            need ``seq_ids``; see docs/ops.md for each one's formula and source.
         chunk_size: tokens per chunk on the torch path (default: chunk x V <= 2^24 elements).
         logits_dtype: "float32" (default): the lm_head GEMM writes fp32 logits; "bfloat16" / "float16"
             (must match hidden): it writes them in the input dtype, as a bf16 ``lm_head`` does, halving
@@ -131,6 +138,7 @@ def fused_policy_loss(
         loss_agg=loss_agg,
         max_tokens=max_tokens,
         tis_cap=tis_cap,
+        objective=objectives.as_spec(objective),
     )
     if choose_backend(backend, hidden) == "reference":
         options = PolicyLossOptions(**options)
@@ -263,6 +271,7 @@ def policy_loss_from_logits(
     loss_agg: str = "token_mean",
     max_tokens: int | None = None,
     tis_cap: float | None = None,
+    objective: str | Objective | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
     options: PolicyLossOptions | None = None,
@@ -286,6 +295,7 @@ def policy_loss_from_logits(
         loss_agg=loss_agg,
         max_tokens=max_tokens,
         tis_cap=tis_cap,
+        objective=objectives.as_spec(objective),
     )
     if choose_backend(backend, logits) == "reference":
         options = PolicyLossOptions(**options)
@@ -355,6 +365,7 @@ def policy_loss_from_logprobs(
     loss_agg: str = "token_mean",
     max_tokens: int | None = None,
     tis_cap: float | None = None,
+    objective: str | Objective | None = None,
     backend: str = "auto",
     options: PolicyLossOptions | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -387,6 +398,7 @@ def policy_loss_from_logprobs(
         loss_agg=loss_agg,
         max_tokens=max_tokens,
         tis_cap=tis_cap,
+        objective=objectives.as_spec(objective),
     )
     from duca_fast.ops._checks import check_choice, check_tensor
 

@@ -15,6 +15,9 @@ and run in the real kernel only.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from torch import Tensor
 
@@ -30,7 +33,7 @@ from duca_fast.ops.policy_loss.checks import (
     choose_backend,
     prepare_loss_call,
 )
-from duca_fast.ops.policy_loss.head import check_vector, compact, policy_head
+from duca_fast.ops.policy_loss.head import check_vector, compact, policy_head, sequence_chunks
 from duca_fast.ops.policy_loss.options import METRIC_KEYS, NEG_LOGIT_FLOOR, PolicyLossOptions
 from duca_fast.ops.policy_loss.precision import check_fp32_matmul, fp32_matmul_precision
 from duca_fast.ops.policy_loss.torch_path import (
@@ -40,6 +43,8 @@ from duca_fast.ops.policy_loss.torch_path import (
     logprob_grads_torch,
     logprob_stats_torch,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def compute_dtype(tensor: Tensor) -> torch.dtype:
@@ -76,6 +81,25 @@ def _options(*values) -> PolicyLossOptions:
     return PolicyLossOptions(*values)
 
 
+def _sequence_plan(options, inputs, rows_per_chunk, want_grads, run, size, input_dtype_logits):
+    """``(chunks, precomputed)`` for the fused loop: a token-level objective takes the fixed chunks; a
+    sequence-level one takes chunks that end on sequence boundaries (still 6 N H V FLOPs), or, when a
+    sequence is longer than a chunk or not contiguous, the whole batch's head from a first forward pass
+    (8 N H V FLOPs: the logits are computed twice)."""
+    if not want_grads or not options.resolved_objective().sequence_level:
+        return None, None
+    chunks = sequence_chunks(inputs.seq_ids, rows_per_chunk)
+    if chunks is not None:
+        return chunks, None
+    logger.info(
+        "objective %r: a sequence is longer than a chunk of %d rows (or not contiguous); two passes",
+        options.resolved_objective().name,
+        rows_per_chunk,
+    )
+    head, _, _, _ = run((False, False, False), size, input_dtype_logits)
+    return None, head
+
+
 # ---------------------------------------------------------------------------------------------------
 # duca::fused_policy_loss
 
@@ -102,6 +126,7 @@ def _fused_policy_loss(
     loss_agg: str = "token_mean",
     max_tokens: int | None = None,
     tis_cap: float | None = None,
+    objective: str = "ppo_clip",
     chunk_size: int | None = None,
     logits_dtype: str = "float32",
     fp32_matmul: str = "tf32",
@@ -123,6 +148,7 @@ def _fused_policy_loss(
         loss_agg,
         max_tokens,
         tis_cap,
+        objective,
     )
     check_loss_shapes(
         hidden, weight, target, advantages, old_logprobs, bias, mask, seq_ids, ref_logprobs, behavior_logprobs
@@ -157,15 +183,18 @@ def _fused_policy_loss(
     needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad and bias is not None)
     with fp32_matmul_precision(fp32_matmul, hidden.dtype):
         if kernel_backend(backend, hidden) == "triton":
-            from duca_fast.ops.policy_loss.triton_path import fused_loss_triton
+            from duca_fast.ops.policy_loss.triton_path import chunk_rows_for, fused_loss_triton
 
-            head, _, _, grads = fused_loss_triton(
-                hidden_loss, weight, bias, inputs, options, needs, chunk_size, input_dtype_logits
-            )
+            run = functools.partial(fused_loss_triton, hidden_loss, weight, bias, inputs, options)
+            size = chunk_size
+            per_chunk = chunk_rows_for(hidden_loss, weight.shape[0], chunk_size, input_dtype_logits)
         else:
-            head, _, _, grads = fused_loss_torch(
-                hidden_loss, weight, bias, inputs, options, needs, chunk, input_dtype_logits
-            )
+            run = functools.partial(fused_loss_torch, hidden_loss, weight, bias, inputs, options)
+            size = per_chunk = chunk
+        chunks, precomputed = _sequence_plan(
+            options, inputs, per_chunk, any(needs), run, size, input_dtype_logits
+        )
+        head, _, _, grads = run(needs, size, input_dtype_logits, chunks, precomputed)
     grad_hidden = grads["hidden"]
     if grad_hidden is not None and rows is not None:
         grad_hidden = hidden.new_zeros(hidden.shape, dtype=grad_hidden.dtype).index_copy_(
@@ -204,6 +233,7 @@ def _fused_policy_loss_fake(
     loss_agg="token_mean",
     max_tokens=None,
     tis_cap=None,
+    objective="ppo_clip",
     chunk_size=None,
     logits_dtype="float32",
     fp32_matmul="tf32",
@@ -224,6 +254,7 @@ def _fused_policy_loss_fake(
         loss_agg,
         max_tokens,
         tis_cap,
+        objective,
     )
     check_loss_shapes(
         hidden,
@@ -503,6 +534,7 @@ def _policy_loss_from_logits(
     loss_agg: str = "token_mean",
     max_tokens: int | None = None,
     tis_cap: float | None = None,
+    objective: str = "ppo_clip",
     chunk_size: int | None = None,
     backend: str = "auto",
     validate: bool = True,
@@ -519,6 +551,7 @@ def _policy_loss_from_logits(
         loss_agg,
         max_tokens,
         tis_cap,
+        objective,
     )
     check_tensor("logits", logits, ndims=(2,), kind="float")
     if logits.shape[1] == 0:
@@ -578,6 +611,7 @@ def _policy_loss_from_logits_fake(
     loss_agg="token_mean",
     max_tokens=None,
     tis_cap=None,
+    objective="ppo_clip",
     chunk_size=None,
     backend="auto",
     validate=True,
@@ -593,6 +627,7 @@ def _policy_loss_from_logits_fake(
         loss_agg,
         max_tokens,
         tis_cap,
+        objective,
     )
     check_tensor("logits", logits, ndims=(2,), kind="float")
     check_loss_rows(
@@ -649,7 +684,7 @@ def _from_logits_setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(metrics, lse, entropy, grad_logprobs, grad_entropy)
     ctx.save_for_backward(inputs[0], inputs[1], lse, entropy, grad_logprobs, grad_entropy)
     # temperature, chunk_size, backend (positions in the schema).
-    ctx.config = (inputs[14], inputs[18], inputs[19])
+    ctx.config = (inputs[14], inputs[19], inputs[20])
 
 
 def _from_logits_backward(ctx, grad_loss, *unused_grads):
@@ -696,6 +731,7 @@ def _policy_loss_from_logprobs(
     loss_agg: str = "token_mean",
     max_tokens: int | None = None,
     tis_cap: float | None = None,
+    objective: str = "ppo_clip",
     token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, metrics, grad_logprobs, grad_entropy)``: the policy head on given log-probs.
@@ -703,7 +739,17 @@ def _policy_loss_from_logprobs(
     ``token_weights`` (``[N]``, no gradient) multiplies each token's loss before the aggregation.
     """
     options = _options(
-        clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, 1.0, loss_agg, max_tokens, tis_cap
+        clip_low,
+        clip_high,
+        dual_clip,
+        kl_coef,
+        kl_type,
+        entropy_coef,
+        1.0,
+        loss_agg,
+        max_tokens,
+        tis_cap,
+        objective,
     )
     check_logprob_inputs(logprobs, entropy, options)
     check_same_device({"logprobs": logprobs, "entropy": entropy})
@@ -775,10 +821,21 @@ def _policy_loss_from_logprobs_fake(
     loss_agg="token_mean",
     max_tokens=None,
     tis_cap=None,
+    objective="ppo_clip",
     token_weights=None,
 ):
     options = _options(
-        clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, 1.0, loss_agg, max_tokens, tis_cap
+        clip_low,
+        clip_high,
+        dual_clip,
+        kl_coef,
+        kl_type,
+        entropy_coef,
+        1.0,
+        loss_agg,
+        max_tokens,
+        tis_cap,
+        objective,
     )
     check_logprob_inputs(logprobs, entropy, options)
     check_vector("token_weights", token_weights, logprobs.shape[0], "float")

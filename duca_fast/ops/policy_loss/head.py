@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from duca_fast.ops._checks import ValueChecks, check_tensor
+from duca_fast.ops.policy_loss.objectives import ObjectiveBatch
+from duca_fast.ops.policy_loss.objectives.base import masked_mean
 from duca_fast.ops.policy_loss.options import (
     LOG_RATIO_LIMIT,
     HeadOutput,
@@ -61,6 +63,9 @@ def prepare_token_inputs(
         raise ValueError("tis_cap needs behavior_logprobs (the engine's sampler log-probs)")
     if options.loss_agg.startswith("seq_") and seq_ids is None:
         raise ValueError(f"loss_agg={options.loss_agg!r} needs seq_ids (the sequence of each token)")
+    objective = options.resolved_objective()
+    if objective.needs_seq_ids() and seq_ids is None:
+        raise ValueError(f"objective {objective.name!r} needs seq_ids (the sequence of each token)")
 
     active = torch.ones(num_tokens, dtype=torch.bool, device=target.device) if mask is None else mask.bool()
     checks = ValueChecks()
@@ -115,13 +120,7 @@ def prepare_token_inputs(
         behavior_logprobs=cast(behavior_logprobs),
         token_weights=weights,
         active=active,
-    )
-
-
-def _masked_mean(values: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    count = active.sum().clamp_min(1)
-    return (
-        torch.where(active, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum() / count
+        seq_ids=None if seq_ids is None else seq_ids.long(),
     )
 
 
@@ -129,60 +128,54 @@ def _masked_mean(values: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
 def policy_head(
     logprobs: torch.Tensor, entropy: torch.Tensor, inputs: TokenInputs, options: PolicyLossOptions
 ) -> HeadOutput:
-    """Per-token objective, its analytic derivatives w.r.t. logp and H, and the diagnostics."""
+    """Per-token objective (``options.objective``), its analytic derivatives w.r.t. logp and H, and the
+    diagnostics. The rollout correction's weights multiply the objective's term (they reach it through its
+    aggregation weights, so they also scale a sequence-level objective's cross-token gradient); KL and
+    the entropy bonus are added per token."""
     advantages = inputs.advantages
     old = inputs.old_logprobs if inputs.old_logprobs is not None else logprobs
-    log_ratio = logprobs - old
-    ratio_live = (log_ratio >= -LOG_RATIO_LIMIT) & (log_ratio <= LOG_RATIO_LIMIT)
-    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - options.clip_low, 1.0 + options.clip_high)
-    is_clipped = clipped > unclipped
-    pg_loss = torch.maximum(unclipped, clipped)
-    d_pg = torch.where(is_clipped | ~ratio_live, torch.zeros_like(ratio), -advantages * ratio)
     metrics: dict[str, torch.Tensor] = {}
     active = inputs.active
-    if options.dual_clip is not None:
-        cap = -options.dual_clip * advantages
-        dual = (advantages < 0) & (pg_loss > cap)
-        pg_loss = torch.where(dual, cap, pg_loss)
-        d_pg = torch.where(dual, torch.zeros_like(d_pg), d_pg)
-        metrics["dual_clip_frac"] = _masked_mean(dual.to(ratio.dtype), active)
+    weights = inputs.token_weights
     if inputs.behavior_logprobs is not None:
         # The training/inference mismatch: trainer log-probs vs the engine's sampler log-probs.
-        metrics["behavior_logprob_gap"] = _masked_mean((logprobs - inputs.behavior_logprobs).abs(), active)
+        metrics["behavior_logprob_gap"] = masked_mean((logprobs - inputs.behavior_logprobs).abs(), active)
+    pg_weights = weights
     if inputs.behavior_logprobs is not None and options.tis_cap is not None:
         raw_weight = torch.exp((old - inputs.behavior_logprobs).clamp(max=LOG_RATIO_LIMIT))
-        tis_weight = raw_weight.clamp(max=options.tis_cap)
-        pg_loss = pg_loss * tis_weight
-        d_pg = d_pg * tis_weight
-        metrics["tis_frac_capped"] = _masked_mean((raw_weight > options.tis_cap).to(ratio.dtype), active)
-    per_token = pg_loss
-    d_logp = d_pg
+        pg_weights = weights * raw_weight.clamp(max=options.tis_cap)
+        metrics["tis_frac_capped"] = masked_mean((raw_weight > options.tis_cap).to(logprobs.dtype), active)
+    terms = options.resolved_objective().terms(
+        ObjectiveBatch(logprobs, old, advantages, pg_weights, active, inputs.seq_ids)
+    )
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    pg_loss = torch.where(active, pg_weights * terms.loss, zero).sum()
+    loss = pg_loss
+    d_logp = terms.grad
     if inputs.ref_logprobs is not None:
         kl, d_kl = _kl(logprobs - inputs.ref_logprobs, options.kl_type)
-        metrics["kl_ref"] = _masked_mean(kl, active)
+        metrics["kl_ref"] = masked_mean(kl, active)
         if options.kl_coef != 0:
-            per_token = per_token + options.kl_coef * kl
-            d_logp = d_logp + options.kl_coef * d_kl
+            loss = loss + torch.where(active, weights * options.kl_coef * kl, zero).sum()
+            d_logp = d_logp + weights * options.kl_coef * d_kl
     if options.entropy_coef != 0:
-        per_token = per_token - options.entropy_coef * entropy
-    weights = inputs.token_weights
-    loss = torch.where(active, weights * per_token, torch.zeros_like(per_token)).sum()
-    grad_logprobs = torch.where(active, weights * d_logp, torch.zeros_like(d_logp))
+        loss = loss - torch.where(active, weights * options.entropy_coef * entropy, zero).sum()
+    grad_logprobs = torch.where(active, d_logp, torch.zeros_like(d_logp))
     grad_entropy = -options.entropy_coef * weights if options.entropy_coef != 0 else None
 
-    dtype = ratio.dtype
-    metrics["clip_frac_low"] = _masked_mean((is_clipped & (advantages < 0)).to(dtype), active)
-    metrics["clip_frac_high"] = _masked_mean((is_clipped & (advantages > 0)).to(dtype), active)
+    log_ratio = (logprobs - old).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = torch.exp(log_ratio)
+    for key in ("clip_frac_low", "clip_frac_high", "dual_clip_frac"):
+        if key in terms.metrics:
+            metrics[key] = terms.metrics[key]
+    metrics.setdefault("clip_frac_low", zero)
+    metrics.setdefault("clip_frac_high", zero)
     metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
     # k3 estimate of KL(old || current) from samples of the old policy.
-    metrics["approx_kl"] = _masked_mean(
-        ratio - 1.0 - log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT), active
-    )
-    metrics["ratio_mean"] = _masked_mean(ratio, active)
-    metrics["entropy"] = _masked_mean(entropy, active)
-    metrics["pg_loss"] = torch.where(active, weights * pg_loss, torch.zeros_like(pg_loss)).sum()
+    metrics["approx_kl"] = masked_mean(ratio - 1.0 - log_ratio, active)
+    metrics["ratio_mean"] = masked_mean(ratio, active)
+    metrics["entropy"] = masked_mean(entropy, active)
+    metrics["pg_loss"] = pg_loss
     return HeadOutput(loss, grad_logprobs, grad_entropy, {k: v.float() for k, v in metrics.items()})
 
 
@@ -218,4 +211,39 @@ def compact(inputs: TokenInputs) -> tuple[torch.Tensor | None, TokenInputs]:
         behavior_logprobs=take(inputs.behavior_logprobs),
         token_weights=inputs.token_weights[rows],
         active=inputs.active[rows],
+        seq_ids=take(inputs.seq_ids),
     )
+
+
+def fixed_chunks(num_rows: int, rows_per_chunk: int) -> list[slice]:
+    return [
+        slice(start, min(start + rows_per_chunk, num_rows)) for start in range(0, num_rows, rows_per_chunk)
+    ]
+
+
+def sequence_chunks(seq_ids: torch.Tensor, rows_per_chunk: int) -> list[slice] | None:
+    """Chunks of at most ``rows_per_chunk`` rows that end on sequence boundaries, so that a sequence-level
+    objective sees whole sequences in every chunk; None when a sequence is longer than a chunk or its
+    tokens are not contiguous (the caller then runs two passes). One host sync."""
+    num_rows = seq_ids.shape[0]
+    if num_rows == 0:
+        return []
+    starts = [0, *(torch.nonzero(seq_ids[1:] != seq_ids[:-1])[:, 0] + 1).tolist()]
+    if torch.unique(seq_ids[starts]).numel() != len(starts):
+        return None  # a sequence id appears in two runs: not packed
+    ends = [*starts[1:], num_rows]
+    chunks, chunk_start = [], 0
+    for start, end in zip(starts, ends):
+        if end - start > rows_per_chunk:
+            return None
+        if end - chunk_start > rows_per_chunk:
+            chunks.append(slice(chunk_start, start))
+            chunk_start = start
+    chunks.append(slice(chunk_start, num_rows))
+    return chunks
+
+
+def head_rows(head: HeadOutput, rows: slice) -> HeadOutput:
+    """The per-token derivatives of a whole-batch head for some rows (the two-pass path)."""
+    grad_entropy = None if head.grad_entropy is None else head.grad_entropy[rows]
+    return HeadOutput(head.loss, head.grad_logprobs[rows], grad_entropy, head.metrics)

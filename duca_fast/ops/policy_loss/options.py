@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from duca_fast.ops._checks import check_choice
+from duca_fast.ops.policy_loss.objectives.base import LOG_RATIO_LIMIT
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 
@@ -15,8 +16,7 @@ LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_s
 KL_TYPES = ("k1", "k2", "k3")
 
 
-# exp() arguments are clamped here (as verl does for log-ratios) so a stale old log-prob cannot overflow.
-LOG_RATIO_LIMIT = 20.0
+__all__ = ["LOG_RATIO_LIMIT", "METRIC_KEYS", "HeadOutput", "PolicyLossOptions", "TokenInputs"]
 # -inf logits (a masked vocabulary entry or bias) are raised to this floor: exp() still gives exactly 0,
 # and 0 * floor is 0 where 0 * -inf would be NaN (entropy, d-logits).
 NEG_LOGIT_FLOOR = -1e30
@@ -64,6 +64,11 @@ class PolicyLossOptions:
     """Divisor of "token_sum_norm" (sequences x max length for Dr.GRPO)."""
     tis_cap: float | None = None
     """Truncated importance sampling cap on ``exp(old - behavior)``; needs ``behavior_logprobs``."""
+    objective: str = "ppo_clip"
+    """The policy objective (``duca_fast.ops.objectives``): a name ("ppo_clip", "gspo", "geo_mean",
+    "cispo", "sapo", "gpg", "dro", "dppo") or a spec such as "sapo:tau_pos=1.0,tau_neg=1.05". Objectives
+    with clip ranges take clip_low / clip_high (and PPOClip dual_clip) from these options unless the spec
+    sets them."""
 
     def __post_init__(self) -> None:
         check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
@@ -82,6 +87,7 @@ class PolicyLossOptions:
             raise ValueError(f"dual_clip must be a finite number > 1, got {self.dual_clip}")
         if self.tis_cap is not None and not (math.isfinite(self.tis_cap) and self.tis_cap > 0):
             raise ValueError(f"tis_cap must be a finite number > 0, got {self.tis_cap}")
+        self.resolved_objective()
         if self.loss_agg == "token_sum_norm":
             if self.max_tokens is None:
                 raise ValueError("loss_agg='token_sum_norm' needs max_tokens (sequences x max length)")
@@ -91,6 +97,30 @@ class PolicyLossOptions:
                 or self.max_tokens < 1
             ):
                 raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+
+    def resolved_objective(self):
+        """The objective instance, its inherited clip values filled in from these options (cached)."""
+        from duca_fast.ops.policy_loss import objectives
+
+        if not isinstance(self.objective, str):
+            raise ValueError(f"objective must be a spec string here, got {type(self.objective).__name__}")
+        objective = objectives.resolve(self.objective, self.clip_low, self.clip_high, self.dual_clip)
+        given = objectives.parse(self.objective)
+        for name, default in (("clip_low", 0.2), ("clip_high", 0.2), ("dual_clip", None)):
+            value = getattr(self, name)
+            if value == default:
+                continue
+            if name not in objective.inherits:
+                raise ValueError(f"{name}={value!r} does not apply to objective {objective.name!r}")
+            if getattr(given, name) is not None and getattr(given, name) != value:
+                raise ValueError(
+                    f"{name}={value!r} conflicts with the objective's own {name}={getattr(given, name)!r}"
+                )
+        if self.tis_cap is not None and not objective.takes_correction_weights:
+            raise ValueError(
+                f"objective {objective.name!r} has no token-level place for tis_cap's importance weights"
+            )
+        return objective
 
 
 @dataclass(frozen=True)
@@ -108,6 +138,8 @@ class TokenInputs:
     ``sum(token_weights * l)``; 0 when masked."""
     active: torch.Tensor
     """bool [N]: the token counts (mask)."""
+    seq_ids: torch.Tensor | None = None
+    """int64 [N] sequence of each token (sequence-level objectives), None when not given."""
 
 
 @dataclass(frozen=True)

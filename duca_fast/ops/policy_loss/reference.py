@@ -79,21 +79,14 @@ def reference_policy_loss_from_logprobs(
     old = logp.detach() if old_logprobs is None else clean(old_logprobs)
     log_ratio = (logp - old).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
-    low, high = 1.0 - options.clip_low, 1.0 + options.clip_high
-    surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(low, high))
-    clipped_low = (adv < 0) & (ratio < low)
-    clipped_high = (adv > 0) & (ratio > high)
-    metrics = {
-        "clip_frac_low": _mean_over(clipped_low.double(), active),
-        "clip_frac_high": _mean_over(clipped_high.double(), active),
-        "clip_frac": _mean_over((clipped_low | clipped_high).double(), active),
-        "approx_kl": _mean_over((ratio - 1.0 - log_ratio).detach(), active),
-        "ratio_mean": _mean_over(ratio.detach(), active),
-    }
-    if options.dual_clip is not None:
-        capped = (adv < 0) & (surrogate > -options.dual_clip * adv)
-        surrogate = torch.where(capped, -options.dual_clip * adv, surrogate)
-        metrics["dual_clip_frac"] = _mean_over(capped.double(), active)
+    seq = None if seq_ids is None else seq_ids.long().to(logp.device)
+    surrogate, metrics = options.resolved_objective().reference(logp, old, adv, active, seq)
+    metrics = dict(metrics)
+    metrics.setdefault("clip_frac_low", zero)
+    metrics.setdefault("clip_frac_high", zero)
+    metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+    metrics["approx_kl"] = _mean_over((ratio - 1.0 - log_ratio).detach(), active)
+    metrics["ratio_mean"] = _mean_over(ratio.detach(), active)
     if behavior_logprobs is not None:
         behavior = clean(behavior_logprobs)
         metrics["behavior_logprob_gap"] = _mean_over((logp - behavior).abs().detach(), active)
@@ -119,7 +112,6 @@ def reference_policy_loss_from_logprobs(
     if token_weights is not None:
         weight = clean(token_weights)
         surrogate, per_token = surrogate * weight, per_token * weight
-    seq = None if seq_ids is None else seq_ids.long()
     metrics["pg_loss"] = _aggregate(surrogate.detach(), active, seq, options)
     loss = _aggregate(per_token, active, seq, options)
     return loss, {name: value.detach().float() for name, value in metrics.items()}

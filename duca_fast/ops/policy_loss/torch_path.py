@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from duca_fast.ops.policy_loss.head import policy_head
+from duca_fast.ops.policy_loss.head import fixed_chunks, head_rows, policy_head
 from duca_fast.ops.policy_loss.options import (
     CHUNK_ELEMENTS,
     NEG_LOGIT_FLOOR,
@@ -155,8 +155,13 @@ def fused_loss_torch(
     needs: tuple[bool, bool, bool],
     chunk_size: int,
     input_dtype_logits: bool = False,
+    chunks: list[slice] | None = None,
+    precomputed: HeadOutput | None = None,
 ) -> tuple[HeadOutput, torch.Tensor, torch.Tensor, dict]:
-    """One pass over token chunks: statistics, objective, and (when needed) the parameter gradients."""
+    """One pass over token chunks: statistics, objective, and (when needed) the parameter gradients.
+
+    ``chunks`` (default: ``chunk_size`` rows each) and ``precomputed`` (the whole batch's head, from a
+    first pass) serve sequence-level objectives (``custom_ops`` decides)."""
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     num_tokens = hidden.shape[0]
     logprobs = hidden.new_empty(num_tokens, dtype=compute)
@@ -166,8 +171,7 @@ def fused_loss_torch(
     # The d-logits need the logits again only for the entropy bonus's gradient.
     keep_logits = want_grads and options.entropy_coef != 0
     scratch = _Scratch(min(chunk_size, num_tokens), weight.shape[0], compute, hidden.device)
-    for start in range(0, num_tokens, chunk_size):
-        rows = slice(start, min(start + chunk_size, num_tokens))
+    for rows in fixed_chunks(num_tokens, chunk_size) if chunks is None else chunks:
         logits_out, probs_out = scratch.take(rows)
         logits = _chunk_logits(
             hidden[rows], weight, bias, options.temperature, input_dtype_logits, out=logits_out
@@ -177,8 +181,10 @@ def fused_loss_torch(
         )
         if not want_grads:
             continue
-        chunk_inputs = slice_inputs(inputs, rows)
-        head = policy_head(logprobs[rows], entropy[rows], chunk_inputs, options)
+        if precomputed is None:
+            head = policy_head(logprobs[rows], entropy[rows], slice_inputs(inputs, rows), options)
+        else:
+            head = head_rows(precomputed, rows)
         grad_logits = _grad_logits_(
             logits,
             probs,
@@ -190,7 +196,7 @@ def fused_loss_torch(
             options.temperature,
         )
         _accumulate_param_grads(grad_logits, hidden, weight, rows, grads)
-    head = policy_head(logprobs, entropy, inputs, options)
+    head = precomputed if precomputed is not None else policy_head(logprobs, entropy, inputs, options)
     return head, logprobs, entropy, grads
 
 
@@ -206,6 +212,7 @@ def slice_inputs(inputs: TokenInputs, rows: slice) -> TokenInputs:
         behavior_logprobs=cut(inputs.behavior_logprobs),
         token_weights=inputs.token_weights[rows],
         active=inputs.active[rows],
+        seq_ids=cut(inputs.seq_ids),
     )
 
 

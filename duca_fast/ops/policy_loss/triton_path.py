@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from duca_fast.ops.policy_loss.head import policy_head
+from duca_fast.ops.policy_loss.head import fixed_chunks, head_rows, policy_head
 from duca_fast.ops.policy_loss.options import HeadOutput, PolicyLossOptions, TokenInputs
 from duca_fast.ops.policy_loss.torch_path import mm_fp32, slice_inputs
 
@@ -332,12 +332,19 @@ class _ChunkBuffers:
         return mm_fp32(hidden_rows, weight.T, out=out)
 
 
+def chunk_rows_for(
+    hidden: torch.Tensor, vocab_size: int, chunk_size: int | None, input_dtype_logits: bool
+) -> int:
+    """Rows per chunk as ``fused_loss_triton`` will choose them."""
+    logit_bytes = hidden.element_size() if input_dtype_logits else 4
+    return chunk_rows(hidden.shape[0], vocab_size, chunk_size, hidden.device, logit_bytes)
+
+
 def _chunking(
     hidden: torch.Tensor, vocab_size: int, chunk_size: int | None, with_grad: bool, input_dtype_logits: bool
 ) -> tuple[int, _ChunkBuffers]:
     """Rows per chunk (from the logits buffer's element size) and the chunk buffers."""
-    logit_bytes = hidden.element_size() if input_dtype_logits else 4
-    rows = chunk_rows(hidden.shape[0], vocab_size, chunk_size, hidden.device, logit_bytes)
+    rows = chunk_rows_for(hidden, vocab_size, chunk_size, input_dtype_logits)
     return rows, _ChunkBuffers(hidden, vocab_size, rows, with_grad, input_dtype_logits)
 
 
@@ -385,6 +392,8 @@ def fused_loss_triton(
     needs: tuple[bool, bool, bool],
     chunk_size: int | None,
     input_dtype_logits: bool = False,
+    chunks: list[slice] | None = None,
+    precomputed: HeadOutput | None = None,
 ) -> tuple[HeadOutput, torch.Tensor, torch.Tensor, dict]:
     """Three GEMM passes per chunk around the row kernels; gradients computed in the forward.
 
@@ -401,14 +410,16 @@ def fused_loss_triton(
     rows_per_chunk, buffers = _chunking(hidden, vocab_size, chunk_size, want_grads, input_dtype_logits)
     side = _side_stream(hidden.device, buffers) if want_grads else None
     main = torch.cuda.current_stream(hidden.device) if side is not None else None
-    for start in range(0, num_tokens, rows_per_chunk):
-        rows = slice(start, min(start + rows_per_chunk, num_tokens))
+    for rows in fixed_chunks(num_tokens, rows_per_chunk) if chunks is None else chunks:
         hidden_rows = hidden[rows]
         logits = buffers.gemm1(hidden_rows, weight)
         lse, logprobs[rows], entropy[rows] = row_stats(logits, bias, inputs.target[rows], options.temperature)
         if not want_grads:
             continue
-        head = policy_head(logprobs[rows], entropy[rows], slice_inputs(inputs, rows), options)
+        if precomputed is None:
+            head = policy_head(logprobs[rows], entropy[rows], slice_inputs(inputs, rows), options)
+        else:
+            head = head_rows(precomputed, rows)
         if side is not None:
             main.wait_stream(side)
         grad_logits = logits_to_grad(
@@ -431,7 +442,8 @@ def fused_loss_triton(
     if side is not None:
         # Every buffer the side stream used was allocated on the main stream and is alive until here.
         main.wait_stream(side)
-    return policy_head(logprobs, entropy, inputs, options), logprobs, entropy, grads
+    head = precomputed if precomputed is not None else policy_head(logprobs, entropy, inputs, options)
+    return head, logprobs, entropy, grads
 
 
 def logprob_stats_triton(
