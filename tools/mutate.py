@@ -44,7 +44,7 @@ class Mutant:
 PL = "duca_fast/ops/policy_loss/"
 ADV = "duca_fast/ops/advantages/"
 OBJ = PL + "objectives/"
-OBJECTIVE_TESTS = (*LOSS_TESTS, "tests/ops/test_objectives.py")
+OBJECTIVE_TESTS = ("tests/ops/test_objectives.py", "tests/integrations/test_verl_objectives.py", *LOSS_TESTS)
 MUTANTS = [
     Mutant(
         "GSPO: sequence log-ratio summed instead of averaged",

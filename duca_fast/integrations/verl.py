@@ -254,6 +254,46 @@ def aggregation_weights(
     return weights
 
 
+def _clip_range(config: Any) -> tuple[float, float]:
+    clip_ratio = config.clip_ratio
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
+    return low, high
+
+
+def _dro_beta(config: Any) -> float:
+    policy_loss = config.get("policy_loss", None)
+    beta = None if policy_loss is None else policy_loss.get("dro_beta", None)
+    if beta is None or beta <= 0:
+        raise ValueError("duca_dro needs actor.policy_loss.dro_beta > 0 (as verl's dro)")
+    return beta
+
+
+# verl loss mode -> (our objective from the actor config as verl's function of that name reads it,
+# the aggregation verl uses regardless of loss_agg_mode or None for loss_agg_mode).
+VERL_OBJECTIVES: dict[str, tuple[Any, str | None]] = {
+    "vanilla": (
+        lambda c: ops.objectives.PPOClip(*_clip_range(c), dual_clip=c.get("clip_ratio_c", 3.0)),
+        None,
+    ),
+    "gspo": (lambda c: ops.objectives.GSPO(*_clip_range(c)), None),
+    "geo_mean": (lambda c: ops.objectives.GeoMean(*_clip_range(c)), "rows-mean"),
+    "cispo": (lambda c: ops.objectives.CISPO(*_clip_range(c)), None),
+    "sapo": (lambda c: ops.objectives.SAPO(c.tau_pos, c.tau_neg), "seq-mean-token-mean"),
+    "gpg": (lambda c: ops.objectives.GPG(), None),
+    "dro": (lambda c: ops.objectives.DRO(beta=_dro_beta(c)), None),
+    "dppo_tv": (
+        lambda c: ops.objectives.DPPO("tv", *_clip_range(c), ratio_cap=c.get("clip_ratio_c", 20.0)),
+        None,
+    ),
+    "dppo_kl": (
+        lambda c: ops.objectives.DPPO("kl", *_clip_range(c), ratio_cap=c.get("clip_ratio_c", 20.0)),
+        None,
+    ),
+}
+"""Every verl 0.9.1 loss with a duca_fast objective; each is registered as ``duca_<name>``."""
+
+
 def weighted_policy_loss(
     log_prob: torch.Tensor,
     advantages: torch.Tensor,
@@ -261,83 +301,126 @@ def weighted_policy_loss(
     token_weights: torch.Tensor,
     active: torch.Tensor,
     *,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
+    objective: Any,
+    seq_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``sum(token_weights * l)`` of duca_fast's per-token clipped loss ``l`` on log-probs (flat ``[N]``
+    """``sum(token_weights * l)`` of an objective's per-token loss ``l`` on log-probs (flat ``[N]``
     inputs; the gradient flows to ``log_prob`` only; ``active`` bool). The one place this adapter calls
     the loss: ``ops.policy_loss_from_logprobs``, whose "token_sum_norm" with ``max_tokens=1`` leaves the
-    aggregation to ``token_weights``. Returns the loss and its metrics (``clip_frac``, ``dual_clip_frac``,
-    ...)."""
+    aggregation to ``token_weights``. Returns the loss and its metrics (``clip_frac``, ...)."""
     return ops.policy_loss_from_logprobs(
         log_prob,
         advantages.detach(),
         old_log_prob.detach(),
         mask=active,
+        seq_ids=seq_ids,
         token_weights=token_weights.detach(),
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
+        objective=objective,
         loss_agg="token_sum_norm",
         max_tokens=1,
     )
 
 
-def compute_policy_loss_duca_fused(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: torch.Tensor | None = None,
-    **unused: Any,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """verl policy loss ``"duca_fused"``: duca_fast's clipped objective on log-probs ``[B, L]``.
-
-        Same numbers and metric names as verl's ``vanilla`` (``actor/pg_clipfrac``, ``actor/ppo_kl``,
-        ``actor/pg_clipfrac_lower``); the gradient w.r.t. ``log_prob`` is analytic
-    (``ops.policy_loss_from_logprobs``).
-    """
-    if config is None:
-        raise ValueError("duca_fused needs the actor config (clip_ratio, clip_ratio_low/high, clip_ratio_c)")
-    for name, tensor in (
-        ("old_log_prob", old_log_prob),
-        ("advantages", advantages),
-        ("response_mask", response_mask),
-    ):
-        if tensor.shape != log_prob.shape:
-            raise ValueError(f"{name} is {tuple(tensor.shape)} but log_prob is {tuple(log_prob.shape)}")
-    clip_ratio = config.clip_ratio
-    clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
-    clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
-    compute = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
-    active = response_mask.bool().reshape(-1)
-    weights = aggregation_weights(
-        response_mask, loss_agg_mode, config.get("global_batch_info", None), compute
-    )
-    if rollout_is_weights is not None:
-        weights = weights * rollout_is_weights.detach()
-    loss, head_metrics = weighted_policy_loss(
-        log_prob.reshape(-1),
-        advantages.reshape(-1),
-        old_log_prob.reshape(-1),
-        weights.reshape(-1),
-        active,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=config.get("clip_ratio_c", 3.0),
-    )
-    with torch.no_grad():
-        log_ratio = (log_prob.detach() - old_log_prob).reshape(-1).clamp(-20.0, 20.0)
-        ppo_kl = torch.where(active, -log_ratio, 0.0).sum() / active.sum().clamp_min(1)
-    metrics = {
-        "actor/pg_clipfrac": head_metrics["clip_frac"].item(),
+def _verl_metrics(
+    mode: str, metrics: dict[str, torch.Tensor], ppo_kl: torch.Tensor, extra
+) -> dict[str, float]:
+    """Our metrics under the names and meanings verl's loss ``mode`` reports."""
+    if mode == "gpg":
+        return {}
+    if mode == "dro":
+        return {"actor/ppo_kl": ppo_kl.item()}
+    zero = torch.zeros(())
+    clipfrac, lower = {
+        "vanilla": (metrics["clip_frac"], metrics.get("dual_clip_frac", zero)),
+        "gspo": (metrics["clip_frac"], zero),
+        "geo_mean": (metrics["clip_frac_high"], metrics["clip_frac_low"]),
+        "cispo": (metrics["clip_frac"], zero),
+        "sapo": (zero, zero),
+        "dppo_tv": (metrics["clip_frac"], extra),
+        "dppo_kl": (metrics["clip_frac"], extra),
+    }[mode]
+    return {
+        "actor/pg_clipfrac": float(clipfrac),
         "actor/ppo_kl": ppo_kl.item(),
-        "actor/pg_clipfrac_lower": head_metrics["dual_clip_frac"].item(),
+        "actor/pg_clipfrac_lower": float(lower),
     }
-    return loss, metrics
+
+
+def make_verl_policy_loss(mode: str):
+    """The verl policy-loss function ``duca_<mode>``: verl's loss ``mode`` computed by duca_fast's
+    objective (same config fields, aggregations, rollout IS weights and metric names)."""
+    make_objective, forced_agg = VERL_OBJECTIVES[mode]
+
+    def compute_policy_loss(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Any = None,
+        rollout_is_weights: torch.Tensor | None = None,
+        **unused: Any,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if config is None:
+            raise ValueError(f"duca_{mode} needs the actor config (clip_ratio, clip_ratio_low/high, ...)")
+        for name, tensor in (
+            ("old_log_prob", old_log_prob),
+            ("advantages", advantages),
+            ("response_mask", response_mask),
+        ):
+            if tensor.shape != log_prob.shape:
+                raise ValueError(f"{name} is {tuple(tensor.shape)} but log_prob is {tuple(log_prob.shape)}")
+        objective = make_objective(config)
+        compute = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
+        active = response_mask.bool()
+        if forced_agg == "rows-mean":
+            # verl's geo_mean: torch.mean over the rows of the per-sequence losses, whatever loss_agg_mode.
+            counts = active.sum(-1, keepdim=True).to(compute)
+            weights = active.to(compute) / counts.clamp_min(1) / active.shape[0]
+        else:
+            weights = aggregation_weights(
+                response_mask, forced_agg or loss_agg_mode, config.get("global_batch_info", None), compute
+            )
+        if rollout_is_weights is not None:
+            if not objective.takes_correction_weights:
+                raise ValueError(
+                    f"duca_{mode}: rollout IS weights are not supported (verl averages them geometrically "
+                    "per sequence; duca_fast has no such correction for this objective yet)"
+                )
+            weights = weights * rollout_is_weights.detach()
+        rows = torch.arange(log_prob.shape[0], device=log_prob.device)[:, None].expand_as(log_prob)
+        loss, head_metrics = weighted_policy_loss(
+            log_prob.reshape(-1),
+            advantages.reshape(-1),
+            old_log_prob.reshape(-1),
+            weights.reshape(-1),
+            active.reshape(-1),
+            objective=objective,
+            seq_ids=rows.reshape(-1),
+        )
+        with torch.no_grad():
+            log_ratio = (log_prob.detach() - old_log_prob).reshape(-1)
+            flat = active.reshape(-1)
+            if mode in ("vanilla", "cispo", "sapo", "dppo_tv", "dppo_kl"):
+                log_ratio = log_ratio.clamp(-20.0, 20.0)
+            ppo_kl = torch.where(flat, -log_ratio, 0.0).sum() / flat.sum().clamp_min(1)
+            extra = None
+            if mode.startswith("dppo"):
+                # verl's "pg_clipfrac_lower" for DPPO: ratio past its cap among the valid tokens.
+                ratio = torch.exp(log_ratio)
+                valid = objective.within_trust_region(log_prob.detach(), old_log_prob, advantages).reshape(-1)
+                extra = torch.where(flat, ((ratio > objective.ratio_cap) & valid).to(compute), 0.0).sum()
+                extra = extra / flat.sum().clamp_min(1)
+        return loss, _verl_metrics(mode, head_metrics, ppo_kl, extra)
+
+    compute_policy_loss.__name__ = f"compute_policy_loss_duca_{mode}"
+    compute_policy_loss.__doc__ = f"verl policy loss ``duca_{mode}``: verl's ``{mode}`` through duca_fast."
+    return compute_policy_loss
+
+
+VERL_POLICY_LOSSES = {f"duca_{mode}": make_verl_policy_loss(mode) for mode in VERL_OBJECTIVES}
+compute_policy_loss_duca_fused = VERL_POLICY_LOSSES["duca_vanilla"]
+"""``duca_fused`` (the name of earlier releases) is ``duca_vanilla``."""
 
 
 def _register() -> None:
@@ -345,8 +428,10 @@ def _register() -> None:
     if ADV_ESTIMATOR_REGISTRY.get(ADV_ESTIMATOR_NAME) is not compute_duca_hian_advantage:
         ADV_ESTIMATOR_REGISTRY.pop(ADV_ESTIMATOR_NAME, None)
         register_adv_est(ADV_ESTIMATOR_NAME)(compute_duca_hian_advantage)
-    if POLICY_LOSS_REGISTRY.get(POLICY_LOSS_NAME) is not compute_policy_loss_duca_fused:
-        register_policy_loss(POLICY_LOSS_NAME)(compute_policy_loss_duca_fused)
+    for name, function in {POLICY_LOSS_NAME: compute_policy_loss_duca_fused, **VERL_POLICY_LOSSES}.items():
+        if POLICY_LOSS_REGISTRY.get(name) is not function:
+            POLICY_LOSS_REGISTRY.pop(name, None)
+            register_policy_loss(name)(function)
 
 
 _register()

@@ -226,7 +226,8 @@ def test_loaded_by_verl_external_modules_variable():
     code = (
         "import verl\n"
         "from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn\n"
-        "print(get_adv_estimator_fn('duca_hian').__module__, get_policy_loss_fn('duca_fused').__name__)\n"
+        "print(get_adv_estimator_fn('duca_hian').__module__, get_policy_loss_fn('duca_fused').__name__,\n"
+        "      get_policy_loss_fn('duca_gspo').__name__)\n"
     )
     env = dict(
         os.environ, VERL_USE_EXTERNAL_MODULES="duca_fast.integrations.verl", VERL_USE_EXTERNAL_PLUGINS="none"
@@ -236,4 +237,7 @@ def test_loaded_by_verl_external_modules_variable():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "duca_fast.integrations.verl compute_policy_loss_duca_fused" in result.stdout
+    # duca_fused (the earlier name) is duca_vanilla; every objective is registered as duca_<verl name>.
+    assert "duca_fast.integrations.verl compute_policy_loss_duca_vanilla compute_policy_loss_duca_gspo" in (
+        result.stdout
+    )

@@ -81,6 +81,25 @@ def _options(*values) -> PolicyLossOptions:
     return PolicyLossOptions(*values)
 
 
+def fused_loss_rows(hidden, weight, bias, inputs, options, needs, chunk_size, input_dtype_logits, backend):
+    """The fused loss over the loss rows (after compaction): the one driver over the backends' chunk
+    loops. Returns ``(head, grads)`` with the parameter gradients unscaled."""
+    if kernel_backend(backend, hidden) == "triton":
+        from duca_fast.ops.policy_loss.triton_path import chunk_rows_for, fused_loss_triton
+
+        run = functools.partial(fused_loss_triton, hidden, weight, bias, inputs, options)
+        size = chunk_size
+        per_chunk = chunk_rows_for(hidden, weight.shape[0], chunk_size, input_dtype_logits)
+    else:
+        run = functools.partial(fused_loss_torch, hidden, weight, bias, inputs, options)
+        size = per_chunk = check_chunk_size(chunk_size, hidden.shape[0], weight.shape[0])
+    chunks, precomputed = _sequence_plan(
+        options, inputs, per_chunk, any(needs), run, size, input_dtype_logits
+    )
+    head, _, _, grads = run(needs, size, input_dtype_logits, chunks, precomputed)
+    return head, grads
+
+
 def _sequence_plan(options, inputs, rows_per_chunk, want_grads, run, size, input_dtype_logits):
     """``(chunks, precomputed)`` for the fused loop: a token-level objective takes the fixed chunks; a
     sequence-level one takes chunks that end on sequence boundaries (still 6 N H V FLOPs), or, when a
@@ -179,22 +198,12 @@ def _fused_policy_loss(
             check_finite("bias", bias, allow_neg_inf=True)
     if bias is not None:
         bias = bias.clamp(min=NEG_LOGIT_FLOOR)
-    chunk = check_chunk_size(chunk_size, hidden_loss.shape[0], weight.shape[0])
+    check_chunk_size(chunk_size, hidden_loss.shape[0], weight.shape[0])
     needs = (needs_hidden_grad, needs_weight_grad, needs_bias_grad and bias is not None)
     with fp32_matmul_precision(fp32_matmul, hidden.dtype):
-        if kernel_backend(backend, hidden) == "triton":
-            from duca_fast.ops.policy_loss.triton_path import chunk_rows_for, fused_loss_triton
-
-            run = functools.partial(fused_loss_triton, hidden_loss, weight, bias, inputs, options)
-            size = chunk_size
-            per_chunk = chunk_rows_for(hidden_loss, weight.shape[0], chunk_size, input_dtype_logits)
-        else:
-            run = functools.partial(fused_loss_torch, hidden_loss, weight, bias, inputs, options)
-            size = per_chunk = chunk
-        chunks, precomputed = _sequence_plan(
-            options, inputs, per_chunk, any(needs), run, size, input_dtype_logits
+        head, grads = fused_loss_rows(
+            hidden_loss, weight, bias, inputs, options, needs, chunk_size, input_dtype_logits, backend
         )
-        head, _, _, grads = run(needs, size, input_dtype_logits, chunks, precomputed)
     grad_hidden = grads["hidden"]
     if grad_hidden is not None and rows is not None:
         grad_hidden = hidden.new_zeros(hidden.shape, dtype=grad_hidden.dtype).index_copy_(

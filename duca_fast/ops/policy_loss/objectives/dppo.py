@@ -51,7 +51,8 @@ class DPPO(Objective):
         check_number("DPPO", "clip_high", self.clip_high, minimum=0.0)
         check_number("DPPO", "ratio_cap", self.ratio_cap, above=0.0)
 
-    def _valid(self, logprobs, old_logprobs, advantages):
+    def within_trust_region(self, logprobs, old_logprobs, advantages) -> torch.Tensor:
+        """bool: the token's probability did not move past the threshold in its advantage's direction."""
         prob, old_prob = torch.exp(logprobs), torch.exp(old_logprobs)
         if self.divergence == "tv":
             up, down = (prob - old_prob) <= self.clip_high, (prob - old_prob) >= -self.clip_low
@@ -65,7 +66,7 @@ class DPPO(Objective):
 
     def terms(self, batch: ObjectiveBatch) -> ObjectiveTerms:
         ratio = torch.exp((batch.logprobs - batch.old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-        valid = self._valid(batch.logprobs, batch.old_logprobs, batch.advantages)
+        valid = self.within_trust_region(batch.logprobs, batch.old_logprobs, batch.advantages)
         coefficient = torch.where(valid, -batch.advantages * ratio.clamp(max=self.ratio_cap), 0.0)
         dtype = ratio.dtype
         outside = ~valid
@@ -77,7 +78,19 @@ class DPPO(Objective):
 
     def reference(self, logprobs, old_logprobs, advantages, active, seq_ids):
         ratio = torch.exp(torch.clamp(logprobs - old_logprobs, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-        valid = self._valid(logprobs.detach(), old_logprobs, advantages).detach()
+        # The trust region written out again (not shared with terms(), so a bug there shows up here).
+        p, q = torch.exp(logprobs.detach()), torch.exp(old_logprobs)
+        if self.divergence == "tv":
+            valid = torch.where(advantages > 0, p - q <= self.clip_high, q - p <= self.clip_low)
+        else:
+            binary_kl = q * torch.log(q / p) + (1 - q) * torch.log(
+                (1 - q + BINARY_KL_EPS) / (1 - p + BINARY_KL_EPS)
+            )
+            valid = torch.where(
+                advantages > 0,
+                (binary_kl <= self.clip_high) | (p <= q),
+                (binary_kl <= self.clip_low) | (p >= q),
+            )
         truncated = torch.clamp(ratio, max=self.ratio_cap).detach()
 
         def share(selected):
