@@ -51,11 +51,38 @@ def make_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device
     return h, w, target, seq_adv, old
 
 
-def build(variant: str, h, w, target, seq_adv, old, seqs: int):
+def dialogue_mask(tokens: int, seqs: int, loss_share: float, device) -> torch.Tensor:
+    """``[seqs, len]`` bool: each sequence alternates customer and agent turns of 64 tokens, the agent
+    (loss) turns covering ``loss_share`` of the tokens, the way our multi-turn batches look."""
+    seq_len = tokens // seqs
+    if loss_share >= 1.0:
+        return torch.ones(seqs, seq_len, dtype=torch.bool, device=device)
+    turn = 64
+    agent = max(1, round(2 * turn * loss_share))
+    position = torch.arange(seq_len) % (2 * turn)
+    row = position >= 2 * turn - agent
+    return row.expand(seqs, seq_len).to(device)
+
+
+def build(
+    variant: str,
+    h,
+    w,
+    target,
+    seq_adv,
+    old,
+    seqs: int,
+    *,
+    objective: str | None = None,
+    loss_share: float = 1.0,
+):
     """Return a closure running forward (and backward when ``backward``) of one variant."""
     tokens = h.shape[0]
     seq_len = tokens // seqs
     token_adv = seq_adv.repeat_interleave(seq_len)
+    loss_mask = dialogue_mask(tokens, seqs, loss_share, h.device)
+    flat_mask = loss_mask.reshape(-1)
+    seq_ids = torch.arange(seqs, device=h.device).repeat_interleave(seq_len)
     from duca_fast import ops
 
     if variant in ("duca_fast", "duca_fast_bf16_logits"):
@@ -66,7 +93,17 @@ def build(variant: str, h, w, target, seq_adv, old, seqs: int):
 
         def run(backward: bool):
             hh, ww = h.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
-            loss, _ = ops.fused_policy_loss(hh, ww, target, token_adv, old, logits_dtype=logits_dtype)
+            loss, _ = ops.fused_policy_loss(
+                hh,
+                ww,
+                target,
+                token_adv,
+                old,
+                mask=None if loss_share >= 1.0 else flat_mask,
+                seq_ids=seq_ids,
+                objective=objective,
+                logits_dtype=logits_dtype,
+            )
             if backward:
                 loss.backward()
 
@@ -77,7 +114,8 @@ def build(variant: str, h, w, target, seq_adv, old, seqs: int):
             hh, ww = h.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
             logp = torch.log_softmax((hh @ ww.T).float(), -1).gather(1, target[:, None])[:, 0]
             ratio = torch.exp(logp - old)
-            loss = torch.maximum(-token_adv * ratio, -token_adv * ratio.clamp(0.8, 1.2)).mean()
+            per_token = torch.maximum(-token_adv * ratio, -token_adv * ratio.clamp(0.8, 1.2))
+            loss = (per_token * flat_mask).sum() / flat_mask.sum()
             if backward:
                 loss.backward()
 
@@ -87,7 +125,7 @@ def build(variant: str, h, w, target, seq_adv, old, seqs: int):
 
         compiled = h.device.type == "cuda"
         module = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo", compiled=compiled)
-        mask = torch.ones(seqs, seq_len, device=h.device)
+        mask = loss_mask.float()
 
         def run(backward: bool):
             hh, ww = h.detach().requires_grad_(backward), w.detach().requires_grad_(backward)
@@ -107,7 +145,7 @@ def build(variant: str, h, w, target, seq_adv, old, seqs: int):
     if variant == "liger_triton_logits":
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
-        mask = torch.ones(seqs, seq_len, device=h.device)
+        mask = loss_mask.float()
         ids = target.view(seqs, seq_len).contiguous()
         old_logp = old.view(seqs, seq_len).contiguous()
 
@@ -199,7 +237,7 @@ def measure_one(args) -> dict[str, object]:
         # Our op multiplies fp32 on tf32 tensor cores by default; the baselines get the same switch.
         torch.backends.cuda.matmul.allow_tf32 = True  # legacy API: both APIs stay readable after it
     inputs = make_inputs(args.tokens, args.hidden, args.vocab, dtype, device, args.seqs)
-    run = build(args.variant, *inputs, seqs=args.seqs)
+    run = build(args.variant, *inputs, seqs=args.seqs, objective=args.objective, loss_share=args.loss_share)
     row: dict[str, object] = {"variant": args.variant}
     # Memory first, in this fresh process: after a warm-up the allocator reuses pages it already holds
     # and the resident-set peak would hide the variant's real footprint.
@@ -368,6 +406,15 @@ def main() -> None:
     parser.add_argument(
         "--variant-timeout", type=float, default=300, help="seconds one variant's process may run"
     )
+    parser.add_argument(
+        "--loss-share",
+        type=float,
+        default=1.0,
+        help="share of tokens that carry loss (alternating 64-token turns; 0.33 ~ our dialogues)",
+    )
+    parser.add_argument("--objective", help="duca_fast's objective (ops.objectives name; default ppo_clip)")
+    parser.add_argument("--only", help="comma-separated variants to run (default: all)")
+    parser.add_argument("--name", help="results file name (default: policy_loss_<device>[_dtype])")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--model", action="store_true", help="print and write the performance model only")
     args = parser.parse_args()
@@ -382,7 +429,10 @@ def main() -> None:
         return
     device = "cuda" if cuda and not args.cpu else "cpu"
     rows = []
-    for variant in VARIANTS_CUDA if device == "cuda" else VARIANTS_CPU:
+    variants = VARIANTS_CUDA if device == "cuda" else VARIANTS_CPU
+    if args.only:
+        variants = [v for v in variants if v in args.only.split(",") or v == "duca_fast"]
+    for variant in variants:
         if variant == "duca_fast_bf16_logits" and args.dtype == "float32":
             continue
         # A fresh process per variant: peak memory of one cannot hide in another's freed pages.
@@ -413,9 +463,17 @@ def main() -> None:
         f"N={args.tokens} tokens in {args.seqs} sequences, H={args.hidden}, V={args.vocab}, {args.dtype} "
         f"on {device}; median of {args.repeats}. *_vs_ours > 1 means that variant is slower / larger."
     )
+    if args.loss_share < 1.0:
+        kept = int(dialogue_mask(args.tokens, args.seqs, args.loss_share, "cpu").sum())
+        notes += (
+            f" Multi-turn layout: alternating 64-token turns, {kept} of {args.tokens} tokens carry loss "
+            "(every variant gets the same mask; ours drops the others before the lm_head GEMMs)."
+        )
+    if args.objective:
+        notes += f" duca_fast objective: {args.objective}."
     if device == "cuda" and args.dtype == "float32":
         notes += " fp32 GEMMs on tf32 tensor cores in every variant (torch's switch set for all)."
-    if device == "cuda":
+    if device == "cuda" and any(r["variant"] == "lm_head_gemms" for r in rows):
         floor = next(r for r in rows if r["variant"] == "lm_head_gemms")
         flops = 6 * args.tokens * args.hidden * args.vocab
         if isinstance(ours["fwd_bwd_ms"], float):
@@ -428,6 +486,8 @@ def main() -> None:
         for variant, logits_dtype in (("duca_fast", "float32"), ("duca_fast_bf16_logits", args.dtype)):
             if variant == "duca_fast_bf16_logits" and args.dtype == "float32":
                 continue  # not run in fp32 (see the variant loop above)
+            if not any(r["variant"] == variant for r in rows):
+                continue
             _, summary = performance_model(args.tokens, args.hidden, args.vocab, args.dtype, logits_dtype)
             measured = next(r for r in rows if r["variant"] == variant)["fwd_bwd_ms"]
             notes += (
@@ -436,7 +496,7 @@ def main() -> None:
                 f"{summary['overlapped_predicted_ms']:.1f} ms overlapped."
             )
     # The GPU headline is bf16; other dtypes there get their own files (fp32 = the tf32 default).
-    name = (
+    name = args.name or (
         f"policy_loss_{device}"
         if device == "cpu" or args.dtype == "bfloat16"
         else f"policy_loss_{device}_{args.dtype}"

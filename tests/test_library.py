@@ -306,7 +306,7 @@ def test_token_logprobs_op_matches_float64_autograd(backend, device, use_bias):
     target = problem["target"].clamp_min(0)
     upstream = (torch.linspace(-1, 1, 13, dtype=torch.float64), torch.full((13,), 0.3, dtype=torch.float64))
     leaves = {n: problem[n].clone().to(device).requires_grad_() for n in ("hidden", "weight", "bias")}
-    logprobs, entropy, _ = torch.ops.duca.token_logprobs(
+    logprobs, entropy, _, _ = torch.ops.duca.token_logprobs(
         leaves["hidden"],
         leaves["weight"],
         target.to(device),
@@ -347,7 +347,7 @@ def test_token_logprobs_opcheck():
 def test_token_logprobs_backward_opcheck():
     problem = make_problem(num_tokens=7, vocab=19)
     hidden, weight, bias, target = (problem[n] for n in ("hidden", "weight", "bias", "target"))
-    _, entropy, lse = torch.ops.duca.token_logprobs(hidden, weight, target, bias)
+    _, entropy, lse, _ = torch.ops.duca.token_logprobs(hidden, weight, target, bias)
     grad_logprobs, grad_entropy = torch.randn(7), torch.randn(7)
     for grad_entropy_arg, needs in ((grad_entropy, (True, True, True)), (None, (False, True, False))):
         args = (

@@ -348,3 +348,49 @@ def test_adding_an_objective_is_one_file(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     ratio, reference_ratio = map(float, result.stdout.split())
     assert ratio == pytest.approx(2.0, rel=1e-6) and reference_ratio == pytest.approx(2.0, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "backend,device", [("torch", "cpu"), ("triton", KERNEL_DEVICE), ("reference", "cpu")]
+)
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_token_logprobs_sum_p2_matches_float64(backend, device, use_bias):
+    """sum_v p_v^2 = exp(LSE(2z) - 2 LSE(z)) per token from the log-prob pass, against float64 softmax."""
+    problem = make_problem(num_tokens=13, vocab=37, seed=17)
+    bias = problem["bias"].clone()
+    bias[3] = float("-inf")  # a masked vocabulary entry contributes exactly 0
+    target = problem["target"].clamp_min(0)
+    target[target == 3] = 4
+    hidden = problem["hidden"].to(device).requires_grad_()
+    logprobs, entropy, sum_p2 = ops.token_logprobs(
+        hidden,
+        problem["weight"].to(device),
+        target.to(device),
+        bias=bias.to(device) if use_bias else None,
+        temperature=0.8,
+        return_entropy=True,
+        return_sum_p2=True,
+        chunk_size=5,
+        fp32_matmul="ieee",
+        backend=backend,
+    )
+    logits = problem["hidden"].double() @ problem["weight"].double().T + (bias.double() if use_bias else 0)
+    probs = torch.softmax(logits / 0.8, -1)
+    assert_close(sum_p2.detach().cpu().double(), probs.pow(2).sum(-1), "sum_p2")
+    assert not sum_p2.requires_grad and sum_p2.shape == (13,)
+    assert_close(logprobs.detach().cpu().double(), probs.log().gather(1, target[:, None])[:, 0], "logprobs")
+    # The other outputs keep their gradients; the order is (logprobs, entropy, sum_p2).
+    (logprobs.sum() + entropy.sum()).backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    only = ops.token_logprobs(
+        hidden.detach(), problem["weight"].to(device), target.to(device), return_sum_p2=True, backend=backend
+    )
+    assert len(only) == 2
+
+
+def test_token_logprobs_sum_p2_of_an_empty_batch():
+    problem = make_problem(seed=18)
+    logprobs, sum_p2 = ops.token_logprobs(
+        problem["hidden"][:0], problem["weight"], problem["target"][:0].clamp_min(0), return_sum_p2=True
+    )
+    assert logprobs.shape == sum_p2.shape == (0,)

@@ -216,15 +216,19 @@ def token_logprobs(
     temperature: float = 1.0,
     bias: torch.Tensor | None = None,
     return_entropy: bool = False,
+    return_sum_p2: bool = False,
     chunk_size: int | None = None,
     logits_dtype: str = "float32",
     fp32_matmul: str = "tf32",
     backend: str = "auto",
     validate: bool = True,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``log_softmax((h @ W.T + b) / temperature)[target]`` per token, ``[N]`` float32, differentiable.
 
-    With ``return_entropy=True`` also the entropy of each token's tempered distribution. Never holds
+    With ``return_entropy=True`` also the entropy of each token's tempered distribution; with
+    ``return_sum_p2=True`` also ``sum_v p_v^2`` of it (detached; what verl's optimal-token-baseline
+    estimators need), from the same pass (no extra GEMM). Returns ``logprobs``, or the tuple
+    ``(logprobs[, entropy][, sum_p2])`` in that order. Never holds
     ``[N, V]`` logits: forward keeps the log-sum-exp, backward recomputes the logits chunk by chunk.
     ``validate``: hidden, weight and bias must be finite (``-inf`` allowed in bias). ``logits_dtype``
     and ``fp32_matmul``: as in ``fused_policy_loss``; compute old log-probs with the values the loss
@@ -235,8 +239,9 @@ def token_logprobs(
     check_fp32_matmul(fp32_matmul)
     if choose_backend(backend, hidden) == "reference":
         logprobs, entropy = reference.reference_token_logprobs(hidden, weight, target, bias, temperature)
+        sum_p2 = reference.reference_sum_p2(hidden, weight, bias, temperature) if return_sum_p2 else None
     else:
-        logprobs, entropy, _ = torch.ops.duca.token_logprobs(
+        logprobs, entropy, _, sum_p2 = torch.ops.duca.token_logprobs(
             hidden,
             weight,
             target,
@@ -247,8 +252,11 @@ def token_logprobs(
             fp32_matmul,
             backend,
             validate,
+            return_sum_p2,
         )
-    return (logprobs, entropy) if return_entropy else logprobs
+    if not (return_entropy or return_sum_p2):
+        return logprobs
+    return (logprobs, *((entropy,) if return_entropy else ()), *((sum_p2,) if return_sum_p2 else ()))
 
 
 def policy_loss_from_logits(

@@ -352,8 +352,10 @@ def _token_logprobs(
     fp32_matmul: str = "tf32",
     backend: str = "auto",
     validate: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logprobs, entropy, lse)`` per token; ``lse`` (the tempered log-sum-exp) is kept for backward."""
+    with_sum_p2: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logprobs, entropy, lse, sum_p2)`` per token; ``lse`` (the tempered log-sum-exp) is kept for
+    backward; ``sum_p2`` (sum of squared probabilities, no gradient) is ``[0]`` unless ``with_sum_p2``."""
     check_logprob_args(hidden, weight, target, bias, temperature)
     input_dtype_logits = check_logits_dtype(logits_dtype, hidden)
     check_fp32_matmul(fp32_matmul)
@@ -376,14 +378,14 @@ def _token_logprobs(
         if kernel_backend(backend, hidden) == "triton":
             from duca_fast.ops.policy_loss.triton_path import logprob_stats_triton
 
-            lse, logprobs, entropy = logprob_stats_triton(
-                hidden, weight, bias, target.long(), temperature, chunk_size, input_dtype_logits
+            lse, logprobs, entropy, sum_p2 = logprob_stats_triton(
+                hidden, weight, bias, target.long(), temperature, chunk_size, input_dtype_logits, with_sum_p2
             )
         else:
-            lse, logprobs, entropy = logprob_stats_torch(
-                hidden, weight, bias, target.long(), temperature, chunk, input_dtype_logits
+            lse, logprobs, entropy, sum_p2 = logprob_stats_torch(
+                hidden, weight, bias, target.long(), temperature, chunk, input_dtype_logits, with_sum_p2
             )
-    return logprobs, entropy, lse
+    return logprobs, entropy, lse, lse.new_empty(0) if sum_p2 is None else sum_p2
 
 
 @_token_logprobs.register_fake
@@ -398,13 +400,16 @@ def _token_logprobs_fake(
     fp32_matmul="tf32",
     backend="auto",
     validate=True,
+    with_sum_p2=False,
 ):
     check_logprob_args(hidden, weight, target, bias, temperature)
     check_logits_dtype(logits_dtype, hidden)
     check_fp32_matmul(fp32_matmul)
     check_chunk_size(chunk_size, hidden.shape[0], weight.shape[0])
     # float32 statistics (float64 for float64 inputs, which always take the torch path).
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden)) for _ in range(3))
+    rows = hidden.shape[0]
+    stats = tuple(hidden.new_empty(rows, dtype=compute_dtype(hidden)) for _ in range(3))
+    return (*stats, hidden.new_empty(rows if with_sum_p2 else 0, dtype=compute_dtype(hidden)))
 
 
 @custom_op("duca::token_logprobs_backward")
@@ -476,14 +481,14 @@ def _token_logprobs_backward_fake(
 
 def _logprobs_setup_context(ctx, inputs, output) -> None:
     hidden, weight, target, bias, temperature, chunk_size, logits_dtype, fp32_matmul, backend, *_ = inputs
-    _, entropy, lse = output
-    ctx.mark_non_differentiable(lse)
+    _, entropy, lse, sum_p2 = output
+    ctx.mark_non_differentiable(lse, sum_p2)
     ctx.save_for_backward(hidden, weight, bias, target, lse, entropy)
     ctx.config = (temperature, chunk_size, logits_dtype, fp32_matmul, backend)
     ctx.set_materialize_grads(False)
 
 
-def _logprobs_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+def _logprobs_backward(ctx, grad_logprobs, grad_entropy, _grad_lse, _grad_sum_p2):
     hidden, weight, bias, target, lse, entropy = ctx.saved_tensors
     temperature, chunk_size, logits_dtype, fp32_matmul, backend = ctx.config
     if grad_logprobs is None:

@@ -128,6 +128,12 @@ def reference_token_logprobs(hidden, weight, target, bias, temperature) -> tuple
     return reference_token_stats(_tempered_logits(hidden, weight, bias, temperature), target)
 
 
+def reference_sum_p2(hidden, weight, bias, temperature) -> torch.Tensor:
+    """sum_v softmax(z)_v^2 per token, float64, no gradient."""
+    with torch.no_grad():
+        return torch.softmax(_tempered_logits(hidden, weight, bias, temperature), dim=-1).pow(2).sum(-1)
+
+
 def reference_fused_policy_loss(
     hidden, weight, target, advantages, old_logprobs, *, bias, options: PolicyLossOptions, **token_args
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

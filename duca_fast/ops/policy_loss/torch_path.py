@@ -224,19 +224,24 @@ def logprob_stats_torch(
     temperature: float,
     chunk_size: int,
     input_dtype_logits: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-sum-exp, target log-prob and entropy of every token, chunk by chunk."""
+    with_sum_p2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Log-sum-exp, target log-prob, entropy and (``with_sum_p2``) sum of squared probabilities of
+    every token, chunk by chunk; sum p^2 is a batched dot product of the probabilities the pass holds."""
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     num_tokens = hidden.shape[0]
     out = [hidden.new_empty(num_tokens, dtype=compute) for _ in range(3)]
+    sum_p2 = hidden.new_empty(num_tokens, dtype=compute) if with_sum_p2 else None
     scratch = _Scratch(min(chunk_size, num_tokens), weight.shape[0], compute, hidden.device)
     for start in range(0, num_tokens, chunk_size):
         rows = slice(start, min(start + chunk_size, num_tokens))
         logits_out, probs_out = scratch.take(rows)
         logits = _chunk_logits(hidden[rows], weight, bias, temperature, input_dtype_logits, logits_out)
-        lse, logprobs, entropy, _ = _chunk_stats(logits, target[rows], probs_out, keep_logits=False)
+        lse, logprobs, entropy, probs = _chunk_stats(logits, target[rows], probs_out, keep_logits=False)
         out[0][rows], out[1][rows], out[2][rows] = lse, logprobs, entropy
-    return out[0], out[1], out[2]
+        if sum_p2 is not None:
+            sum_p2[rows] = torch.bmm(probs.unsqueeze(1), probs.unsqueeze(2)).reshape(-1)
+    return out[0], out[1], out[2], sum_p2
 
 
 def logprob_grads_torch(

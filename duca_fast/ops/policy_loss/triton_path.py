@@ -454,17 +454,24 @@ def logprob_stats_triton(
     temperature: float,
     chunk_size: int | None = None,
     input_dtype_logits: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-sum-exp, target log-prob and entropy per token (fp32): GEMM1 + row kernel per chunk."""
+    with_sum_p2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Log-sum-exp, target log-prob and entropy per token (fp32): GEMM1 + row kernel per chunk; with
+    ``with_sum_p2`` also sum p^2 = exp(LSE(2z) - 2 LSE(z)) from the chunk's logits buffer (one more read
+    of it, an fp32 temporary of the chunk's size; no extra GEMM)."""
     _check_triton_dtype("hidden", hidden)
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     out = [hidden.new_empty(num_tokens, dtype=torch.float32) for _ in range(3)]
+    sum_p2 = hidden.new_empty(num_tokens, dtype=torch.float32) if with_sum_p2 else None
     rows_per_chunk, buffers = _chunking(hidden, vocab_size, chunk_size, False, input_dtype_logits)
     for start in range(0, num_tokens, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_tokens))
         logits = buffers.gemm1(hidden[rows], weight)
         out[0][rows], out[1][rows], out[2][rows] = row_stats(logits, bias, target[rows], temperature)
-    return out[0], out[1], out[2]
+        if sum_p2 is not None:
+            scaled = logits.float() if bias is None else logits.float() + bias.float()
+            sum_p2[rows] = torch.exp(2.0 * (scaled / temperature - out[0][rows, None])).sum(-1)
+    return out[0], out[1], out[2], sum_p2
 
 
 def logprob_grads_triton(
