@@ -8,11 +8,12 @@
 # Every stage has its own time limit, so one slow stage cannot take the others' results with it; the
 # results are packed into $OUT/results.tgz after each stage (a device machine returns at most 8 files).
 # The device gets a copy of the working tree without .git: pass the commit as DUCA_BENCH_COMMIT.
-# Stage limits (seconds) can be set: GPU_PASS_TEST_S, GPU_PASS_BENCH_S.
+# Stage limits (seconds) can be set: GPU_PASS_TEST_S, GPU_PASS_BENCH_S; GPU_PASS_FP32=1 adds the fp32 bench.
 set -uo pipefail
 OUT="${OUT:-/tmp/duca_gpu_pass}"
-TEST_S="${GPU_PASS_TEST_S:-240}"
-BENCH_S="${GPU_PASS_BENCH_S:-200}"
+TEST_S="${GPU_PASS_TEST_S:-200}"
+BENCH_S="${GPU_PASS_BENCH_S:-160}"
+FP32="${GPU_PASS_FP32:-0}"  # 1: also the fp32 (tf32) policy-loss bench (about 2 more minutes)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 [[ -x /usr/local/cuda/bin/nvcc ]] && export PATH="$PATH:/usr/local/cuda/bin"
@@ -21,7 +22,8 @@ stamp() { echo "== $1 ($((SECONDS - start)) s)"; }
 
 pack() {
     local files=()
-    for f in bench/results/advantages_triton.* bench/results/policy_loss_cuda*.* build/kernels/ptxas_sm*.md; do
+    for f in bench/results/advantages_triton.* bench/results/policy_loss_cuda*.* bench/results/objectives_cuda*.* \
+        build/kernels/ptxas_sm*.md; do
         [[ -f $f ]] && files+=("$f")
     done
     ((${#files[@]})) && tar czf "$OUT/results.tgz" "${files[@]}"
@@ -62,9 +64,19 @@ pack
 stamp "fused policy loss, bf16"
 timeout "$BENCH_S" python3 bench/bench_policy_loss.py 2>&1 | tail -25 | tee -a "$OUT/bench_log.txt"
 pack
-# fp32 inputs on tf32 tensor cores (the default; every variant gets the same switch), half the tokens.
-stamp "fused policy loss, fp32 (tf32)"
-timeout "$BENCH_S" python3 bench/bench_policy_loss.py --dtype float32 --tokens 4096 2>&1 | tail -25 \
-    | tee -a "$OUT/bench_log.txt"
+stamp "objectives, bf16"
+timeout 100 python3 -m bench.bench_objectives 2>&1 | tail -12 | tee -a "$OUT/bench_log.txt"
 pack
+# A third of the tokens carry loss, in alternating 64-token turns (our dialogues' layout).
+stamp "fused policy loss, bf16, multi-turn mask"
+timeout "$BENCH_S" python3 bench/bench_policy_loss.py --loss-share 0.33 --name policy_loss_cuda_multiturn \
+    --only liger_chunked,liger_triton_logits,naive_torch 2>&1 | tail -12 | tee -a "$OUT/bench_log.txt"
+pack
+if [[ $FP32 == 1 ]]; then
+    # fp32 inputs on tf32 tensor cores (the default; every variant gets the same switch), half the tokens.
+    stamp "fused policy loss, fp32 (tf32)"
+    timeout "$BENCH_S" python3 bench/bench_policy_loss.py --dtype float32 --tokens 4096 2>&1 | tail -25 \
+        | tee -a "$OUT/bench_log.txt"
+    pack
+fi
 stamp "done"

@@ -486,3 +486,30 @@ def test_torch_compile_fullgraph_forward_and_backward(backend, dynamic):
     assert torch.equal(clip_frac, expected_clip)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(leaves[name].grad, grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "op_name, skipped",
+    [
+        ("fused_policy_loss", ()),
+        ("policy_loss_from_logits", ()),
+        ("policy_loss_from_logprobs", ("temperature",)),
+    ],
+)
+def test_op_schemas_carry_every_option_with_its_default(op_name, skipped):
+    """The options travel as schema arguments: each PolicyLossOptions field must be one, same name, same
+    default, in the dataclass's order (the public functions pass them by position)."""
+    import dataclasses
+
+    schema = getattr(torch.ops.duca, op_name).default._schema
+    arguments = [a.name for a in schema.arguments]
+    defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    fields = [f for f in dataclasses.fields(ops.PolicyLossOptions) if f.name not in skipped]
+    positions = [arguments.index(f.name) for f in fields if f.name in arguments]
+    missing = [f.name for f in fields if f.name not in arguments]
+    assert not missing, f"{op_name} lacks options {missing}"
+    assert positions == sorted(positions) and positions == list(
+        range(positions[0], positions[0] + len(fields))
+    )
+    for field in fields:
+        assert defaults[field.name] == field.default, (op_name, field.name)
