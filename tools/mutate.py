@@ -96,6 +96,20 @@ MUTANTS = [
         OBJECTIVE_TESTS,
     ),
     Mutant(
+        "DGPO: the decay power n ignored below the range",
+        OBJ + "dgpo.py",
+        "(self.n + 1) * log_ratio - self.n * math.log(low)",
+        "2 * log_ratio - math.log(low)",
+        OBJECTIVE_TESTS,
+    ),
+    Mutant(
+        "MASPO: the gate's width ignores the token's probability mass",
+        OBJ + "maspo.py",
+        "mass = (self.sigma_base / torch.exp(old_logprobs) ** self.alpha).clamp(",
+        "mass = (self.sigma_base / torch.exp(old_logprobs) ** 0.0).clamp(",
+        OBJECTIVE_TESTS,
+    ),
+    Mutant(
         "PPOClip: delta cap not applied to the gradient",
         OBJ + "ppo_clip.py",
         "            dead = dead | (ratio > self.delta)\n",
@@ -283,6 +297,20 @@ MUTANTS = [
         "logprobs=completion.logprobs)",
         "logprobs=list(completion.logprobs[1:]) + list(completion.logprobs[:1]))",
         ("tests/rollout/test_rollout_driver.py",),
+    ),
+    Mutant(
+        "GOPO: ranks divided by G instead of G - 1",
+        ADV + "gopo.py",
+        "spread = 2.0 - 4.0 * rank.double() / (size - 1).clamp_min(1)",
+        "spread = 2.0 - 4.0 * rank.double() / size",
+        ("tests/ops/test_gopo.py",),
+    ),
+    Mutant(
+        "optimal token baseline: sum p^2 subtracted from the path weight",
+        ADV + "optimal_baseline.py",
+        "weight = 1 - 2 * torch.exp(old_logprobs.to(dtype)) + sum_p2.to(dtype)",
+        "weight = 1 - 2 * torch.exp(old_logprobs.to(dtype)) - sum_p2.to(dtype)",
+        ("tests/integrations/test_verl_optimal_baseline.py",),
     ),
     Mutant(
         "token advantages: token_turn -1 takes the last turn's advantage instead of 0",

@@ -1,19 +1,27 @@
 """Public ops: ``from duca_fast import ops``.
 
-- ``hian_advantages`` / ``grpo_advantages``: grouped per-horizon advantage normalization.
+- ``hian_advantages`` / ``grpo_advantages``: grouped per-horizon advantage normalization;
+  ``gopo_advantages``: GOPO's rank-based advantages within each group;
+  ``optimal_token_baseline_advantages``: verl's optimal token baseline on packed tokens (needs sum p^2).
 - ``fused_policy_loss``: hidden states + lm_head -> clipped policy loss, without ``[N, V]`` logits.
 - ``token_logprobs``: per-token log-probs (and entropies) from hidden states, differentiable.
 - ``policy_loss_from_logits`` / ``policy_loss_from_logprobs``: the same loss for stacks that already
   hold logits or log-probs.
 - ``objectives``: the policy objectives every loss function takes as ``objective=`` (PPOClip, GSPO,
-  GeoMean, CISPO, SAPO, GPG, DRO, DPPO; one file each).
+  GeoMean, CISPO, SAPO, GPG, DRO, DPPO, DGPO, MASPO; one file each).
 
 Every function is a thin wrapper over a ``torch.ops.duca.*`` custom operator (registered on import).
 The manual: docs/ops.md.
 """
 
 from duca_fast.ops import library
-from duca_fast.ops.advantages import AdvantageOptions, grpo_advantages, hian_advantages
+from duca_fast.ops.advantages import (
+    AdvantageOptions,
+    gopo_advantages,
+    grpo_advantages,
+    hian_advantages,
+    optimal_token_baseline_advantages,
+)
 from duca_fast.ops.policy_loss import (
     PolicyLossOptions,
     fused_policy_loss,
@@ -27,10 +35,12 @@ __all__ = [
     "AdvantageOptions",
     "PolicyLossOptions",
     "fused_policy_loss",
+    "gopo_advantages",
     "grpo_advantages",
     "hian_advantages",
     "library",
     "objectives",
+    "optimal_token_baseline_advantages",
     "policy_loss_from_logits",
     "policy_loss_from_logprobs",
     "token_logprobs",

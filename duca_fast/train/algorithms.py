@@ -153,6 +153,9 @@ def compute_advantages(
                 per_turn = estimators.mt_grpo(batch, **weights)
             elif algo.name == "session_only":
                 per_turn = estimators.session_only(batch, eps=options.eps)
+            elif algo.name == "gopo":
+                weights.pop("eps")
+                per_turn = estimators.gopo(batch, turn_agg=algo.turn_agg, **weights)
             else:
                 raise ValueError(f"algo.name must be one of {ALGORITHMS}, got {algo.name!r}")
             if algo.name != "mt_grpo":

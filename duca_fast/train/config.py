@@ -19,8 +19,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from duca_fast.env import SESSION_REWARD_NAMES, TURN_REWARD_NAMES
 from duca_fast.ops import AdvantageOptions, PolicyLossOptions
 
-ALGORITHMS = ("duca", "grpo", "gdpo", "mt_grpo", "ppo_gae", "session_only")
-GROUP_ALGORITHMS = ("duca", "grpo", "gdpo", "mt_grpo", "session_only")
+ALGORITHMS = ("duca", "grpo", "gdpo", "mt_grpo", "ppo_gae", "session_only", "gopo")
+GROUP_ALGORITHMS = ("duca", "grpo", "gdpo", "mt_grpo", "session_only", "gopo")
 """Algorithms whose advantages are group statistics (they need rollout.group_size >= 2)."""
 TURN_AGGS = ("mean", "sum")
 ENVS = ("sales", "sales-acts")

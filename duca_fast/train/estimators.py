@@ -226,6 +226,27 @@ def grpo(
     return batch.to_turns(group_normalize(merged, batch.session_group, valid, eps))
 
 
+def gopo(
+    batch: TwoHorizonBatch, *, turn_agg: str = "mean", turn_weight: float = 1.0, session_weight: float = 1.0
+) -> torch.Tensor:
+    """GOPO: the same per-session score as ``grpo`` (``X_i = session_weight * R_i + turn_weight *
+    agg_t r_t``), ranked within its group instead of standardized: ``A_i = 2 - 4 (rank_i - 1) / (G - 1)``,
+    rank 1 = the best session of the G valid sessions of the group (ties in batch order; a group with one
+    valid session gives 0); ``A_t = A_{session(t)}``. Source: arXiv 2602.03876, ``friendshipkim/gopo``
+    (``ops.gopo_advantages``). Sessions with a NaN session reward get 0 and are not ranked.
+    """
+    from duca_fast.ops import gopo_advantages
+
+    valid = batch.valid_sessions()
+    merged = session_weight * batch.session_totals() + turn_weight * batch.aggregate_turns(
+        batch.turn_totals(), turn_agg
+    )
+    per_session = torch.zeros(merged.shape[0], dtype=torch.float32)
+    if bool(valid.any()):
+        per_session[valid] = gopo_advantages(merged[valid].float(), batch.session_group[valid])
+    return batch.to_turns(per_session)
+
+
 def session_only(batch: TwoHorizonBatch, *, eps: float = 1e-6) -> torch.Tensor:
     """Ablation: only the session horizon. ``A_i = (R_i - mean_g R) / (std_g R + eps)``, shared by the turns
     of session i; turn rewards are ignored (``grpo`` with ``turn_weight=0``)."""

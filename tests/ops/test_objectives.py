@@ -34,6 +34,8 @@ OBJECTIVES = {
     "dro": objectives.DRO(beta=0.3),
     "dppo_tv": objectives.DPPO("tv", clip_low=0.05, clip_high=0.08, ratio_cap=1.5),
     "dppo_kl": objectives.DPPO("kl", clip_low=0.02, clip_high=0.03, ratio_cap=1.5),
+    "dgpo": objectives.DGPO(clip_low=0.2, clip_high=0.28, n=2.0, m=2.0),
+    "maspo": objectives.MASPO(alpha=0.5, beta_pos=0.2, beta_neg=0.2, sigma_base=0.3),
 }
 # KL and entropy compose with every objective; TIS with all that have a token-level place for it.
 EXTRAS = dict(kl_coef=0.3, kl_type="k3", entropy_coef=0.05, temperature=0.8)
@@ -247,11 +249,13 @@ def test_empty_batch_and_fully_masked_sequences(name):
 def test_objective_names_specs_and_conflicts():
     assert sorted(objectives.OBJECTIVES) == [
         "cispo",
+        "dgpo",
         "dppo",
         "dro",
         "geo_mean",
         "gpg",
         "gspo",
+        "maspo",
         "ppo_clip",
         "sapo",
     ]

@@ -57,6 +57,17 @@ def test_mt_grpo_adds_per_position_turn_advantages_times_lambda():
     assert advantages("mt_grpo", mt_grpo_lambda=0.5) == pytest.approx([1.5 * R, R, -1.5 * R], abs=1e-4)
 
 
+def test_gopo_ranks_the_grpo_score_within_the_group():
+    # Same scores as grpo: mean -> X0 = -0.6 beats X1 = -1.5 (A = +2 / -2); sum -> X0 = -1.6 loses.
+    assert advantages("gopo", turn_agg="mean") == pytest.approx([2.0, 2.0, -2.0])
+    assert advantages("gopo", turn_agg="sum") == pytest.approx([-2.0, -2.0, 2.0])
+    # A session with a NaN session reward is not ranked: its group then has one member, advantage 0.
+    dropped = compute_advantages(
+        AlgoConfig(name="gopo"), **{**batch(), "session_rewards": torch.tensor([[float("nan")], [0.0]])}
+    )
+    assert dropped.per_turn.tolist() == [0.0, 0.0, 0.0]
+
+
 def test_gdpo_normalizes_each_component_then_the_batch():
     # Three sessions, one group: turn means -1, -1.5, -0.5 (normalized: 0, -1, +1); session rewards 1, 0, 0
     # (normalized: 2/sqrt(3) * (1, -0.5, -0.5)); sum, then batch-normalized.
@@ -113,7 +124,7 @@ def test_ppo_gae_configures_for_both_tasks():
     assert load_config(ACTS_CONFIG, ["algo.name=ppo_gae"]).algo.name == "ppo_gae"
 
 
-@pytest.mark.parametrize("algo", ["duca", "grpo", "gdpo", "mt_grpo", "session_only", "ppo_gae"])
+@pytest.mark.parametrize("algo", ["duca", "grpo", "gdpo", "mt_grpo", "session_only", "ppo_gae", "gopo"])
 def test_each_algorithm_trains_on_the_paper_twin(tmp_path, algo):
     config = tiny_acts_config(
         tmp_path, f"algo.name={algo}", "env.regime=paper", "env.regime_knobs.session_scale=3"

@@ -1,4 +1,4 @@
-"""Horizon-Independent Advantage Normalization (HIAN) and the one-horizon GRPO baseline.
+"""Horizon-Independent Advantage Normalization (HIAN), the one-horizon GRPO baseline, and GOPO's ranks.
 
 Turn-level rewards (one per agent turn) and session-level rewards (one per session) are each
 normalized within their rollout group, then fused into one advantage per agent turn:
@@ -13,6 +13,14 @@ ground truth written from the raw inputs.
 """
 
 from duca_fast.ops.advantages.api import grpo_advantages, hian_advantages
+from duca_fast.ops.advantages.gopo import gopo_advantages
+from duca_fast.ops.advantages.optimal_baseline import optimal_token_baseline_advantages
 from duca_fast.ops.advantages.options import AdvantageOptions
 
-__all__ = ["AdvantageOptions", "grpo_advantages", "hian_advantages"]
+__all__ = [
+    "AdvantageOptions",
+    "gopo_advantages",
+    "grpo_advantages",
+    "hian_advantages",
+    "optimal_token_baseline_advantages",
+]
