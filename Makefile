@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DUCA_EXTRAS ?= cpu,train,integrations,dev
 VERL_DIR := $(VENV)/verl-nodeps
 
-.PHONY: install native demo test lint format bench clean check-kernels mutate
+.PHONY: install native demo test test-fast lint format bench clean check-kernels mutate
 
 install: $(STAMP)
 
@@ -52,6 +52,16 @@ test: $(STAMP)
 	$(MAKE) native
 	PATH="$(abspath $(VENV))/bin:$$PATH" ctest --test-dir build --output-on-failure
 	$(MAKE) check-kernels
+
+# The everyday tier: every op, env and trainer-unit test, no vLLM engine or server, no subprocess training
+# (target: 5 minutes on a 2-core CPU; docs/developing.md has the measured time). `make test` runs all.
+FAST_TESTS = tests/ops tests/native tests/test_advantages.py tests/test_policy_loss.py tests/test_library.py \
+	tests/env tests/integrations/test_verl_adapter.py tests/integrations/test_verl_objectives.py \
+	tests/integrations/test_verl_optimal_baseline.py tests/train/test_estimators.py tests/train/test_stats.py \
+	tests/train/test_rundir.py tests/train/test_checkpoint_reliability.py tests/train/test_safe_checkpoints.py \
+	tests/train/test_algorithms.py
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --ignore=tests/env/test_env_llm_customer.py $(FAST_TESTS)
 
 # Every Triton kernel compiled for sm_90 and sm_80 as the JIT launches it; fails on a spill (no GPU needed).
 check-kernels: $(STAMP)
