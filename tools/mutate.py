@@ -44,6 +44,7 @@ class Mutant:
 PL = "duca_fast/ops/policy_loss/"
 ADV = "duca_fast/ops/advantages/"
 OBJ = PL + "objectives/"
+CORRECTION_TESTS = ("tests/integrations/test_verl_rollout_correction.py", "tests/ops/test_objectives.py")
 OBJECTIVE_TESTS = ("tests/ops/test_objectives.py", "tests/integrations/test_verl_objectives.py", *LOSS_TESTS)
 MUTANTS = [
     Mutant(
@@ -108,6 +109,41 @@ MUTANTS = [
         "mass = (self.sigma_base / torch.exp(old_logprobs) ** self.alpha).clamp(",
         "mass = (self.sigma_base / torch.exp(old_logprobs) ** 0.0).clamp(",
         OBJECTIVE_TESTS,
+    ),
+    Mutant(
+        "rollout correction: token weights from behavior - old instead of old - behavior",
+        PL + "correction.py",
+        "raw = torch.exp(log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND))",
+        "raw = torch.exp((-log_ratio).clamp(-SAFETY_BOUND, SAFETY_BOUND))",
+        CORRECTION_TESTS,
+    ),
+    Mutant(
+        "rollout correction: sequence weights from the token's own log-ratio",
+        PL + "correction.py",
+        'sums = _per_sequence(log_ratio, seq, size, "sum")[seq] if size else log_ratio',
+        "sums = log_ratio",
+        CORRECTION_TESTS,
+    ),
+    Mutant(
+        "rollout correction: IcePop clamps instead of zeroing outside the bounds",
+        PL + "correction.py",
+        "weights = torch.where((raw >= lower) & (raw <= upper), raw, zero)",
+        "weights = raw.clamp(lower, upper)",
+        CORRECTION_TESTS,
+    ),
+    Mutant(
+        "rollout correction: rejected tokens stay in the loss",
+        PL + "head.py",
+        "        active = keep  # rejected tokens leave the loss and its normalizer\n",
+        "        active = active\n",
+        CORRECTION_TESTS,
+    ),
+    Mutant(
+        "rollout correction: batch normalization skipped",
+        PL + "correction.py",
+        "weights = torch.where(mean > 1e-8, weights / mean, weights)",
+        "weights = weights",
+        CORRECTION_TESTS,
     ),
     Mutant(
         "PPOClip: delta cap not applied to the gradient",

@@ -24,6 +24,7 @@ from duca_fast.ops.advantages import (
 )
 from duca_fast.ops.policy_loss import (
     PolicyLossOptions,
+    RolloutCorrection,
     fused_policy_loss,
     objectives,
     policy_loss_from_logits,
@@ -34,6 +35,7 @@ from duca_fast.ops.policy_loss import (
 __all__ = [
     "AdvantageOptions",
     "PolicyLossOptions",
+    "RolloutCorrection",
     "fused_policy_loss",
     "gopo_advantages",
     "grpo_advantages",

@@ -398,3 +398,55 @@ def test_token_logprobs_sum_p2_of_an_empty_batch():
         problem["hidden"][:0], problem["weight"], problem["target"][:0].clamp_min(0), return_sum_p2=True
     )
     assert logprobs.shape == sum_p2.shape == (0,)
+
+
+CORRECTIONS = {
+    "token TIS": ops.RolloutCorrection("token", 1.3),
+    "sequence IcePop + rejection": ops.RolloutCorrection(
+        "sequence", "0.3_3.0", rollout_rs="token_k1,seq_max_k3", rollout_rs_threshold="0.6_1.6,0.4"
+    ),
+    "normalized + seq_mean rule": ops.RolloutCorrection(
+        "token", 2.0, rollout_is_batch_normalize=True, rollout_rs="seq_mean_k2", rollout_rs_threshold=0.08
+    ),
+}
+
+
+@pytest.mark.parametrize("correction", CORRECTIONS, ids=list(CORRECTIONS))
+@pytest.mark.parametrize("name", ["ppo_clip", "gspo", "cispo"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_rollout_correction_composes_with_objectives(backend, device, name, correction):
+    problem = make_problem(seed=19)
+    options = dict(EXTRAS, correction=CORRECTIONS[correction])
+    got = run_fused(problem, OBJECTIVES[name], backend, device, chunk_size=4, **options)
+    expected = run_fused(problem, OBJECTIVES[name], "reference", "cpu", **options)
+    compare(got, expected)
+    rejected = float(expected[2]["correction_rejected_frac"])
+    if CORRECTIONS[correction].rollout_rs is not None:
+        assert 0 < rejected < 1, rejected
+
+
+def test_rollout_correction_inputs_are_checked():
+    problem = make_problem(seed=20)
+    args = (problem["hidden"], problem["weight"], problem["target"], problem["advantages"])
+    common = dict(
+        mask=problem["mask"],
+        old_logprobs=problem["old_logprobs"],
+        behavior_logprobs=problem["behavior_logprobs"],
+    )
+    with pytest.raises(ValueError, match="tis_cap and correction both set"):
+        ops.fused_policy_loss(*args, correction=ops.RolloutCorrection("token"), tis_cap=2.0, **common)
+    with pytest.raises(ValueError, match="needs old_logprobs and behavior_logprobs"):
+        ops.fused_policy_loss(*args, correction=ops.RolloutCorrection("token"), mask=problem["mask"])
+    with pytest.raises(ValueError, match="needs seq_ids"):
+        ops.fused_policy_loss(*args, correction=ops.RolloutCorrection("sequence"), **common)
+    for kwargs, message in [
+        (dict(rollout_is="tokens"), "rollout_is must be"),
+        (dict(), "needs rollout_is or rollout_rs"),
+        (dict(rollout_is="token", rollout_is_threshold="2_1"), "need 0 < lower <= upper"),
+        (dict(rollout_rs="token_k4", rollout_rs_threshold=1.0), "rollout_rs rules must be among"),
+        (dict(rollout_rs="token_k2"), "needs rollout_rs_threshold"),
+        (dict(rollout_rs="token_k2,seq_max_k3", rollout_rs_threshold="1,2,3"), "one value for all rules"),
+        (dict(rollout_rs="token_k2", rollout_rs_threshold="0.1_2"), "does not fit rule"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ops.RolloutCorrection(**kwargs)

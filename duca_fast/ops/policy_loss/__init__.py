@@ -17,12 +17,14 @@ from duca_fast.ops.policy_loss.api import (
     policy_loss_from_logprobs,
     token_logprobs,
 )
+from duca_fast.ops.policy_loss.correction import RolloutCorrection
 from duca_fast.ops.policy_loss.head import policy_head
 from duca_fast.ops.policy_loss.options import METRIC_KEYS, PolicyLossOptions, TokenInputs
 
 __all__ = [
     "METRIC_KEYS",
     "PolicyLossOptions",
+    "RolloutCorrection",
     "TokenInputs",
     "fused_policy_loss",
     "objectives",

@@ -19,6 +19,7 @@ from duca_fast.ops.policy_loss.checks import (
     choose_backend,
     prepare_loss_call,
 )
+from duca_fast.ops.policy_loss.correction import CORRECTION_METRICS, RolloutCorrection, as_correction_spec
 from duca_fast.ops.policy_loss.objectives import Objective
 from duca_fast.ops.policy_loss.options import PolicyLossOptions
 from duca_fast.ops.policy_loss.precision import check_fp32_matmul
@@ -50,6 +51,7 @@ def _present(options: dict, ref_logprobs, behavior_logprobs) -> dict[str, bool]:
         # PPOClip's dual clip, from the options or from the objective's own spec (string test: traceable).
         "dual_clip_frac": options["dual_clip"] is not None or "dual_clip=" in options["objective"],
         "behavior_logprob_gap": behavior_logprobs is not None,
+        **{key: bool(options["correction"]) for key in CORRECTION_METRICS},
     }
 
 
@@ -80,6 +82,7 @@ def fused_policy_loss(
     max_tokens: int | None = None,
     tis_cap: float | None = None,
     objective: str | Objective | None = None,
+    correction: RolloutCorrection | str | None = None,
     chunk_size: int | None = None,
     logits_dtype: str = "float32",
     fp32_matmul: str = "tf32",
@@ -107,6 +110,9 @@ def fused_policy_loss(
             name for the defaults ("ppo_clip", "gspo", "geo_mean", "cispo", "sapo", "gpg", "dro", "dppo");
             None: PPOClip with clip_low / clip_high / dual_clip. Sequence-level objectives (gspo, geo_mean)
             need ``seq_ids``; see docs/ops.md for each one's formula and source.
+        correction: an ``ops.RolloutCorrection`` (verl's rollout_is / rollout_rs vocabulary): importance
+            weights from ``old_logprobs - behavior_logprobs`` on the objective's term and/or rejection of
+            tokens or sequences (they leave the loss and its normalizer); ``tis_cap`` is its shorthand.
         chunk_size: tokens per chunk on the torch path (default: chunk x V <= 2^24 elements).
         logits_dtype: "float32" (default): the lm_head GEMM writes fp32 logits; "bfloat16" / "float16"
             (must match hidden): it writes them in the input dtype, as a bf16 ``lm_head`` does, halving
@@ -139,6 +145,7 @@ def fused_policy_loss(
         max_tokens=max_tokens,
         tis_cap=tis_cap,
         objective=objectives.as_spec(objective),
+        correction=as_correction_spec(correction),
     )
     if choose_backend(backend, hidden) == "reference":
         options = PolicyLossOptions(**options)
@@ -280,6 +287,7 @@ def policy_loss_from_logits(
     max_tokens: int | None = None,
     tis_cap: float | None = None,
     objective: str | Objective | None = None,
+    correction: RolloutCorrection | str | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
     options: PolicyLossOptions | None = None,
@@ -304,6 +312,7 @@ def policy_loss_from_logits(
         max_tokens=max_tokens,
         tis_cap=tis_cap,
         objective=objectives.as_spec(objective),
+        correction=as_correction_spec(correction),
     )
     if choose_backend(backend, logits) == "reference":
         options = PolicyLossOptions(**options)
@@ -374,6 +383,7 @@ def policy_loss_from_logprobs(
     max_tokens: int | None = None,
     tis_cap: float | None = None,
     objective: str | Objective | None = None,
+    correction: RolloutCorrection | str | None = None,
     backend: str = "auto",
     options: PolicyLossOptions | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -407,6 +417,7 @@ def policy_loss_from_logprobs(
         max_tokens=max_tokens,
         tis_cap=tis_cap,
         objective=objectives.as_spec(objective),
+        correction=as_correction_spec(correction),
     )
     from duca_fast.ops._checks import check_choice, check_tensor
 

@@ -146,6 +146,7 @@ def _fused_policy_loss(
     max_tokens: int | None = None,
     tis_cap: float | None = None,
     objective: str = "ppo_clip",
+    correction: str = "",
     chunk_size: int | None = None,
     logits_dtype: str = "float32",
     fp32_matmul: str = "tf32",
@@ -168,6 +169,7 @@ def _fused_policy_loss(
         max_tokens,
         tis_cap,
         objective,
+        correction,
     )
     check_loss_shapes(
         hidden, weight, target, advantages, old_logprobs, bias, mask, seq_ids, ref_logprobs, behavior_logprobs
@@ -243,6 +245,7 @@ def _fused_policy_loss_fake(
     max_tokens=None,
     tis_cap=None,
     objective="ppo_clip",
+    correction="",
     chunk_size=None,
     logits_dtype="float32",
     fp32_matmul="tf32",
@@ -264,6 +267,7 @@ def _fused_policy_loss_fake(
         max_tokens,
         tis_cap,
         objective,
+        correction,
     )
     check_loss_shapes(
         hidden,
@@ -549,6 +553,7 @@ def _policy_loss_from_logits(
     max_tokens: int | None = None,
     tis_cap: float | None = None,
     objective: str = "ppo_clip",
+    correction: str = "",
     chunk_size: int | None = None,
     backend: str = "auto",
     validate: bool = True,
@@ -566,6 +571,7 @@ def _policy_loss_from_logits(
         max_tokens,
         tis_cap,
         objective,
+        correction,
     )
     check_tensor("logits", logits, ndims=(2,), kind="float")
     if logits.shape[1] == 0:
@@ -626,6 +632,7 @@ def _policy_loss_from_logits_fake(
     max_tokens=None,
     tis_cap=None,
     objective="ppo_clip",
+    correction="",
     chunk_size=None,
     backend="auto",
     validate=True,
@@ -642,6 +649,7 @@ def _policy_loss_from_logits_fake(
         max_tokens,
         tis_cap,
         objective,
+        correction,
     )
     check_tensor("logits", logits, ndims=(2,), kind="float")
     check_loss_rows(
@@ -698,7 +706,7 @@ def _from_logits_setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(metrics, lse, entropy, grad_logprobs, grad_entropy)
     ctx.save_for_backward(inputs[0], inputs[1], lse, entropy, grad_logprobs, grad_entropy)
     # temperature, chunk_size, backend (positions in the schema).
-    ctx.config = (inputs[14], inputs[19], inputs[20])
+    ctx.config = (inputs[14], inputs[20], inputs[21])
 
 
 def _from_logits_backward(ctx, grad_loss, *unused_grads):
@@ -746,6 +754,7 @@ def _policy_loss_from_logprobs(
     max_tokens: int | None = None,
     tis_cap: float | None = None,
     objective: str = "ppo_clip",
+    correction: str = "",
     token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, metrics, grad_logprobs, grad_entropy)``: the policy head on given log-probs.
@@ -764,6 +773,7 @@ def _policy_loss_from_logprobs(
         max_tokens,
         tis_cap,
         objective,
+        correction,
     )
     check_logprob_inputs(logprobs, entropy, options)
     check_same_device({"logprobs": logprobs, "entropy": entropy})
@@ -836,6 +846,7 @@ def _policy_loss_from_logprobs_fake(
     max_tokens=None,
     tis_cap=None,
     objective="ppo_clip",
+    correction="",
     token_weights=None,
 ):
     options = _options(
@@ -850,6 +861,7 @@ def _policy_loss_from_logprobs_fake(
         max_tokens,
         tis_cap,
         objective,
+        correction,
     )
     check_logprob_inputs(logprobs, entropy, options)
     check_vector("token_weights", token_weights, logprobs.shape[0], "float")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from duca_fast.ops._checks import ValueChecks, check_tensor
+from duca_fast.ops.policy_loss.correction import apply_correction, parse_correction
 from duca_fast.ops.policy_loss.objectives import ObjectiveBatch
 from duca_fast.ops.policy_loss.objectives.base import masked_mean
 from duca_fast.ops.policy_loss.options import (
@@ -88,6 +89,23 @@ def prepare_token_inputs(
     if seq_ids is not None:
         checks.forbid(seq_ids < 0, lambda i: f"seq_ids[{i}] = {int(seq_ids[i])} must be >= 0")
     checks.raise_if_failed()
+    correction = parse_correction(options.correction)
+    correction_weights = correction_metrics = None
+    if correction is not None:
+        if old_logprobs is None or behavior_logprobs is None:
+            raise ValueError(
+                "correction needs old_logprobs and behavior_logprobs (the engine's sampler log-probs)"
+            )
+        if correction.needs_seq_ids() and seq_ids is None:
+            raise ValueError("correction with sequence-level weights or rules needs seq_ids")
+        correction_weights, keep, correction_metrics = apply_correction(
+            correction,
+            old_logprobs.to(compute_dtype),
+            behavior_logprobs.to(compute_dtype),
+            active,
+            seq_ids,
+        )
+        active = keep  # rejected tokens leave the loss and its normalizer
 
     def cast(values: torch.Tensor | None) -> torch.Tensor | None:
         if values is None:
@@ -121,6 +139,8 @@ def prepare_token_inputs(
         token_weights=weights,
         active=active,
         seq_ids=None if seq_ids is None else seq_ids.long(),
+        correction_weights=None if correction_weights is None else cast(correction_weights),
+        correction_metrics=correction_metrics,
     )
 
 
@@ -140,7 +160,9 @@ def policy_head(
     if inputs.behavior_logprobs is not None:
         # The training/inference mismatch: trainer log-probs vs the engine's sampler log-probs.
         metrics["behavior_logprob_gap"] = masked_mean((logprobs - inputs.behavior_logprobs).abs(), active)
-    pg_weights = weights
+    pg_weights = weights if inputs.correction_weights is None else weights * inputs.correction_weights
+    if inputs.correction_metrics is not None:
+        metrics.update(inputs.correction_metrics)
     if inputs.behavior_logprobs is not None and options.tis_cap is not None:
         raw_weight = torch.exp((old - inputs.behavior_logprobs).clamp(max=LOG_RATIO_LIMIT))
         pg_weights = weights * raw_weight.clamp(max=options.tis_cap)
@@ -212,6 +234,8 @@ def compact(inputs: TokenInputs) -> tuple[torch.Tensor | None, TokenInputs]:
         token_weights=inputs.token_weights[rows],
         active=inputs.active[rows],
         seq_ids=take(inputs.seq_ids),
+        correction_weights=take(inputs.correction_weights),
+        correction_metrics=inputs.correction_metrics,
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from duca_fast.ops._checks import check_choice
+from duca_fast.ops.policy_loss.correction import CORRECTION_METRICS, parse_correction
 from duca_fast.ops.policy_loss.objectives.base import LOG_RATIO_LIMIT
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
@@ -36,6 +37,7 @@ METRIC_KEYS = (
     "tis_frac_capped",
     "dual_clip_frac",
     "behavior_logprob_gap",
+    *CORRECTION_METRICS,
 )
 """Order of the custom ops' metrics tensor; absent metrics are 0 there and left out of the dicts."""
 
@@ -69,6 +71,9 @@ class PolicyLossOptions:
     "cispo", "sapo", "gpg", "dro", "dppo") or a spec such as "sapo:tau_pos=1.0,tau_neg=1.05". Objectives
     with clip ranges take clip_low / clip_high (and PPOClip dual_clip) from these options unless the spec
     sets them."""
+    correction: str = ""
+    """Rollout correction (``ops.RolloutCorrection``, verl's vocabulary) as its spec string; "" = none.
+    Needs ``old_logprobs`` and ``behavior_logprobs``; not together with ``tis_cap`` (its shorthand)."""
 
     def __post_init__(self) -> None:
         check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
@@ -88,6 +93,11 @@ class PolicyLossOptions:
         if self.tis_cap is not None and not (math.isfinite(self.tis_cap) and self.tis_cap > 0):
             raise ValueError(f"tis_cap must be a finite number > 0, got {self.tis_cap}")
         self.resolved_objective()
+        if self.correction and self.tis_cap is not None:
+            raise ValueError("tis_cap and correction both set: tis_cap=c is RolloutCorrection('token', c)")
+        if not isinstance(self.correction, str):
+            raise ValueError(f"correction must be a spec string here, got {type(self.correction).__name__}")
+        parse_correction(self.correction)
         if self.loss_agg == "token_sum_norm":
             if self.max_tokens is None:
                 raise ValueError("loss_agg='token_sum_norm' needs max_tokens (sequences x max length)")
@@ -116,9 +126,13 @@ class PolicyLossOptions:
                 raise ValueError(
                     f"{name}={value!r} conflicts with the objective's own {name}={getattr(given, name)!r}"
                 )
-        if self.tis_cap is not None and not objective.takes_correction_weights:
+        weighted = self.tis_cap is not None or (
+            self.correction and parse_correction(self.correction).rollout_is is not None
+        )
+        if weighted and not objective.takes_correction_weights:
             raise ValueError(
-                f"objective {objective.name!r} has no token-level place for tis_cap's importance weights"
+                f"objective {objective.name!r} has no token-level place for tis_cap's or the rollout "
+                "correction's importance weights"
             )
         return objective
 
@@ -140,6 +154,10 @@ class TokenInputs:
     """bool [N]: the token counts (mask)."""
     seq_ids: torch.Tensor | None = None
     """int64 [N] sequence of each token (sequence-level objectives), None when not given."""
+    correction_weights: torch.Tensor | None = None
+    """[N] the rollout correction's importance weights (detached), None without weighting."""
+    correction_metrics: dict | None = None
+    """The rollout correction's metrics over the whole batch (computed before any chunking)."""
 
 
 @dataclass(frozen=True)

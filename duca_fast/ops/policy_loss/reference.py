@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from duca_fast.ops.policy_loss.correction import RolloutCorrection, parse_correction
 from duca_fast.ops.policy_loss.options import LOG_RATIO_LIMIT, PolicyLossOptions
 
 
@@ -69,6 +70,12 @@ def reference_policy_loss_from_logprobs(
     active = torch.ones(count, dtype=torch.bool) if mask is None else mask.bool().cpu()
     active = active.to(logprobs.device)
     zero = torch.zeros((), dtype=torch.float64, device=logprobs.device)
+    correction_weights, correction_metrics = None, {}
+    if options.correction:
+        correction_weights, keep, correction_metrics = _reference_correction(
+            parse_correction(options.correction), old_logprobs, behavior_logprobs, active, seq_ids
+        )
+        active = active & keep
 
     def clean(values: torch.Tensor | None) -> torch.Tensor | None:
         # Masked tokens may carry anything (NaN included); they take no part in the sums below.
@@ -90,6 +97,9 @@ def reference_policy_loss_from_logprobs(
     if behavior_logprobs is not None:
         behavior = clean(behavior_logprobs)
         metrics["behavior_logprob_gap"] = _mean_over((logp - behavior).abs().detach(), active)
+        if correction_weights is not None:
+            surrogate = surrogate * correction_weights
+        metrics.update(correction_metrics)
         if options.tis_cap is not None:
             importance = torch.exp((old - behavior).clamp(max=LOG_RATIO_LIMIT)).detach()
             surrogate = surrogate * importance.clamp(max=options.tis_cap)
@@ -162,3 +172,77 @@ def reference_policy_loss_from_logits(
     return reference_policy_loss_from_logprobs(
         logprobs, entropy, advantages, old_logprobs, options=options, **token_args
     )
+
+
+def _reference_correction(correction: RolloutCorrection, old_logprobs, behavior_logprobs, active, seq_ids):
+    """The rollout correction written out token by token and sequence by sequence (verl's rules)."""
+    import math
+
+    d = [
+        float(o) - float(b) if a else 0.0 for o, b, a in zip(old_logprobs, behavior_logprobs, active.tolist())
+    ]
+    act = active.tolist()
+    seqs = [0] * len(d) if seq_ids is None else seq_ids.tolist()
+    members = {}
+    for i, s_id in enumerate(seqs):
+        if act[i]:
+            members.setdefault(s_id, []).append(i)
+    n = max(sum(act), 1)
+    weights = None
+    metrics = {}
+    if correction.rollout_is is not None:
+        upper, lower = correction.is_bounds()
+        raw = [0.0] * len(d)
+        for i in range(len(d)):
+            if not act[i]:
+                continue
+            x = d[i] if correction.rollout_is == "token" else sum(d[j] for j in members[seqs[i]])
+            raw[i] = math.exp(min(max(x, -20.0), 20.0))
+        if lower is None:
+            weights = [min(w, upper) for w in raw]
+        else:
+            weights = [w if lower <= w <= upper else 0.0 for w in raw]
+        kept = [weights[i] for i in range(len(d)) if act[i]]
+        mean = sum(kept) / n
+        capped = [min(max(w, 0.0), upper) for w in kept]
+        capped_mean = sum(capped) / n
+        metrics = {
+            "correction_weight_mean": mean,
+            "correction_weight_min": min(kept, default=0.0),
+            "correction_weight_max": max(kept, default=0.0),
+            "correction_ess": 1.0 / max(sum((w / (capped_mean + 1e-8)) ** 2 for w in capped) / n, 1e-30),
+        }
+        if correction.rollout_is_batch_normalize:
+            if correction.rollout_is == "token":
+                norm = sum(kept) / (len(kept) + 1e-8)
+            else:
+                per_seq = [sum(weights[j] for j in idx) / (len(idx) + 1e-8) for idx in members.values()]
+                norm = sum(per_seq) / max(len(per_seq), 1e-8)
+            if norm > 1e-8:
+                weights = [w / norm for w in weights]
+    keep = list(act)
+    for rule, lower, upper in correction.rs_bounds():
+
+        def token_stat(x, kind=rule[-2:]):
+            x = min(max(x, -20.0), 20.0)
+            return {"k1": -x, "k2": 0.5 * x * x, "k3": math.exp(x) - 1.0 - x}[kind]
+
+        for i in range(len(d)):
+            if not act[i]:
+                continue
+            if rule.startswith("token"):
+                stat = token_stat(d[i])
+            else:
+                values = [token_stat(d[j]) for j in members[seqs[i]]]
+                if rule.startswith("seq_sum"):
+                    stat = sum(values)
+                elif rule.startswith("seq_mean"):
+                    stat = sum(values) / (len(values) + 1e-8)
+                else:
+                    stat = max(values)
+            ok = stat <= upper if lower is None else lower <= stat <= upper
+            keep[i] = keep[i] and ok
+    metrics["correction_rejected_frac"] = sum(1 for a, k in zip(act, keep) if a and not k) / n
+    as_tensor = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in metrics.items()}
+    weights_t = None if weights is None else torch.tensor(weights, dtype=torch.float64, device=active.device)
+    return weights_t, torch.tensor(keep, dtype=torch.bool, device=active.device), as_tensor

@@ -213,6 +213,8 @@ def slice_inputs(inputs: TokenInputs, rows: slice) -> TokenInputs:
         token_weights=inputs.token_weights[rows],
         active=inputs.active[rows],
         seq_ids=cut(inputs.seq_ids),
+        correction_weights=cut(inputs.correction_weights),
+        correction_metrics=inputs.correction_metrics,
     )
 
 
