@@ -99,6 +99,13 @@ def masked_mean(values: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     return torch.where(active, values, zero).sum() / count
 
 
+def reference_share(selected: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Float64 share of the active tokens where ``selected`` (0 when none is active), for the references'
+    metrics; the fast paths use ``masked_mean``."""
+    chosen = selected[active]
+    return chosen.double().mean() if chosen.numel() else torch.zeros((), dtype=torch.float64)
+
+
 def sequence_sums(values: torch.Tensor, seq_ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """[N]: for each token, the sum of ``values`` over the active tokens of its sequence."""
     if seq_ids.numel() == 0:

@@ -19,6 +19,7 @@ from duca_fast.ops.policy_loss.objectives.base import (
     ObjectiveTerms,
     check_number,
     masked_mean,
+    reference_share,
 )
 
 
@@ -60,11 +61,7 @@ class CISPO(Objective):
         ratio = torch.exp(torch.clamp(logprobs - old_logprobs, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
         kept = torch.clamp(ratio, low, high).detach()
 
-        def share(selected):
-            chosen = selected[active]
-            return chosen.double().mean() if chosen.numel() else torch.zeros((), dtype=torch.float64)
-
         return -kept * advantages * logprobs, {
-            "clip_frac_low": share(ratio < low),
-            "clip_frac_high": share(ratio > high),
+            "clip_frac_low": reference_share(ratio < low, active),
+            "clip_frac_high": reference_share(ratio > high, active),
         }

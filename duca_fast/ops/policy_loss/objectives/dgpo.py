@@ -27,6 +27,7 @@ from duca_fast.ops.policy_loss.objectives.base import (
     ObjectiveTerms,
     check_number,
     masked_mean,
+    reference_share,
 )
 
 
@@ -91,8 +92,7 @@ class DGPO(Objective):
         ratio = torch.where(below, lower_branch, ratio)
         ratio = torch.where(above, upper_branch, ratio)
 
-        def share(selected):
-            chosen = selected[active]
-            return chosen.double().mean() if chosen.numel() else torch.zeros((), dtype=torch.float64)
-
-        return -advantages * ratio, {"clip_frac_low": share(below), "clip_frac_high": share(above)}
+        return -advantages * ratio, {
+            "clip_frac_low": reference_share(below, active),
+            "clip_frac_high": reference_share(above, active),
+        }

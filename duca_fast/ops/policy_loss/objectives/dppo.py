@@ -22,6 +22,7 @@ from duca_fast.ops.policy_loss.objectives.base import (
     ObjectiveTerms,
     check_number,
     masked_mean,
+    reference_share,
 )
 
 BINARY_KL_EPS = 1e-8
@@ -93,11 +94,7 @@ class DPPO(Objective):
             )
         truncated = torch.clamp(ratio, max=self.ratio_cap).detach()
 
-        def share(selected):
-            chosen = selected[active]
-            return chosen.double().mean() if chosen.numel() else torch.zeros((), dtype=torch.float64)
-
         return -advantages * truncated * logprobs * valid.double(), {
-            "clip_frac_low": share(~valid & (advantages <= 0)),
-            "clip_frac_high": share(~valid & (advantages > 0)),
+            "clip_frac_low": reference_share(~valid & (advantages <= 0), active),
+            "clip_frac_high": reference_share(~valid & (advantages > 0), active),
         }

@@ -21,6 +21,7 @@ from duca_fast.ops.policy_loss.objectives.base import (
     ObjectiveTerms,
     check_number,
     masked_mean,
+    reference_share,
     sequence_sums,
 )
 
@@ -86,11 +87,7 @@ class GeoMean(Objective):
         d = logprobs - old_logprobs
         clipped = (d != d.clamp(-self.clip_low, self.clip_high)) & active
 
-        def share(selected):
-            chosen = selected[active]
-            return chosen.double().mean() if chosen.numel() else torch.zeros((), dtype=torch.float64)
-
         return per_token, {
-            "clip_frac_low": share(clipped & (advantages < 0)),
-            "clip_frac_high": share(clipped & (advantages > 0)),
+            "clip_frac_low": reference_share(clipped & (advantages < 0), active),
+            "clip_frac_high": reference_share(clipped & (advantages > 0), active),
         }

@@ -19,6 +19,7 @@ from duca_fast.ops.policy_loss.objectives.base import (
     ObjectiveTerms,
     check_number,
     masked_mean,
+    reference_share,
     sequence_sums,
 )
 
@@ -78,12 +79,8 @@ class GSPO(Objective):
         first, second = -advantages * token_ratio, -advantages * token_ratio.clamp(low, high)
         clipped = (second > first) & active
 
-        def share(selected):
-            chosen = selected[active]
-            return chosen.double().mean() if chosen.numel() else torch.zeros((), dtype=torch.float64)
-
         metrics = {
-            "clip_frac_low": share(clipped & (advantages < 0)),
-            "clip_frac_high": share(clipped & (advantages > 0)),
+            "clip_frac_low": reference_share(clipped & (advantages < 0), active),
+            "clip_frac_high": reference_share(clipped & (advantages > 0), active),
         }
         return torch.maximum(first, second), metrics

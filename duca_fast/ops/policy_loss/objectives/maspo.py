@@ -24,6 +24,7 @@ from duca_fast.ops.policy_loss.objectives.base import (
     ObjectiveTerms,
     check_number,
     masked_mean,
+    reference_share,
 )
 
 
@@ -95,11 +96,7 @@ class MASPO(Objective):
         ratio = torch.where(negative_case, weight_neg * ratio, ratio)
         ratio = torch.where(positive_case, weight_pos * ratio, ratio)
 
-        def share(selected):
-            chosen = selected[active]
-            return chosen.double().mean() if chosen.numel() else torch.zeros((), dtype=torch.float64)
-
         return -advantages * ratio, {
-            "clip_frac_low": share(negative_case),
-            "clip_frac_high": share(positive_case),
+            "clip_frac_low": reference_share(negative_case, active),
+            "clip_frac_high": reference_share(positive_case, active),
         }

@@ -20,6 +20,7 @@ from duca_fast.ops.policy_loss.objectives.base import (
     ObjectiveTerms,
     check_number,
     masked_mean,
+    reference_share,
 )
 
 
@@ -77,21 +78,17 @@ class PPOClip(Objective):
         return ObjectiveTerms(loss, batch.weights * d_loss, metrics)
 
     def reference(self, logprobs, old_logprobs, advantages, active, seq_ids):
-        def share(selected):
-            chosen = selected[active]
-            return chosen.double().mean() if chosen.numel() else torch.zeros((), dtype=torch.float64)
-
         log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
         ratio = torch.exp(log_ratio)
         low, high = 1.0 - self.clip_low, 1.0 + self.clip_high
         plain = ratio if self.delta is None else torch.clamp(ratio, max=self.delta)
         surrogate = torch.maximum(-advantages * plain, -advantages * ratio.clamp(low, high))
         metrics = {
-            "clip_frac_low": share((advantages < 0) & (ratio < low)),
-            "clip_frac_high": share((advantages > 0) & (ratio > high)),
+            "clip_frac_low": reference_share((advantages < 0) & (ratio < low), active),
+            "clip_frac_high": reference_share((advantages > 0) & (ratio > high), active),
         }
         if self.dual_clip is not None:
             capped = (advantages < 0) & (surrogate > -self.dual_clip * advantages)
             surrogate = torch.where(capped, -self.dual_clip * advantages, surrogate)
-            metrics["dual_clip_frac"] = share(capped)
+            metrics["dual_clip_frac"] = reference_share(capped, active)
         return surrogate, metrics
