@@ -349,6 +349,13 @@ MUTANTS = [
         ("tests/integrations/test_verl_optimal_baseline.py",),
     ),
     Mutant(
+        "DynaMO: the damping's sigmoid centred at 0.5 instead of 0.99",
+        ADV + "dynamo.py",
+        "decay = lambda_min + (1 - lambda_min) / (1 + torch.exp(50 * (x - 0.99)))",
+        "decay = lambda_min + (1 - lambda_min) / (1 + torch.exp(50 * (x - 0.5)))",
+        ("tests/ops/test_dynamo.py",),
+    ),
+    Mutant(
         "token advantages: token_turn -1 takes the last turn's advantage instead of 0",
         ADV + "torch_path.py",
         "torch.where(has_loss, fused[problem.token_turn.long().clamp_min(0)], fused.new_zeros(()))",

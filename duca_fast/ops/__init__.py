@@ -2,7 +2,8 @@
 
 - ``hian_advantages`` / ``grpo_advantages``: grouped per-horizon advantage normalization;
   ``gopo_advantages``: GOPO's rank-based advantages within each group;
-  ``optimal_token_baseline_advantages``: verl's optimal token baseline on packed tokens (needs sum p^2).
+  ``optimal_token_baseline_advantages``: verl's optimal token baseline on packed tokens (needs sum p^2);
+  ``dynamo_token_advantages``: DynaMO's per-token entropy boost and damping (after a log-prob pass).
 - ``fused_policy_loss``: hidden states + lm_head -> clipped policy loss, without ``[N, V]`` logits.
 - ``token_logprobs``: per-token log-probs (and entropies) from hidden states, differentiable.
 - ``policy_loss_from_logits`` / ``policy_loss_from_logprobs``: the same loss for stacks that already
@@ -17,6 +18,7 @@ The manual: docs/ops.md.
 from duca_fast.ops import library
 from duca_fast.ops.advantages import (
     AdvantageOptions,
+    dynamo_token_advantages,
     gopo_advantages,
     grpo_advantages,
     hian_advantages,
@@ -36,6 +38,7 @@ __all__ = [
     "AdvantageOptions",
     "PolicyLossOptions",
     "RolloutCorrection",
+    "dynamo_token_advantages",
     "fused_policy_loss",
     "gopo_advantages",
     "grpo_advantages",

@@ -13,12 +13,14 @@ ground truth written from the raw inputs.
 """
 
 from duca_fast.ops.advantages.api import grpo_advantages, hian_advantages
+from duca_fast.ops.advantages.dynamo import dynamo_token_advantages
 from duca_fast.ops.advantages.gopo import gopo_advantages
 from duca_fast.ops.advantages.optimal_baseline import optimal_token_baseline_advantages
 from duca_fast.ops.advantages.options import AdvantageOptions
 
 __all__ = [
     "AdvantageOptions",
+    "dynamo_token_advantages",
     "gopo_advantages",
     "grpo_advantages",
     "hian_advantages",
