@@ -14,6 +14,8 @@ and truncation carries a short reason code, counted in ``RolloutBatch.failure_co
 - ``prompt_too_long``: the first prompt leaves no room to generate within the token budget;
 - ``customer_error``: the customer endpoint could not answer (``CustomerEndpointError``);
 - ``env_error``: the environment raised anything else, or gave reward names that differ;
+- ``template_error``: the tokenizer's chat template rewrote earlier messages when a new one was added
+  (token-in/token-out needs an append-only template); only that session fails;
 - ``empty_turn``: the agent's turn decoded to empty (or whitespace-only) text.
 
 An empty agent turn is a failed turn, not a failed session. The environment never sees it (the sales
@@ -127,7 +129,7 @@ class RolloutBatch:
     """Per session, the error that failed it, or None."""
     failure_reasons: list[str | None]
     """Per session, the reason code of its failure ("prompt_too_long", "customer_error", "env_error",
-    "empty_turn"), or None."""
+    "template_error", "empty_turn"), or None."""
     failure_counts: dict[str, int]
     """Failed sessions per reason code (only reasons that occurred), e.g. {"customer_error": 3}."""
     truncation_counts: dict[str, int]
@@ -323,7 +325,11 @@ def _start(state: _Session, turn_names: tuple[str, ...], session_names: tuple[st
 
 def _open_turn(state: _Session, budget: int, budget_source: str) -> bool:
     """Append the generation prompt if at least one token fits the budget; otherwise end the session."""
-    opening = state.chat.generation_prompt()
+    try:
+        opening = state.chat.generation_prompt()
+    except ValueError as error:  # a template that rewrites history: this session only
+        state.fail("template_error", error)
+        return False
     length = len(state.ids) + len(opening)
     if length < budget:
         state.extend(opening)
@@ -397,7 +403,11 @@ def _apply(
         state.end(result.outcome)
         return
     if result.customer_message is not None:
-        reply = state.chat.append("user", result.customer_message)
+        try:
+            reply = state.chat.append("user", result.customer_message)
+        except ValueError as error:  # a template that rewrites history: this session only
+            state.fail("template_error", error)
+            return
         if len(state.ids) + len(reply) >= budget:
             state.cut("context_budget")
             return

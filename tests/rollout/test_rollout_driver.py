@@ -262,3 +262,27 @@ def test_behavior_logprobs_are_the_engines_logprobs_of_their_own_tokens(engine, 
     assert worst < tolerance, f"behavior log-probs differ from the recomputed ones by up to {worst:.3g}"
     # The check has power: the same log-probs rotated by one position within their turn would fail it.
     assert worst_shifted > 10 * tolerance, worst_shifted
+
+
+def test_a_template_that_rewrites_history_fails_only_its_session(engine, monkeypatch):
+    """Before: the ValueError of a non-append-only template escaped the rollout and lost every session."""
+    real_render = IncrementalChat._render
+
+    def render(self, messages, add_generation_prompt=False):
+        text = real_render(self, messages, add_generation_prompt)
+        users = sum(message["role"] == "user" for message in messages)
+        if "REWRITE" in messages[0]["content"] and users >= 2:
+            text = text.replace("REWRITE", "rewritten", 1)  # the second customer message edits the first
+        return text
+
+    monkeypatch.setattr(IncrementalChat, "_render", render)
+    specs = [
+        SessionSpec({"turns": 3}, group=0, seed=0),
+        SessionSpec({"turns": 3, "system": "REWRITE: you sell tea."}, group=0, seed=1),
+        SessionSpec({"turns": 3}, group=0, seed=2),
+    ]
+    batch = rollout(engine, EchoCustomer, specs, CONFIG)
+    assert batch.failed.tolist() == [False, True, False]
+    assert batch.failure_reasons == [None, "template_error", None]
+    assert "not append-only" in batch.errors[1]
+    assert batch.turn_session.tolist() == [0, 0, 0, 2, 2, 2]
