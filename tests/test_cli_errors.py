@@ -61,6 +61,7 @@ ITEM_3 = [
     ("env.customer_timeout_s=0", "env.customer_timeout_s must be a positive number"),
     ("env.customer_max_attempts=0", "env.customer_max_attempts must be >= 1"),
     ("rollout.max_model_len=0", "rollout.max_model_len must be >= 2"),
+    ("rollout.max_num_seqs=0", "rollout.max_num_seqs must be >= 1"),
 ]
 
 

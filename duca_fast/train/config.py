@@ -102,7 +102,10 @@ class RolloutSettings:
     max_model_len: int = 2048
     """Engine context length; a conversation that reaches it ends."""
     gpu_memory_utilization: float = 0.3
-    """vLLM memory share on CUDA (colocated with training)."""
+    """vLLM memory share on CUDA (colocated with training: the rest is the trainer's); raise it on a GPU
+    with room to spare (more KV cache, more sessions in flight)."""
+    max_num_seqs: int = 256
+    """vLLM's cap on sequences decoded at once (its scheduler's batch); more sessions than this queue."""
     check_logprobs_every: int = 0
     """Every N steps, after the sync, compare engine and trainer log-probs on check prompts (0 = never)."""
 
@@ -339,6 +342,7 @@ def validate(config: TrainConfig) -> None:
         0 < r.gpu_memory_utilization <= 1,
         f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}",
     )
+    _require(r.max_num_seqs >= 1, f"rollout.max_num_seqs must be >= 1, got {r.max_num_seqs}")
     _require(
         r.check_logprobs_every >= 0,
         f"rollout.check_logprobs_every must be >= 0, got {r.check_logprobs_every}",

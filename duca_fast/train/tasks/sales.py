@@ -117,6 +117,7 @@ def build_engine(config: TrainConfig, model_dir: Path):
             dtype=dtype,
             seed=config.seed,
             gpu_memory_utilization=config.rollout.gpu_memory_utilization,
+            max_num_seqs=config.rollout.max_num_seqs,
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return HFEngine(
