@@ -92,7 +92,7 @@ class PolicyLossOptions:
             raise ValueError(f"dual_clip must be a finite number > 1, got {self.dual_clip}")
         if self.tis_cap is not None and not (math.isfinite(self.tis_cap) and self.tis_cap > 0):
             raise ValueError(f"tis_cap must be a finite number > 0, got {self.tis_cap}")
-        self.resolved_objective()
+        self._check_objective()
         if self.correction and self.tis_cap is not None:
             raise ValueError("tis_cap and correction both set: tis_cap=c is RolloutCorrection('token', c)")
         if not isinstance(self.correction, str):
@@ -109,12 +109,19 @@ class PolicyLossOptions:
                 raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
 
     def resolved_objective(self):
-        """The objective instance, its inherited clip values filled in from these options (cached)."""
+        """The objective instance, its inherited clip values filled in from these options (cached by
+        ``objectives.resolve``; the checks ran once, when these options were made)."""
+        from duca_fast.ops.policy_loss import objectives
+
+        return objectives.resolve(self.objective, self.clip_low, self.clip_high, self.dual_clip)
+
+    def _check_objective(self) -> None:
+        """The objective exists, and the clip / correction options these options set apply to it."""
         from duca_fast.ops.policy_loss import objectives
 
         if not isinstance(self.objective, str):
             raise ValueError(f"objective must be a spec string here, got {type(self.objective).__name__}")
-        objective = objectives.resolve(self.objective, self.clip_low, self.clip_high, self.dual_clip)
+        objective = self.resolved_objective()
         given = objectives.parse(self.objective)
         for name, default in (("clip_low", 0.2), ("clip_high", 0.2), ("dual_clip", None)):
             value = getattr(self, name)
@@ -127,14 +134,15 @@ class PolicyLossOptions:
                     f"{name}={value!r} conflicts with the objective's own {name}={getattr(given, name)!r}"
                 )
         weighted = self.tis_cap is not None or (
-            self.correction and parse_correction(self.correction).rollout_is is not None
+            isinstance(self.correction, str)
+            and self.correction
+            and parse_correction(self.correction).rollout_is is not None
         )
         if weighted and not objective.takes_correction_weights:
             raise ValueError(
                 f"objective {objective.name!r} has no token-level place for tis_cap's or the rollout "
                 "correction's importance weights"
             )
-        return objective
 
 
 @dataclass(frozen=True)
