@@ -9,11 +9,14 @@
 # results are packed into $OUT/results.tgz after each stage (a device machine returns at most 8 files).
 # The device gets a copy of the working tree without .git: pass the commit as DUCA_BENCH_COMMIT.
 # Stage limits (seconds) can be set: GPU_PASS_TEST_S, GPU_PASS_BENCH_S; GPU_PASS_FP32=1 adds the fp32 bench.
+# GPU_PASS_STAGES picks stages (default: all but fp32): native tests hian bf16 objectives multiturn fp32.
 set -uo pipefail
 OUT="${OUT:-/tmp/duca_gpu_pass}"
 TEST_S="${GPU_PASS_TEST_S:-200}"
 BENCH_S="${GPU_PASS_BENCH_S:-160}"
 FP32="${GPU_PASS_FP32:-0}"  # 1: also the fp32 (tf32) policy-loss bench (about 2 more minutes)
+STAGES=" ${GPU_PASS_STAGES:-native tests hian bf16 objectives multiturn$([[ $FP32 == 1 ]] && echo ' fp32')} "
+want() { [[ $STAGES == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 [[ -x /usr/local/cuda/bin/nvcc ]] && export PATH="$PATH:/usr/local/cuda/bin"
@@ -42,7 +45,7 @@ fi
 } 2>&1 | tee "$OUT/device.txt"
 
 stamp "native library (CMake, CUDA part when nvcc is found)"
-if command -v cmake > /dev/null; then
+if want native && command -v cmake > /dev/null; then
     timeout 240 bash -c 'cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release && cmake --build build' \
         > "$OUT/native_build.txt" 2>&1 || echo "native build failed: see native_build.txt"
     tail -3 "$OUT/native_build.txt"
@@ -52,27 +55,25 @@ pack
 stamp "op tests, kernels compiled for the device"
 workers=()
 python3 -c "import xdist" 2> /dev/null && workers=(-n 8)
-timeout "$TEST_S" python3 -m pytest -q -rfE -p no:cacheprovider "${workers[@]}" --timeout 150 \
-    tests/ops tests/native tests/test_advantages.py tests/test_policy_loss.py tests/test_library.py \
-    > "$OUT/gpu_tests.txt" 2>&1
-echo "pytest exit $?"
-tail -15 "$OUT/gpu_tests.txt"
+if want tests; then
+    timeout "$TEST_S" python3 -m pytest -q -rfE -p no:cacheprovider "${workers[@]}" --timeout 150 \
+        tests/ops tests/native tests/test_advantages.py tests/test_policy_loss.py tests/test_library.py \
+        > "$OUT/gpu_tests.txt" 2>&1
+    echo "pytest exit $?"
+    tail -15 "$OUT/gpu_tests.txt"
+fi
 
-stamp "HIAN advantages"
-timeout 120 python3 bench/bench_advantages.py --sessions 16000 128000 2>&1 | tail -8 | tee "$OUT/bench_log.txt"
+want hian && stamp "HIAN advantages" && timeout 120 python3 bench/bench_advantages.py --sessions 16000 128000 2>&1 | tail -8 | tee "$OUT/bench_log.txt"
 pack
-stamp "fused policy loss, bf16"
-timeout "$BENCH_S" python3 bench/bench_policy_loss.py 2>&1 | tail -25 | tee -a "$OUT/bench_log.txt"
+want bf16 && stamp "fused policy loss, bf16" && timeout "$BENCH_S" python3 bench/bench_policy_loss.py 2>&1 | tail -25 | tee -a "$OUT/bench_log.txt"
 pack
-stamp "objectives, bf16"
-timeout 100 python3 -m bench.bench_objectives 2>&1 | tail -12 | tee -a "$OUT/bench_log.txt"
+want objectives && stamp "objectives, bf16" && timeout 100 python3 -m bench.bench_objectives 2>&1 | tail -12 | tee -a "$OUT/bench_log.txt"
 pack
 # A third of the tokens carry loss, in alternating 64-token turns (our dialogues' layout).
-stamp "fused policy loss, bf16, multi-turn mask"
-timeout "$BENCH_S" python3 bench/bench_policy_loss.py --loss-share 0.33 --name policy_loss_cuda_multiturn \
+want multiturn && stamp "fused policy loss, bf16, multi-turn mask" && timeout "$BENCH_S" python3 bench/bench_policy_loss.py --loss-share 0.33 --name policy_loss_cuda_multiturn \
     --only liger_chunked,liger_triton_logits,naive_torch 2>&1 | tail -12 | tee -a "$OUT/bench_log.txt"
 pack
-if [[ $FP32 == 1 ]]; then
+if want fp32; then
     # fp32 inputs on tf32 tensor cores (the default; every variant gets the same switch), half the tokens.
     stamp "fused policy loss, fp32 (tf32)"
     timeout "$BENCH_S" python3 bench/bench_policy_loss.py --dtype float32 --tokens 4096 2>&1 | tail -25 \
