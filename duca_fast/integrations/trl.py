@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from duca_fast import ops
+from duca_fast.integrations import trl_kernel
 from duca_fast.integrations._layout import turn_layout
 
 # TRL warns from every module that asks whether vLLM is usable (five copies at import) when the installed vLLM
@@ -35,7 +36,7 @@ VLLM_VERSION_WARNING = "TRL currently supports vLLM versions"
 try:
     with warnings.catch_warnings(record=True) as _import_warnings:
         warnings.simplefilter("always")
-        from accelerate.utils import gather_object
+        from accelerate.utils import gather_object, is_peft_model
         from trl import GRPOTrainer
         from trl.trainer.utils import is_async_callable
 except ImportError as error:  # pragma: no cover - exercised only without trl
@@ -273,6 +274,10 @@ class DucaGRPOTrainer(GRPOTrainer):
         turn_reward_func: see above.
         turn_weight, session_weight: weights of the normalized horizons in the fused advantage.
         turn_scope: "group" or "group_turn" (turn statistics per group and turn position).
+        use_duca_kernel: compute the loss with ``ops.fused_policy_loss`` on the policy's last hidden
+            states (one pass over the vocabulary, loss and gradients together, per-token advantages)
+            instead of TRL's log-prob head and loss. ``args`` is mapped as TRL reads it; options it cannot
+            reproduce exactly are refused here (``trl_kernel.KernelPlan``; docs/integrations.md).
         *args, **kwargs: everything ``GRPOTrainer`` takes. ``args.scale_rewards`` "group"/"batch"/"none"
             becomes HIAN's ``scale``.
     """
@@ -284,6 +289,7 @@ class DucaGRPOTrainer(GRPOTrainer):
         turn_weight: float = 1.0,
         session_weight: float = 1.0,
         turn_scope: str = "group",
+        use_duca_kernel: bool = False,
         **kwargs: Any,
     ) -> None:
         if not callable(turn_reward_func):
@@ -300,6 +306,22 @@ class DucaGRPOTrainer(GRPOTrainer):
         self.session_weight = float(session_weight)
         self.hian_options = {"turn_scope": turn_scope, "scale": self.scale_rewards}
         self._scored: dict[str, Any] | None = None
+        self.use_duca_kernel = bool(use_duca_kernel)
+        if self.use_duca_kernel:
+            if self.aux_loss_enabled:
+                raise ValueError(
+                    "use_duca_kernel=True cannot honour router_aux_loss_coef != 0: the kernel path does not "
+                    "return the MoE load-balancing loss"
+                )
+            self.duca_kernel_plan = trl_kernel.KernelPlan.from_config(self.args, self.use_vllm, self.model.config)
+            trl_kernel.add_hidden_states_loss(
+                self.model.get_base_model() if is_peft_model(self.model) else self.model
+            )
+
+    def _compute_loss(self, model, inputs):
+        if not self.use_duca_kernel:
+            return super()._compute_loss(model, inputs)
+        return trl_kernel.fused_trl_loss(self, model, inputs)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

@@ -25,6 +25,8 @@ BACKENDS = [("torch", "cpu"), ("triton", KERNEL_DEVICE)]
 OBJECTIVES = {
     "ppo_clip": objectives.PPOClip(clip_low=0.15, clip_high=0.25, dual_clip=1.3),
     "ppo_clip_delta": objectives.PPOClip(clip_low=0.2, clip_high=0.28, delta=1.5),
+    # delta below 1 + clip_high: for A < 0 the clipped branch wins inside the clip range, gradient and all.
+    "ppo_clip_delta_inside": objectives.PPOClip(clip_low=0.2, clip_high=0.28, delta=1.1),
     "gspo": objectives.GSPO(clip_low=0.05, clip_high=0.08),
     "geo_mean": objectives.GeoMean(clip_low=0.3, clip_high=0.4),
     "cispo": objectives.CISPO(clip_high=0.25),

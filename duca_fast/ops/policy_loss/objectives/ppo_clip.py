@@ -55,19 +55,24 @@ class PPOClip(Objective):
         log_ratio = batch.logprobs - batch.old_logprobs
         live = log_ratio.abs() <= LOG_RATIO_LIMIT
         ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+        low, high = 1.0 - self.clip_low, 1.0 + self.clip_high
         first = ratio if self.delta is None else ratio.clamp(max=self.delta)
         unclipped = -advantages * first
-        clipped = -advantages * ratio.clamp(1.0 - self.clip_low, 1.0 + self.clip_high)
-        is_clipped = clipped > unclipped
+        clipped = -advantages * ratio.clamp(low, high)
         loss = torch.maximum(unclipped, clipped)
-        dead = is_clipped | ~live
-        if self.delta is not None:
-            dead = dead | (ratio > self.delta)
-        d_loss = torch.where(dead, torch.zeros_like(ratio), -advantages * ratio)
+        # The gradient flows through the branch the max took, where that branch's clamp passes r: the
+        # clipped branch inside [low, high] (with delta < 1 + clip_high it can win there), the unclipped
+        # one below delta.
+        passes = torch.where(
+            clipped > unclipped,
+            (ratio >= low) & (ratio <= high),
+            torch.ones_like(live) if self.delta is None else ratio <= self.delta,
+        )
+        d_loss = torch.where(passes & live, -advantages * ratio, torch.zeros_like(ratio))
         dtype = ratio.dtype
         metrics = {
-            "clip_frac_low": masked_mean((is_clipped & (advantages < 0)).to(dtype), active),
-            "clip_frac_high": masked_mean((is_clipped & (advantages > 0)).to(dtype), active),
+            "clip_frac_low": masked_mean(((ratio < low) & (advantages < 0)).to(dtype), active),
+            "clip_frac_high": masked_mean(((ratio > high) & (advantages > 0)).to(dtype), active),
         }
         if self.dual_clip is not None:
             cap = -self.dual_clip * advantages
