@@ -313,7 +313,9 @@ class DucaGRPOTrainer(GRPOTrainer):
                     "use_duca_kernel=True cannot honour router_aux_loss_coef != 0: the kernel path does not "
                     "return the MoE load-balancing loss"
                 )
-            self.duca_kernel_plan = trl_kernel.KernelPlan.from_config(self.args, self.use_vllm, self.model.config)
+            self.duca_kernel_plan = trl_kernel.KernelPlan.from_config(
+                self.args, self.use_vllm, self.model.config
+            )
             trl_kernel.add_hidden_states_loss(
                 self.model.get_base_model() if is_peft_model(self.model) else self.model
             )

@@ -216,7 +216,9 @@ def lm_head_parameters(lm_head: torch.nn.Module) -> tuple[torch.Tensor, torch.Te
     return weight, bias
 
 
-def aggregation_scale(plan: KernelPlan, inputs: dict, mask: torch.Tensor, accumulation: float, processes: int):
+def aggregation_scale(
+    plan: KernelPlan, inputs: dict, mask: torch.Tensor, accumulation: float, processes: int
+):
     """What the kernel's aggregated loss is multiplied by to give TRL's ``loss`` for this micro-batch."""
     rows = mask.shape[0]
     if plan.loss_type in ("grpo", "sapo", "luspo"):
@@ -230,7 +232,7 @@ def aggregation_scale(plan: KernelPlan, inputs: dict, mask: torch.Tensor, accumu
 
 
 def fused_trl_loss(trainer: Any, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """TRL's GRPO loss for one micro-batch through ``ops.fused_policy_loss`` (``trainer.duca_kernel_plan``)."""
+    """TRL's GRPO loss of one micro-batch by ``ops.fused_policy_loss`` (``trainer.duca_kernel_plan``)."""
     plan: KernelPlan = trainer.duca_kernel_plan
     for key in ("pixel_values", "image_grid_thw", "token_type_ids", "mm_token_type_ids"):
         if inputs.get(key) is not None:

@@ -12,11 +12,11 @@ import torch
 
 pytest.importorskip("trl")
 
-from trl import GRPOTrainer  # noqa: E402
+from trl import GRPOTrainer
 
-from duca_fast.integrations import trl_kernel  # noqa: E402
-from duca_fast.integrations.trl import DucaGRPOTrainer  # noqa: E402
-from tests.integrations.tiny_trl import Recording, chat_tokenizer, grpo_args, tiny_model  # noqa: E402
+from duca_fast.integrations import trl_kernel
+from duca_fast.integrations.trl import DucaGRPOTrainer
+from tests.integrations.tiny_trl import Recording, chat_tokenizer, grpo_args, tiny_model
 
 
 class RecordingDuca(Recording, DucaGRPOTrainer):
@@ -88,7 +88,9 @@ def perturbed_batch(trainer, recorded, per_token_advantages: bool, seed: int = 0
     shape = current.shape
     batch["old_per_token_logps"] = current + 0.3 * torch.randn(shape, generator=generator)
     batch["ref_per_token_logps"] = current + 0.2 * torch.randn(shape, generator=generator)
-    batch["sampling_per_token_logps"] = batch["old_per_token_logps"] + 0.4 * torch.randn(shape, generator=generator)
+    batch["sampling_per_token_logps"] = batch["old_per_token_logps"] + 0.4 * torch.randn(
+        shape, generator=generator
+    )
     rows = shape[0]
     if per_token_advantages:
         batch["advantages"] = torch.randn(shape, generator=generator)
@@ -104,7 +106,9 @@ def loss_and_grads(trainer, batch, use_kernel: bool):
     trainer.use_duca_kernel = use_kernel
     loss = trainer._compute_loss(trainer.model, batch)
     loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    grads = {
+        name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None
+    }
     trainer.use_duca_kernel = True
     return loss.detach(), grads
 
@@ -145,7 +149,12 @@ def test_every_loss_type_equals_trl_at_token_level(trained, loss_type):
 def test_sequence_level_importance_sampling_equals_trl(trained, loss_type):
     trainer, recorded, _ = trained
     configure(
-        trainer, loss_type=loss_type, importance_sampling_level="sequence", beta=0.0, epsilon_high=0.28, delta=None
+        trainer,
+        loss_type=loss_type,
+        importance_sampling_level="sequence",
+        beta=0.0,
+        epsilon_high=0.28,
+        delta=None,
     )
     # Equal gradients need one advantage per completion (TRL's default); the loss is equal either way.
     assert_same(trainer, perturbed_batch(trainer, recorded, per_token_advantages=False, seed=1))
@@ -265,7 +274,9 @@ def test_per_token_advantages_reach_the_kernel(trained, monkeypatch):
 def test_unreproducible_options_are_refused_naming_them(settings, named):
     from trl import GRPOConfig
 
-    fields = dict(output_dir="unused", use_cpu=True, report_to="none", per_device_train_batch_size=4, num_generations=4)
+    fields = dict(
+        output_dir="unused", use_cpu=True, report_to="none", per_device_train_batch_size=4, num_generations=4
+    )
     args = GRPOConfig(**{**fields, **settings})
     with pytest.raises(ValueError, match=named):
         trl_kernel.KernelPlan.from_config(args, use_vllm=False)
