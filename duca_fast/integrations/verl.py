@@ -39,7 +39,9 @@ duca_fast's per-token objective through the public ``ops.policy_loss_from_logpro
 asymmetric clip, dual clip, per-token weights; analytic gradient in one pass) with the numbers of
 verl's ``vanilla`` loss (clip_ratio_low/high, clip_ratio_c dual clip, rollout IS weights, every
 ``loss_agg_mode`` with ``global_batch_info``). For the logits-free path use ``ops.fused_policy_loss``
-in a custom actor.
+in a custom actor, or verl's own fused-kernel path with our backend
+(``actor_rollout_ref.model.use_fused_kernels=True`` and ``fused_kernel_options.impl_backend=duca``:
+``verl_kernels``), which also gives the optimal-token-baseline estimators their ``sum_pi_squared``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import numpy as np
 import torch
 
 from duca_fast import ops
+from duca_fast.integrations import verl_kernels
 from duca_fast.integrations._layout import turn_layout
 
 try:
@@ -432,6 +435,7 @@ def _register() -> None:
         if POLICY_LOSS_REGISTRY.get(name) is not function:
             POLICY_LOSS_REGISTRY.pop(name, None)
             register_policy_loss(name)(function)
+    verl_kernels.install()  # actor_rollout_ref.model.fused_kernel_options.impl_backend=duca
 
 
 _register()
