@@ -106,3 +106,30 @@ async def step_many(envs: Sequence[DialogueEnv], messages: Sequence[str]) -> lis
     return await asyncio.gather(
         *(env.astep(message) for env, message in zip(envs, messages)), return_exceptions=True
     )
+
+
+async def aclose_all(envs: Sequence[Any]) -> None:
+    """Close what the environments hold open (an LLM customer's HTTP client), each resource once.
+
+    An environment (or its ``customer``, or that customer's ``factory``) may define ``async def aclose()``;
+    the hooks run in the event loop the sessions used, so clients bound to that loop close cleanly. A hook
+    that raises does not stop the others; the first error is raised at the end.
+    """
+    seen: set[int] = set()
+    errors: list[BaseException] = []
+    for env in envs:
+        for holder in (
+            env,
+            getattr(env, "customer", None),
+            getattr(getattr(env, "customer", None), "factory", None),
+        ):
+            hook = getattr(holder, "aclose", None)
+            if holder is None or hook is None or id(holder) in seen:
+                continue
+            seen.add(id(holder))
+            try:
+                await hook()
+            except Exception as error:
+                errors.append(error)
+    if errors:
+        raise errors[0]

@@ -173,6 +173,8 @@ class LLMCustomerFactory:
         # an async HTTP client belongs to the event loop that created it; sync steps each run their own loop
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
+            # A client of an earlier, finished loop cannot be closed from this one: the rollout driver
+            # runs every round in one loop and closes the client in it (``aclose``) when it is done.
             self._client = openai.AsyncOpenAI(
                 base_url=self.config.base_url,
                 api_key=self._api_key,
@@ -181,6 +183,12 @@ class LLMCustomerFactory:
             )
             self._client_loop = loop
         return self._client
+
+    async def aclose(self) -> None:
+        """Close the HTTP client of the running loop (its connection pool); a later call opens a new one."""
+        client, self._client, self._client_loop = self._client, None, None
+        if client is not None:
+            await client.close()
 
     async def chat(self, messages: list[dict[str, str]], *, max_tokens: int, seed: int) -> str:
         """One chat completion with retries; raises ``CustomerEndpointError`` naming the endpoint."""

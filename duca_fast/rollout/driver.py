@@ -29,6 +29,7 @@ agent turn is empty has the session nothing to learn from, and it fails with tha
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import Counter
@@ -38,9 +39,11 @@ from typing import Any
 
 import torch
 
-from duca_fast.env.base import DialogueEnv, Outcome, TurnResult, step_many
+from duca_fast.env.base import DialogueEnv, Outcome, TurnResult, aclose_all, step_many
 from duca_fast.env.llm_customer import CustomerEndpointError
 from duca_fast.rollout.engine import Completion, RolloutEngine, SamplingConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -289,20 +292,31 @@ def rollout(
     clock = {"generate": 0.0, "env": 0.0, "tokens": 0}
     for state in states:
         _start(state, turn_names, session_names)
-    for turn in range(config.max_turns):
-        live = [s for s in states if s.live and _open_turn(s, budget, budget_source)]
-        if not live:
-            break
-        completions = _generate(engine, live, turn, budget, config, clock)
-        messages = [_close_turn(s, c) for s, c in zip(live, completions, strict=True)]
-        spoke = [(s, m) for s, m in zip(live, messages, strict=True) if m is not None]
-        if not spoke:
-            continue
-        start = time.perf_counter()
-        results = asyncio.run(step_many([s.env for s, _ in spoke], [m for _, m in spoke]))
-        clock["env"] += time.perf_counter() - start
-        for (state, _), result in zip(spoke, results, strict=True):
-            _apply(state, result, turn_names, session_names, budget)
+    # One event loop for the whole rollout: an LLM customer's HTTP client lives in it across rounds and
+    # is closed in it at the end (aclose_all), never left open on a finished loop.
+    loop = asyncio.new_event_loop()
+    try:
+        for turn in range(config.max_turns):
+            live = [s for s in states if s.live and _open_turn(s, budget, budget_source)]
+            if not live:
+                break
+            completions = _generate(engine, live, turn, budget, config, clock)
+            messages = [_close_turn(s, c) for s, c in zip(live, completions, strict=True)]
+            spoke = [(s, m) for s, m in zip(live, messages, strict=True) if m is not None]
+            if not spoke:
+                continue
+            start = time.perf_counter()
+            results = loop.run_until_complete(step_many([s.env for s, _ in spoke], [m for _, m in spoke]))
+            clock["env"] += time.perf_counter() - start
+            for (state, _), result in zip(spoke, results, strict=True):
+                _apply(state, result, turn_names, session_names, budget)
+    finally:
+        try:
+            loop.run_until_complete(aclose_all([s.env for s in states]))
+        except Exception as error:
+            logger.warning("rollout: closing the environments' clients failed: %s", error)
+        finally:
+            loop.close()
     for state in states:
         if state.live:
             state.cut("max_turns")

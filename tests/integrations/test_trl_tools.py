@@ -3,6 +3,7 @@
 import json
 import re
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -37,7 +38,20 @@ def agent_script(row: int, context: str) -> str:
     return tool_call(rounds) if context.count("<tool_response>") < rounds else FINAL
 
 
-def test_tool_rounds_through_trl_loop_give_turn_spans_and_advantages(tmp_path):
+@pytest.mark.parametrize("use_duca_kernel", [False, True], ids=["trl_loss", "duca_kernel"])
+def test_tool_rounds_through_trl_loop_give_turn_spans_and_advantages(tmp_path, monkeypatch, use_duca_kernel):
+    """With ``use_duca_kernel`` the fused kernel must receive exactly the hand-computed per-turn advantages
+    on the agent tokens (and no tool-result token)."""
+    from duca_fast.integrations import trl_kernel
+
+    kernel_calls = []
+    original_loss = trl_kernel.ops.fused_policy_loss
+
+    def recording_loss(hidden, weight, target, advantages, old, **kwargs):
+        kernel_calls.append((advantages.detach().clone(), kwargs["mask"].clone()))
+        return original_loss(hidden, weight, target, advantages, old, **kwargs)
+
+    monkeypatch.setattr(trl_kernel.ops, "fused_policy_loss", recording_loss)
     tokenizer = chat_tokenizer()
     model = tiny_model(tokenizer, script=agent_script)
     seen = []
@@ -67,6 +81,7 @@ def test_tool_rounds_through_trl_loop_give_turn_spans_and_advantages(tmp_path):
         turn_reward_func=turn_reward,
         turn_weight=0.7,
         turn_scope="group",
+        use_duca_kernel=use_duca_kernel,
     )
     before = [p.detach().clone() for p in model.parameters()]
     trainer.train()
@@ -99,3 +114,14 @@ def test_tool_rounds_through_trl_loop_give_turn_spans_and_advantages(tmp_path):
         assert (advantages[row, ~covered] == 0).all()  # tool results and padding get no advantage
     assert len({round(v, 4) for row in expected for v in row}) > 4  # the turns really differ
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    if not use_duca_kernel:
+        assert not kernel_calls
+        return
+    kernel_advantages, kernel_mask = kernel_calls[0]
+    by_hand = torch.zeros(advantages.shape)
+    agent = torch.zeros(advantages.shape, dtype=torch.bool)
+    for row in range(4):
+        for (start, end), value in zip(spans[row], expected[row]):
+            by_hand[row, start:end], agent[row, start:end] = value, True
+    assert torch.equal(kernel_mask, agent.reshape(-1))  # agent tokens only: no tool result, no padding
+    torch.testing.assert_close(kernel_advantages[kernel_mask], by_hand.reshape(-1)[agent.reshape(-1)])

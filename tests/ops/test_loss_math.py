@@ -296,11 +296,17 @@ def test_from_logits_matches_reference(backend, device):
         assert_close(out["fast"][2][name].cpu().double(), out["reference"][2][name].double(), name)
 
 
-def test_options_object_and_keywords_agree():
+def test_options_object_and_keywords_agree_and_keywords_override():
     problem = make_problem(seed=6)
     options = ops.PolicyLossOptions(**FULL, loss_agg="seq_mean_token_sum")
     by_object = run(problem, "torch", "cpu", options=options)
     by_keywords = run(problem, "torch", "cpu", **FULL, loss_agg="seq_mean_token_sum")
     assert torch.equal(by_object[0], by_keywords[0])
-    with pytest.raises(ValueError, match=r"clip_low=0\.3 conflicts with options\.clip_low=0\.15"):
-        run(problem, "torch", "cpu", options=options, clip_low=0.3)
+    # A keyword overrides the object's field, even back to the dataclass default.
+    overridden = run(problem, "torch", "cpu", options=options, clip_low=0.3, kl_coef=0.0)
+    by_hand = run(
+        problem, "torch", "cpu", **{**FULL, "clip_low": 0.3, "kl_coef": 0.0}, loss_agg="seq_mean_token_sum"
+    )
+    assert torch.equal(overridden[0], by_hand[0]) and not torch.equal(overridden[0], by_object[0])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'clip_lo'"):
+        run(problem, "torch", "cpu", clip_lo=0.3)

@@ -168,6 +168,34 @@ def test_dead_customer_endpoint_fails_every_session_with_the_reason(engine):
     summary = batch.failure_summary()
     assert summary.startswith("4/4 sessions failed (customer_error 4); 0 truncated; customer_error: ")
     assert "could not connect" in summary and url in summary
+    assert factory._client is None  # the client the sessions shared was closed at the end of the rollout
+
+
+def test_one_event_loop_per_rollout_and_shared_clients_closed_in_it(engine):
+    """Every round's customer replies run in one loop; a shared factory's aclose runs once, in that loop."""
+    import asyncio
+    import types
+
+    loops, closed = [], []
+
+    class Factory:
+        async def aclose(self):
+            closed.append(asyncio.get_running_loop())
+
+    shared = types.SimpleNamespace(factory=Factory())
+
+    class Env(EchoCustomer):
+        customer = shared
+
+        async def astep(self, agent_message):
+            loops.append(asyncio.get_running_loop())
+            return await super().astep(agent_message)
+
+    specs = [SessionSpec({"turns": 3}, group=0, seed=s) for s in (0, 1)]
+    batch = rollout(engine, Env, specs, CONFIG)
+    assert not batch.failed.any() and len(loops) == 6
+    assert len({id(loop) for loop in loops}) == 1
+    assert closed == [loops[0]] and loops[0].is_closed()
 
 
 def test_max_turns_cuts_sessions(engine):

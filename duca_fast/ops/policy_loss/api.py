@@ -1,6 +1,7 @@
 """Public policy-loss functions: thin wrappers over the ``torch.ops.duca`` custom ops.
 
-Options come as keywords or as one ``PolicyLossOptions`` (``options=``); ``backend="reference"`` runs
+Options come as one ``PolicyLossOptions`` (``options=``) with keyword overrides of its fields on top (the
+custom ops' schemas carry the fields, generated from the dataclass); ``backend="reference"`` runs
 the float64 ground truth of ``reference.py`` (autograd, materialized logits: tests and debugging).
 """
 
@@ -19,8 +20,7 @@ from duca_fast.ops.policy_loss.checks import (
     choose_backend,
     prepare_loss_call,
 )
-from duca_fast.ops.policy_loss.correction import CORRECTION_METRICS, RolloutCorrection, as_correction_spec
-from duca_fast.ops.policy_loss.objectives import Objective
+from duca_fast.ops.policy_loss.correction import CORRECTION_METRICS, as_correction_spec
 from duca_fast.ops.policy_loss.options import PolicyLossOptions
 from duca_fast.ops.policy_loss.precision import check_fp32_matmul
 
@@ -28,20 +28,24 @@ _DEFAULTS = PolicyLossOptions()
 _FIELDS = tuple(field.name for field in dataclasses.fields(PolicyLossOptions))
 
 
-def resolve_options(options: PolicyLossOptions | None, **keywords) -> dict:
-    """The option values from ``options=`` or the keywords; both at once only when they agree.
+def resolve_options(function: str, options: PolicyLossOptions | None, overrides: dict, skip=()) -> dict:
+    """The option values: ``options`` (or the defaults) with the keyword ``overrides`` on top.
 
-    The custom ops validate the values; not building the dataclass here keeps the wrapper free of
-    Python-float checks that ``torch.compile(fullgraph=True)`` cannot trace.
+    Returns the fields as a dict (the custom ops carry each field in their schema; the ops build and
+    check the dataclass, once per distinct set of values). Not building it here keeps the wrapper free
+    of Python-float checks that ``torch.compile(fullgraph=True)`` cannot trace. ``objective`` and
+    ``correction`` may be objects: they become their spec strings.
     """
-    if options is None:
-        return {name: getattr(_DEFAULTS, name) for name in _FIELDS} | keywords
-    if not isinstance(options, PolicyLossOptions):
+    unknown = [name for name in overrides if name not in _FIELDS or name in skip]
+    if unknown:
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
+    if options is not None and not isinstance(options, PolicyLossOptions):
         raise ValueError(f"options must be a PolicyLossOptions, got {type(options).__name__}")
-    for name, value in keywords.items():
-        if value != getattr(_DEFAULTS, name) and value != getattr(options, name):
-            raise ValueError(f"{name}={value!r} conflicts with options.{name}={getattr(options, name)!r}")
-    return {name: getattr(options, name) for name in _FIELDS}
+    base = _DEFAULTS if options is None else options
+    values = {name: getattr(base, name) for name in _FIELDS if name not in skip} | overrides
+    values["objective"] = objectives.as_spec(values["objective"])
+    values["correction"] = as_correction_spec(values["correction"])
+    return values
 
 
 def _present(options: dict, ref_logprobs, behavior_logprobs) -> dict[str, bool]:
@@ -53,10 +57,6 @@ def _present(options: dict, ref_logprobs, behavior_logprobs) -> dict[str, bool]:
         "behavior_logprob_gap": behavior_logprobs is not None,
         **{key: bool(options["correction"]) for key in CORRECTION_METRICS},
     }
-
-
-def _option_args(options: dict) -> tuple:
-    return tuple(options[name] for name in _FIELDS)
 
 
 def fused_policy_loss(
@@ -71,24 +71,13 @@ def fused_policy_loss(
     seq_ids: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     behavior_logprobs: torch.Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    loss_agg: str = "token_mean",
-    max_tokens: int | None = None,
-    tis_cap: float | None = None,
-    objective: str | Objective | None = None,
-    correction: RolloutCorrection | str | None = None,
+    options: PolicyLossOptions | None = None,
     chunk_size: int | None = None,
     logits_dtype: str = "float32",
     fp32_matmul: str = "tf32",
     backend: str = "auto",
-    options: PolicyLossOptions | None = None,
     validate: bool = True,
+    **overrides,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss straight from hidden states and the lm_head, never holding ``[N, V]`` logits.
 
@@ -104,8 +93,10 @@ def fused_policy_loss(
         seq_ids: ``[N]`` int sequence of each token (needed by the seq_* aggregations).
         ref_logprobs: ``[N]`` reference-model log-probs for the KL penalty (and the kl_ref metric).
         behavior_logprobs: ``[N]`` the engine's sampler log-probs, for truncated importance sampling.
-        clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, temperature, loss_agg,
-        max_tokens, tis_cap: see ``PolicyLossOptions``; or pass ``options=`` instead.
+        options: a ``PolicyLossOptions``; default: its defaults.
+        **overrides: any ``PolicyLossOptions`` field by keyword (clip_low, clip_high, dual_clip, kl_coef,
+            kl_type, entropy_coef, temperature, loss_agg, max_tokens, tis_cap, objective, correction),
+            applied on top of ``options``; an unknown keyword is a TypeError.
         objective: the policy objective, an ``ops.objectives`` instance (``objectives.GSPO(...)``) or its
             name for the defaults ("ppo_clip", "gspo", "geo_mean", "cispo", "sapo", "gpg", "dro", "dppo");
             None: PPOClip with clip_low / clip_high / dual_clip. Sequence-level objectives (gspo, geo_mean)
@@ -132,21 +123,7 @@ def fused_policy_loss(
         plus kl_ref (with ref_logprobs), tis_frac_capped (with tis_cap), dual_clip_frac (with dual_clip),
         behavior_logprob_gap (mean |logp - behavior_logprobs|, with behavior_logprobs).
     """
-    options = resolve_options(
-        options,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
-        kl_coef=kl_coef,
-        kl_type=kl_type,
-        entropy_coef=entropy_coef,
-        temperature=temperature,
-        loss_agg=loss_agg,
-        max_tokens=max_tokens,
-        tis_cap=tis_cap,
-        objective=objectives.as_spec(objective),
-        correction=as_correction_spec(correction),
-    )
+    options = resolve_options("fused_policy_loss", options, overrides)
     if choose_backend(backend, hidden) == "reference":
         options = PolicyLossOptions(**options)
         check_logits_dtype(logits_dtype, hidden)
@@ -202,15 +179,15 @@ def fused_policy_loss(
         seq_ids,
         ref_logprobs,
         behavior_logprobs,
-        *_option_args(options),
-        chunk_size,
-        logits_dtype,
-        fp32_matmul,
-        backend,
-        grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
-        validate,
+        **options,
+        chunk_size=chunk_size,
+        logits_dtype=logits_dtype,
+        fp32_matmul=fp32_matmul,
+        backend=backend,
+        needs_hidden_grad=grad_on and hidden.requires_grad,
+        needs_weight_grad=grad_on and weight.requires_grad,
+        needs_bias_grad=grad_on and bias is not None and bias.requires_grad,
+        validate=validate,
     )
     return loss, custom_ops.metrics_dict(metrics, _present(options, ref_logprobs, behavior_logprobs))
 
@@ -276,44 +253,21 @@ def policy_loss_from_logits(
     seq_ids: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     behavior_logprobs: torch.Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    loss_agg: str = "token_mean",
-    max_tokens: int | None = None,
-    tis_cap: float | None = None,
-    objective: str | Objective | None = None,
-    correction: RolloutCorrection | str | None = None,
+    options: PolicyLossOptions | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
-    options: PolicyLossOptions | None = None,
     validate: bool = True,
+    **overrides,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``fused_policy_loss`` for stacks that already hold ``[N, V]`` logits; gradient flows to logits.
+
+    ``options`` and ``**overrides`` (any ``PolicyLossOptions`` field) as in ``fused_policy_loss``.
 
     One pass over the logits forward (log-sum-exp, target, entropy) and one backward (writes the
     gradient); no ``log_softmax`` copy. ``-inf`` logits (masked vocabulary entries) are exact (0 log 0 = 0);
     ``validate`` rejects NaN / +inf in the rows with mask True, and rows that are all ``-inf``.
     """
-    options = resolve_options(
-        options,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
-        kl_coef=kl_coef,
-        kl_type=kl_type,
-        entropy_coef=entropy_coef,
-        temperature=temperature,
-        loss_agg=loss_agg,
-        max_tokens=max_tokens,
-        tis_cap=tis_cap,
-        objective=objectives.as_spec(objective),
-        correction=as_correction_spec(correction),
-    )
+    options = resolve_options("policy_loss_from_logits", options, overrides)
     if choose_backend(backend, logits) == "reference":
         options = PolicyLossOptions(**options)
         from duca_fast.ops._checks import check_tensor
@@ -354,10 +308,10 @@ def policy_loss_from_logits(
         seq_ids,
         ref_logprobs,
         behavior_logprobs,
-        *_option_args(options),
-        chunk_size,
-        backend,
-        validate,
+        **options,
+        chunk_size=chunk_size,
+        backend=backend,
+        validate=validate,
     )
     return loss, custom_ops.metrics_dict(metrics, _present(options, ref_logprobs, behavior_logprobs))
 
@@ -373,19 +327,9 @@ def policy_loss_from_logprobs(
     ref_logprobs: torch.Tensor | None = None,
     behavior_logprobs: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    entropy_coef: float = 0.0,
-    loss_agg: str = "token_mean",
-    max_tokens: int | None = None,
-    tis_cap: float | None = None,
-    objective: str | Objective | None = None,
-    correction: RolloutCorrection | str | None = None,
-    backend: str = "auto",
     options: PolicyLossOptions | None = None,
+    backend: str = "auto",
+    **overrides,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The same policy head on log-probs a stack already has (verl, TRL, your own forward pass).
 
@@ -399,26 +343,13 @@ def policy_loss_from_logprobs(
             before the aggregation, e.g. rollout importance-sampling weights or a stack's own
             loss-aggregation scaling; ``pg_loss`` is weighted the same way, the other metrics are not.
         backend: "auto" / "torch" (the custom op) or "reference" (float64 autograd).
-        options: a ``PolicyLossOptions`` instead of the keywords (its ``temperature`` is not used:
-            the log-probs already carry it).
+        options, **overrides: as in ``fused_policy_loss``, but no temperature (the log-probs already carry
+            it: ``options.temperature`` is not used, a ``temperature=`` keyword is a TypeError).
 
     Returns:
         ``(loss, metrics)`` with the metric keys of ``fused_policy_loss`` (``entropy`` only when given).
     """
-    options = resolve_options(
-        options,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
-        kl_coef=kl_coef,
-        kl_type=kl_type,
-        entropy_coef=entropy_coef,
-        loss_agg=loss_agg,
-        max_tokens=max_tokens,
-        tis_cap=tis_cap,
-        objective=objectives.as_spec(objective),
-        correction=as_correction_spec(correction),
-    )
+    options = resolve_options("policy_loss_from_logprobs", options, overrides, skip=("temperature",))
     from duca_fast.ops._checks import check_choice, check_tensor
 
     check_choice("backend", backend, ("auto", "torch", "reference"))
@@ -453,9 +384,6 @@ def policy_loss_from_logprobs(
             options=options,
             token_weights=token_weights,
         )
-    fields = _option_args(options)
-    # The schema has no temperature (index 6 of the dataclass): log-probs already carry it.
-    option_args = fields[:6] + fields[7:]
     loss, metrics, _, _ = torch.ops.duca.policy_loss_from_logprobs(
         logprobs,
         advantages,
@@ -465,7 +393,7 @@ def policy_loss_from_logprobs(
         seq_ids,
         ref_logprobs,
         behavior_logprobs,
-        *option_args,
+        **options,
         token_weights=token_weights,
     )
     present = _present(options, ref_logprobs, behavior_logprobs)

@@ -141,8 +141,8 @@ def parse_correction(spec: str) -> RolloutCorrection | None:
 
 
 def as_correction_spec(correction: RolloutCorrection | str | None) -> str:
-    if correction is None:
-        return ""
+    if correction is None or (isinstance(correction, str) and not correction):
+        return ""  # before any parsing: the wrappers run this under torch.compile's tracer
     if isinstance(correction, RolloutCorrection):
         return correction.spec()
     if isinstance(correction, str):

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from duca_fast.ops._checks import ValueChecks, check_same_device, check_tensor
-from duca_fast.ops._custom_op import custom_op
+from duca_fast.ops._custom_op import custom_op, custom_op_with_options, register_fake_with_options
 from duca_fast.ops.policy_loss.checks import (
     check_chunk_size,
     check_finite,
@@ -77,8 +77,7 @@ def metrics_dict(metrics: Tensor, present: dict[str, bool]) -> dict[str, Tensor]
     return {key: metrics[i] for i, key in enumerate(METRIC_KEYS) if present.get(key, True)}
 
 
-def _options(*values) -> PolicyLossOptions:
-    return PolicyLossOptions(*values)
+_DEFAULT_OPTIONS = PolicyLossOptions()
 
 
 def fused_loss_rows(hidden, weight, bias, inputs, options, needs, chunk_size, input_dtype_logits, backend):
@@ -123,7 +122,7 @@ def _sequence_plan(options, inputs, rows_per_chunk, want_grads, run, size, input
 # duca::fused_policy_loss
 
 
-@custom_op("duca::fused_policy_loss")
+@custom_op_with_options("duca::fused_policy_loss", PolicyLossOptions)
 def _fused_policy_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -135,18 +134,7 @@ def _fused_policy_loss(
     seq_ids: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     behavior_logprobs: Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    loss_agg: str = "token_mean",
-    max_tokens: int | None = None,
-    tis_cap: float | None = None,
-    objective: str = "ppo_clip",
-    correction: str = "",
+    options: PolicyLossOptions = _DEFAULT_OPTIONS,
     chunk_size: int | None = None,
     logits_dtype: str = "float32",
     fp32_matmul: str = "tf32",
@@ -157,20 +145,6 @@ def _fused_policy_loss(
     validate: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss, metrics and the (unscaled) gradients of hidden, weight and bias in the compute dtype."""
-    options = _options(
-        clip_low,
-        clip_high,
-        dual_clip,
-        kl_coef,
-        kl_type,
-        entropy_coef,
-        temperature,
-        loss_agg,
-        max_tokens,
-        tis_cap,
-        objective,
-        correction,
-    )
     check_loss_shapes(
         hidden, weight, target, advantages, old_logprobs, bias, mask, seq_ids, ref_logprobs, behavior_logprobs
     )
@@ -222,7 +196,7 @@ def _fused_policy_loss(
     )
 
 
-@_fused_policy_loss.register_fake
+@register_fake_with_options(_fused_policy_loss)
 def _fused_policy_loss_fake(
     hidden,
     weight,
@@ -234,18 +208,7 @@ def _fused_policy_loss_fake(
     seq_ids=None,
     ref_logprobs=None,
     behavior_logprobs=None,
-    clip_low=0.2,
-    clip_high=0.2,
-    dual_clip=None,
-    kl_coef=0.0,
-    kl_type="k3",
-    entropy_coef=0.0,
-    temperature=1.0,
-    loss_agg="token_mean",
-    max_tokens=None,
-    tis_cap=None,
-    objective="ppo_clip",
-    correction="",
+    options=_DEFAULT_OPTIONS,
     chunk_size=None,
     logits_dtype="float32",
     fp32_matmul="tf32",
@@ -255,20 +218,6 @@ def _fused_policy_loss_fake(
     needs_bias_grad=True,
     validate=True,
 ):
-    options = _options(
-        clip_low,
-        clip_high,
-        dual_clip,
-        kl_coef,
-        kl_type,
-        entropy_coef,
-        temperature,
-        loss_agg,
-        max_tokens,
-        tis_cap,
-        objective,
-        correction,
-    )
     check_loss_shapes(
         hidden,
         weight,
@@ -299,8 +248,10 @@ def _fused_policy_loss_fake(
     )
 
 
-# Positions of the differentiable inputs in the schema.
-_LOSS_GRAD_INPUTS = {"hidden": 0, "weight": 1, "bias": 5}
+# Positions of the differentiable inputs in the (generated) schema.
+_LOSS_GRAD_INPUTS = {
+    name: _fused_policy_loss.options_signature.names.index(name) for name in ("hidden", "weight", "bias")
+}
 
 
 def _fused_setup_context(ctx, inputs, output) -> None:
@@ -532,7 +483,7 @@ _token_logprobs.register_autograd(_logprobs_backward, setup_context=_logprobs_se
 # duca::policy_loss_from_logits and duca::logits_grad
 
 
-@custom_op("duca::policy_loss_from_logits")
+@custom_op_with_options("duca::policy_loss_from_logits", PolicyLossOptions)
 def _policy_loss_from_logits(
     logits: Tensor,
     target: Tensor,
@@ -542,37 +493,12 @@ def _policy_loss_from_logits(
     seq_ids: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     behavior_logprobs: Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    loss_agg: str = "token_mean",
-    max_tokens: int | None = None,
-    tis_cap: float | None = None,
-    objective: str = "ppo_clip",
-    correction: str = "",
+    options: PolicyLossOptions = _DEFAULT_OPTIONS,
     chunk_size: int | None = None,
     backend: str = "auto",
     validate: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, metrics, lse, entropy, grad_logprobs, grad_entropy)``; the last four feed backward."""
-    options = _options(
-        clip_low,
-        clip_high,
-        dual_clip,
-        kl_coef,
-        kl_type,
-        entropy_coef,
-        temperature,
-        loss_agg,
-        max_tokens,
-        tis_cap,
-        objective,
-        correction,
-    )
     check_tensor("logits", logits, ndims=(2,), kind="float")
     if logits.shape[1] == 0:
         raise ValueError("logits has an empty vocabulary (0 columns)")
@@ -611,7 +537,7 @@ def _policy_loss_from_logits(
     )
 
 
-@_policy_loss_from_logits.register_fake
+@register_fake_with_options(_policy_loss_from_logits)
 def _policy_loss_from_logits_fake(
     logits,
     target,
@@ -621,36 +547,11 @@ def _policy_loss_from_logits_fake(
     seq_ids=None,
     ref_logprobs=None,
     behavior_logprobs=None,
-    clip_low=0.2,
-    clip_high=0.2,
-    dual_clip=None,
-    kl_coef=0.0,
-    kl_type="k3",
-    entropy_coef=0.0,
-    temperature=1.0,
-    loss_agg="token_mean",
-    max_tokens=None,
-    tis_cap=None,
-    objective="ppo_clip",
-    correction="",
+    options=_DEFAULT_OPTIONS,
     chunk_size=None,
     backend="auto",
     validate=True,
 ):
-    options = _options(
-        clip_low,
-        clip_high,
-        dual_clip,
-        kl_coef,
-        kl_type,
-        entropy_coef,
-        temperature,
-        loss_agg,
-        max_tokens,
-        tis_cap,
-        objective,
-        correction,
-    )
     check_tensor("logits", logits, ndims=(2,), kind="float")
     check_loss_rows(
         ("logits", logits),
@@ -670,7 +571,7 @@ def _policy_loss_from_logits_fake(
         logits.new_empty((), dtype=compute),
         logits.new_empty(len(METRIC_KEYS), dtype=torch.float32),
         *(logits.new_empty(rows, dtype=compute) for _ in range(3)),
-        logits.new_empty(rows if entropy_coef != 0 else 0, dtype=compute),
+        logits.new_empty(rows if options.entropy_coef != 0 else 0, dtype=compute),
     )
 
 
@@ -704,9 +605,9 @@ def _logits_grad_fake(logits, *args, **kwargs):
 def _from_logits_setup_context(ctx, inputs, output) -> None:
     _, metrics, lse, entropy, grad_logprobs, grad_entropy = output
     ctx.mark_non_differentiable(metrics, lse, entropy, grad_logprobs, grad_entropy)
-    ctx.save_for_backward(inputs[0], inputs[1], lse, entropy, grad_logprobs, grad_entropy)
-    # temperature, chunk_size, backend (positions in the schema).
-    ctx.config = (inputs[14], inputs[20], inputs[21])
+    named = _policy_loss_from_logits.options_signature.named(inputs)
+    ctx.save_for_backward(named["logits"], named["target"], lse, entropy, grad_logprobs, grad_entropy)
+    ctx.config = (named["temperature"], named["chunk_size"], named["backend"])
 
 
 def _from_logits_backward(ctx, grad_loss, *unused_grads):
@@ -734,7 +635,7 @@ _policy_loss_from_logits.register_autograd(_from_logits_backward, setup_context=
 # duca::policy_loss_from_logprobs
 
 
-@custom_op("duca::policy_loss_from_logprobs")
+@custom_op_with_options("duca::policy_loss_from_logprobs", PolicyLossOptions, skip=("temperature",))
 def _policy_loss_from_logprobs(
     logprobs: Tensor,
     advantages: Tensor,
@@ -744,37 +645,13 @@ def _policy_loss_from_logprobs(
     seq_ids: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     behavior_logprobs: Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    entropy_coef: float = 0.0,
-    loss_agg: str = "token_mean",
-    max_tokens: int | None = None,
-    tis_cap: float | None = None,
-    objective: str = "ppo_clip",
-    correction: str = "",
+    options: PolicyLossOptions = _DEFAULT_OPTIONS,
     token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, metrics, grad_logprobs, grad_entropy)``: the policy head on given log-probs.
 
     ``token_weights`` (``[N]``, no gradient) multiplies each token's loss before the aggregation.
     """
-    options = _options(
-        clip_low,
-        clip_high,
-        dual_clip,
-        kl_coef,
-        kl_type,
-        entropy_coef,
-        1.0,
-        loss_agg,
-        max_tokens,
-        tis_cap,
-        objective,
-        correction,
-    )
     check_logprob_inputs(logprobs, entropy, options)
     check_same_device({"logprobs": logprobs, "entropy": entropy})
     target = torch.zeros(logprobs.shape[0], dtype=torch.long, device=logprobs.device)
@@ -826,7 +703,7 @@ def check_logprob_inputs(logprobs: Tensor, entropy: Tensor | None, options: Poli
         )
 
 
-@_policy_loss_from_logprobs.register_fake
+@register_fake_with_options(_policy_loss_from_logprobs)
 def _policy_loss_from_logprobs_fake(
     logprobs,
     advantages,
@@ -836,33 +713,9 @@ def _policy_loss_from_logprobs_fake(
     seq_ids=None,
     ref_logprobs=None,
     behavior_logprobs=None,
-    clip_low=0.2,
-    clip_high=0.2,
-    dual_clip=None,
-    kl_coef=0.0,
-    kl_type="k3",
-    entropy_coef=0.0,
-    loss_agg="token_mean",
-    max_tokens=None,
-    tis_cap=None,
-    objective="ppo_clip",
-    correction="",
+    options=_DEFAULT_OPTIONS,
     token_weights=None,
 ):
-    options = _options(
-        clip_low,
-        clip_high,
-        dual_clip,
-        kl_coef,
-        kl_type,
-        entropy_coef,
-        1.0,
-        loss_agg,
-        max_tokens,
-        tis_cap,
-        objective,
-        correction,
-    )
     check_logprob_inputs(logprobs, entropy, options)
     check_vector("token_weights", token_weights, logprobs.shape[0], "float")
     compute = compute_dtype(logprobs)
@@ -871,7 +724,7 @@ def _policy_loss_from_logprobs_fake(
         logprobs.new_empty((), dtype=compute),
         logprobs.new_empty(len(METRIC_KEYS), dtype=torch.float32),
         logprobs.new_empty(rows, dtype=compute),
-        logprobs.new_empty(rows if entropy_coef != 0 else 0, dtype=compute),
+        logprobs.new_empty(rows if options.entropy_coef != 0 else 0, dtype=compute),
     )
 
 
@@ -879,19 +732,23 @@ def _from_logprobs_setup_context(ctx, inputs, output) -> None:
     _, metrics, grad_logprobs, grad_entropy = output
     ctx.mark_non_differentiable(metrics, grad_logprobs, grad_entropy)
     ctx.save_for_backward(grad_logprobs, grad_entropy)
-    ctx.dtypes = (inputs[0].dtype, None if inputs[3] is None else inputs[3].dtype)
+    named = _policy_loss_from_logprobs.options_signature.named(inputs)
+    ctx.dtypes = (named["logprobs"].dtype, None if named["entropy"] is None else named["entropy"].dtype)
 
 
 def _from_logprobs_backward(ctx, grad_loss, *unused_grads):
     grad_logprobs, grad_entropy = ctx.saved_tensors
-    needs = needs_input_grad(ctx, 4)
+    names = _policy_loss_from_logprobs.options_signature.names
+    logprobs_at, entropy_at = names.index("logprobs"), names.index("entropy")
+    needs = needs_input_grad(ctx, entropy_at + 1)
     grads = [None] * len(ctx.needs_input_grad)
-    grads[0] = (grad_logprobs * grad_loss.to(grad_logprobs.dtype)).to(ctx.dtypes[0]) if needs[0] else None
-    if needs[3]:
+    if needs[logprobs_at]:
+        grads[logprobs_at] = (grad_logprobs * grad_loss.to(grad_logprobs.dtype)).to(ctx.dtypes[0])
+    if needs[entropy_at]:
         if grad_entropy.numel():
-            grads[3] = (grad_entropy * grad_loss.to(grad_entropy.dtype)).to(ctx.dtypes[1])
+            grads[entropy_at] = (grad_entropy * grad_loss.to(grad_entropy.dtype)).to(ctx.dtypes[1])
         else:
-            grads[3] = torch.zeros_like(grad_logprobs, dtype=ctx.dtypes[1])
+            grads[entropy_at] = torch.zeros_like(grad_logprobs, dtype=ctx.dtypes[1])
     return tuple(grads)
 
 
