@@ -9,13 +9,15 @@
 # results are packed into $OUT/results.tgz after each stage (a device machine returns at most 8 files).
 # The device gets a copy of the working tree without .git: pass the commit as DUCA_BENCH_COMMIT.
 # Stage limits (seconds) can be set: GPU_PASS_TEST_S, GPU_PASS_BENCH_S; GPU_PASS_FP32=1 adds the fp32 bench.
-# GPU_PASS_STAGES picks stages (default: all but fp32): native tests hian bf16 objectives multiturn fp32.
+# GPU_PASS_STAGES picks stages (default: all but fp32): native tests train hian bf16 objectives multiturn fp32.
+# The train stage needs .gpu_carry (bench/gpu_carry.sh builds it here: the GPU image has neither the GGUF
+# model package nor omegaconf); name it in the device call's carry.
 set -uo pipefail
 OUT="${OUT:-/tmp/duca_gpu_pass}"
 TEST_S="${GPU_PASS_TEST_S:-200}"
 BENCH_S="${GPU_PASS_BENCH_S:-160}"
 FP32="${GPU_PASS_FP32:-0}"  # 1: also the fp32 (tf32) policy-loss bench (about 2 more minutes)
-STAGES=" ${GPU_PASS_STAGES:-native tests hian bf16 objectives multiturn$([[ $FP32 == 1 ]] && echo ' fp32')} "
+STAGES=" ${GPU_PASS_STAGES:-native tests train hian bf16 objectives multiturn$([[ $FP32 == 1 ]] && echo ' fp32')} "
 want() { [[ $STAGES == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -61,6 +63,24 @@ if want tests; then
         > "$OUT/gpu_tests.txt" 2>&1
     echo "pytest exit $?"
     tail -15 "$OUT/gpu_tests.txt"
+fi
+
+if want train; then
+    # 3 steps of the demo config on CUDA: transformers engine (no vLLM in the image), Triton kernels, LoRA,
+    # on a tiny random Llama with SmolLM2's tokenizer (.gpu_carry/tiny_model).
+    stamp "training loop, 3 steps of the demo config (hf engine)"
+    if [[ -d .gpu_carry/tiny_model ]]; then
+        PYTHONPATH="$PYTHONPATH:$PWD/.gpu_carry/site" timeout 150 python3 -c \
+            "import sys; from duca_fast.cli import main; sys.exit(main(sys.argv[1:]))" train \
+            --config configs/demo.yaml model.path=.gpu_carry/tiny_model rollout.engine=hf steps=3 \
+            eval_before_after=false checkpoint_every=0 run_dir="$OUT/train_run" > "$OUT/train.txt" 2>&1
+        echo "train exit $?"
+        tail -4 "$OUT/train.txt"
+        [[ -f $OUT/train_run/metrics.jsonl ]] && cp "$OUT/train_run/metrics.jsonl" "$OUT/train_metrics.jsonl"
+        rm -rf "$OUT/train_run"
+    else
+        echo "no .gpu_carry/tiny_model: run bench/gpu_carry.sh here and carry .gpu_carry"
+    fi
 fi
 
 want hian && stamp "HIAN advantages" && timeout 120 python3 bench/bench_advantages.py --sessions 16000 128000 2>&1 | tail -8 | tee "$OUT/bench_log.txt"

@@ -25,6 +25,20 @@ from typing import Protocol
 from duca_fast.env.scenarios import Scenario
 from duca_fast.env.text import AgentTurnReading
 
+
+class CustomerEndpointError(RuntimeError):
+    """An LLM customer's endpoint could not answer (here, not in ``llm_customer``: the driver catches it
+    without importing openai); ``reason`` says why in one word, for counting.
+
+    Reasons: "unreachable" (no connection), "timeout" (no full answer within ``timeout_s``),
+    "server_error" (429 or 5xx on every try), "rejected" (another 4xx, not retried).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 CUSTOMER_INTENTS: tuple[str, ...] = (
     "opening",
     "reveal_need",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import openai
 
-from duca_fast.env.customer import CustomerReply
+from duca_fast.env.customer import CustomerEndpointError, CustomerReply
 from duca_fast.env.scenarios import Scenario
 from duca_fast.env.text import AgentTurnReading, asks_if_bot
 
@@ -31,18 +31,6 @@ DECISION_REQUEST = (
     "The conversation is over. Answer with only a JSON object: "
     '{"bought": true or false, "price": the price you paid or null, "thinks_bot": true or false}'
 )
-
-
-class CustomerEndpointError(RuntimeError):
-    """The customer endpoint could not answer; ``reason`` says why in one word, for counting.
-
-    Reasons: "unreachable" (no connection), "timeout" (no full answer within ``timeout_s``),
-    "server_error" (429 or 5xx on every try), "rejected" (another 4xx, not retried).
-    """
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

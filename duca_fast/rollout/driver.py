@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from duca_fast.env.base import DialogueEnv, Outcome, TurnResult, aclose_all, step_many
-from duca_fast.env.llm_customer import CustomerEndpointError
+from duca_fast.env.customer import CustomerEndpointError
 from duca_fast.rollout.engine import Completion, RolloutEngine, SamplingConfig
 
 logger = logging.getLogger(__name__)

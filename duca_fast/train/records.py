@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # Figures: (file, title, [metric key prefix or exact key]); every matching metric gets its own panel.
 PLOTS = [
@@ -58,8 +61,11 @@ class RunRecords:
             self.metrics_path.unlink()
         self._writer = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ModuleNotFoundError as error:  # torch's writer needs the tensorboard package
+                logger.warning("TensorBoard events skipped (%s); metrics.jsonl has every metric", error)
+                return
             self._writer = SummaryWriter(
                 str(self.run_dir / "events"), purge_step=resume_step + 1 if resume_step else None
             )
@@ -94,8 +100,19 @@ class RunRecords:
         return path
 
     def plot(self) -> list[Path]:
-        """Write plots/*.png from metrics.jsonl; returns the files written."""
-        return write_plots(self.read(), self.run_dir / "plots")
+        """Write plots/*.png from metrics.jsonl; returns the files written. Without matplotlib (a bare
+        GPU image) the run still ends normally, with a warning."""
+        try:
+            return write_plots(self.read(), self.run_dir / "plots")
+        except ModuleNotFoundError as error:
+            if error.name != "matplotlib":
+                raise
+            logger.warning(
+                "plots skipped: matplotlib is not installed (pip install matplotlib; "
+                "duca_fast.train.records.write_plots draws them from %s later)",
+                self.metrics_path,
+            )
+            return []
 
     def close(self) -> None:
         if self._writer is not None:
