@@ -369,6 +369,27 @@ MUTANTS = [
         "fused[(problem.token_turn.long() + 1).clamp(0, fused.shape[0] - 1)]",
         ADVANTAGE_TESTS,
     ),
+    Mutant(
+        "top-entropy mask keeps the low-entropy tokens instead",
+        PL + "head.py",
+        "kept = active & (entropy.float() >= threshold)",
+        "kept = active & (entropy.float() <= threshold)",
+        ("tests/ops/test_objectives.py",),
+    ),
+    Mutant(
+        "off-policy mask drops positive advantages instead of negative ones",
+        PL + "head.py",
+        "dropped = active & drifted & (inputs.advantages < 0)",
+        "dropped = active & drifted & (inputs.advantages > 0)",
+        ("tests/ops/test_objectives.py",),
+    ),
+    Mutant(
+        "chunk driver hands the head the previous chunk's statistics in a backward",
+        PL + "chunks.py",
+        "lse, entropy = saved[0][rows], saved[1][rows]",
+        "lse, entropy = saved[0][rows].roll(1), saved[1][rows]",
+        LOSS_TESTS,
+    ),
 ]
 
 

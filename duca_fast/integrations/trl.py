@@ -316,6 +316,11 @@ class DucaGRPOTrainer(GRPOTrainer):
             self.duca_kernel_plan = trl_kernel.KernelPlan.from_config(
                 self.args, self.use_vllm, self.model.config
             )
+            if self.duca_kernel_plan.top_entropy_quantile < 1.0 and self.accelerator.num_processes > 1:
+                raise ValueError(
+                    "use_duca_kernel=True cannot honour top_entropy_quantile < 1 on several processes: TRL "
+                    "takes the quantile over every process's tokens, the kernel over its own"
+                )
             trl_kernel.add_hidden_states_loss(
                 self.model.get_base_model() if is_peft_model(self.model) else self.model
             )

@@ -73,6 +73,8 @@ class KernelPlan:
     is_mode: str | None
     """TRL's ``vllm_importance_sampling_mode`` when the correction is on, else None."""
     correction: ops.RolloutCorrection | None
+    top_entropy_quantile: float = 1.0
+    off_policy_mask: float | None = None
 
     @classmethod
     def from_config(cls, args: Any, use_vllm: bool, model_config: Any = None) -> KernelPlan:
@@ -115,22 +117,22 @@ class KernelPlan:
                 "TRL multiplies its KL by the policy ratio; the kernel's KL is unweighted "
                 "(set use_bias_correction_kl=False)",
             )
-        for option, value, default in (
-            ("top_entropy_quantile", args.top_entropy_quantile, 1.0),
-            ("off_policy_mask_threshold", args.off_policy_mask_threshold, None),
-            ("use_adaptive_entropy", args.use_adaptive_entropy, False),
-        ):
-            if value != default:
-                raise _refuse(
-                    f"{option}={value!r}",
-                    "it needs a batch statistic of the current policy before the loss; use TRL's own "
-                    "loss (use_duca_kernel=False)",
-                )
+        if args.use_adaptive_entropy:
+            raise _refuse(
+                "use_adaptive_entropy=True",
+                "TRL's controller adapts entropy_coef between steps from its own loss; use TRL's own loss "
+                "(use_duca_kernel=False)",
+            )
         if args.entropy_coef != 0.0 and loss_type != "bnpo":
             raise _refuse(
                 f"entropy_coef={args.entropy_coef} with loss_type={loss_type!r}",
                 "TRL averages the entropy bonus over tokens whatever the loss type; the kernel aggregates "
                 "it like the loss, which is the same only for bnpo",
+            )
+        if args.entropy_coef != 0.0 and args.top_entropy_quantile < 1.0:
+            raise _refuse(
+                "entropy_coef with top_entropy_quantile < 1",
+                "TRL restricts its entropy bonus to the high-entropy tokens; the kernel's stays on all",
             )
         _check_model_config(model_config)
         is_mode, correction = None, None
@@ -148,6 +150,8 @@ class KernelPlan:
             max_completion_length=int(args.max_completion_length),
             is_mode=is_mode,
             correction=correction,
+            top_entropy_quantile=float(args.top_entropy_quantile),
+            off_policy_mask=None if args.off_policy_mask_threshold is None else float(args.off_policy_mask_threshold),
         )
 
 
@@ -249,13 +253,14 @@ def fused_trl_loss(trainer: Any, model: torch.nn.Module, inputs: dict) -> torch.
         return None if values is None else values.reshape(-1)
 
     old = inputs.get("old_per_token_logps")
+    sampling = inputs.get("sampling_per_token_logps")
     behavior = None
-    if plan.correction is not None:
-        sampling = inputs["sampling_per_token_logps"]
+    if sampling is not None and (plan.correction is not None or plan.off_policy_mask is not None):
         reference_old = old if old is not None else sampling
         # TRL gives a token vLLM could not score a ratio of 1: its sampling log-prob becomes the old one.
         behavior = torch.where(torch.isnan(sampling), reference_old, sampling)
-        old = reference_old
+        if plan.correction is not None:
+            old = reference_old
     mode = "train" if trainer.model.training else "eval"
     accumulation = float(trainer.current_gradient_accumulation_steps) if mode == "train" else 1.0
     if plan.loss_type in ("dapo", "cispo") and mode == "train":
@@ -288,6 +293,8 @@ def fused_trl_loss(trainer: Any, model: torch.nn.Module, inputs: dict) -> torch.
             temperature=plan.temperature,
             loss_agg=plan.loss_agg,
             max_tokens=rows * plan.max_completion_length if plan.loss_type == "dr_grpo" else 1,
+            top_entropy_quantile=plan.top_entropy_quantile,
+            off_policy_mask=plan.off_policy_mask,
         )
         metrics.update(found)
         return loss

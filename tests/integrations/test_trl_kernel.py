@@ -69,6 +69,8 @@ def configure(trainer, **settings):
     trainer.epsilon_low = args.epsilon
     trainer.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
     trainer.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
+    trainer.top_entropy_quantile = args.top_entropy_quantile
+    trainer.off_policy_mask_threshold = args.off_policy_mask_threshold
     trainer.use_vllm = settings.get("use_vllm", False)
     trainer.duca_kernel_plan = trl_kernel.KernelPlan.from_config(args, trainer.use_vllm, trainer.model.config)
 
@@ -220,6 +222,43 @@ def test_vllm_importance_sampling_modes_equal_trl(trained, mode):
         configure(trainer, use_vllm=False, vllm_importance_sampling_correction=True)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_top_entropy_and_off_policy_masks_equal_trl(trained, loss_type):
+    trainer, recorded, _ = trained
+    for settings in (
+        dict(top_entropy_quantile=0.3, off_policy_mask_threshold=None),
+        dict(top_entropy_quantile=1.0, off_policy_mask_threshold=0.05),
+        dict(top_entropy_quantile=0.5, off_policy_mask_threshold=0.0),
+    ):
+        configure(
+            trainer, loss_type=loss_type, importance_sampling_level="token", beta=0.0, epsilon_high=0.28, **settings
+        )
+        batch = perturbed_batch(trainer, recorded, per_token_advantages=True, seed=7)
+        try:
+            assert_same(trainer, batch)
+        finally:
+            configure(trainer, top_entropy_quantile=1.0, off_policy_mask_threshold=None)
+
+
+def test_off_policy_mask_reads_vllm_sampling_logprobs_as_trl_does(trained):
+    trainer, recorded, _ = trained
+    configure(
+        trainer,
+        loss_type="bnpo",
+        importance_sampling_level="token",
+        beta=0.0,
+        epsilon_high=0.28,
+        off_policy_mask_threshold=0.05,
+        use_vllm=True,
+        vllm_importance_sampling_correction=False,
+    )
+    batch = perturbed_batch(trainer, recorded, per_token_advantages=True, seed=8)
+    try:
+        assert_same(trainer, batch)
+    finally:
+        configure(trainer, off_policy_mask_threshold=None, use_vllm=False, vllm_importance_sampling_correction=True)
+
+
 def test_truncated_completions_leave_the_loss(trained):
     trainer, recorded, _ = trained
     configure(trainer, loss_type="grpo", importance_sampling_level="token", beta=0.0, epsilon_high=0.28)
@@ -263,9 +302,9 @@ def test_per_token_advantages_reach_the_kernel(trained, monkeypatch):
     [
         (dict(loss_type="vespo"), "loss_type='vespo'"),
         (dict(beta=0.1, use_bias_correction_kl=True), "use_bias_correction_kl"),
-        (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
-        (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+        (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
         (dict(entropy_coef=0.01, loss_type="grpo"), "entropy_coef"),
+        (dict(entropy_coef=0.01, loss_type="bnpo", top_entropy_quantile=0.5), "top_entropy_quantile"),
         (dict(loss_type="cispo", importance_sampling_level="sequence"), "importance_sampling_level"),
         (dict(loss_type="cispo", epsilon_high=0.28), "epsilon_high"),
         (dict(delta=1.5, importance_sampling_level="sequence"), "delta"),

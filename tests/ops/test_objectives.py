@@ -182,11 +182,11 @@ def test_sequence_level_objectives_with_chunks_smaller_than_the_batch(backend, d
     assert_close(got[1]["weight"], expected[1]["weight"], "grad weight (interleaved)")
 
 
-def launcher_flops(problem, objective, chunk_size):
+def launcher_flops(problem, objective, chunk_size, **extra):
     """FLOPs of the fused driver itself on the Triton backend, as test_gemm_floor counts them (a dispatch
     mode does not see inside the custom op)."""
     problem = {k: v.to(KERNEL_DEVICE) for k, v in problem.items()}
-    options = ops.PolicyLossOptions(objective=objectives.as_spec(objective))
+    options = ops.PolicyLossOptions(objective=objectives.as_spec(objective), **extra)
     inputs = prepare_loss_call(
         ("hidden", problem["hidden"]),
         problem["weight"].shape[0],
@@ -452,3 +452,66 @@ def test_rollout_correction_inputs_are_checked():
     ]:
         with pytest.raises(ValueError, match=message):
             ops.RolloutCorrection(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token masks on the policy-gradient term: TRL's top_entropy_quantile and off-policy sequence masking.
+
+MASKS = {
+    "top_entropy": dict(top_entropy_quantile=0.4),
+    "off_policy": dict(off_policy_mask=0.02),
+    "both": dict(top_entropy_quantile=0.6, off_policy_mask=0.0),
+}
+
+
+@pytest.mark.parametrize("mask_name", MASKS)
+@pytest.mark.parametrize("objective_name", ["ppo_clip", "gspo"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_token_masks_match_the_reference(backend, device, objective_name, mask_name):
+    objective = OBJECTIVES[objective_name]
+    problem = make_problem(seed=21)
+    options = dict(extras_for(objective), **MASKS[mask_name])
+    got = run_fused(problem, objective, backend, device, chunk_size=4, **options)
+    expected = run_fused(problem, objective, "reference", "cpu", **options)
+    compare(got, expected)
+    without = run_fused(problem, objective, "reference", "cpu", **extras_for(objective))
+    assert not torch.equal(got[1]["weight"], without[1]["weight"].float().double())  # the mask acts
+    kept, masked = got[2].get("entropy_mask_kept"), got[2].get("off_policy_masked")
+    if "top_entropy_quantile" in MASKS[mask_name]:
+        assert 0 < float(kept) < 1
+    if "off_policy_mask" in MASKS[mask_name]:
+        assert 0 < float(masked) < 1
+
+
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_token_masks_on_logprobs_match_the_reference(mask_name):
+    problem = make_problem(seed=22)
+    logprobs, entropy = logprob_inputs(problem)
+    common = {k: problem[k] for k in ("advantages", "old_logprobs", "mask", "seq_ids", "behavior_logprobs")}
+    results = {}
+    for backend in ("torch", "reference"):
+        leaf = logprobs.float().clone().requires_grad_()
+        loss, metrics = ops.policy_loss_from_logprobs(
+            leaf, entropy=entropy.float(), backend=backend, **common, **MASKS[mask_name]
+        )
+        loss.backward()
+        results[backend] = (loss.detach().double(), {"logprobs": leaf.grad.double()}, metrics)
+    compare(results["torch"], results["reference"])
+
+
+def test_token_masks_cost_and_need_what_they_say():
+    problem = packed_problem()
+    num_tokens, hidden_dim = problem["hidden"].shape
+    floor = 6 * num_tokens * hidden_dim * problem["weight"].shape[0]
+    ppo = OBJECTIVES["ppo_clip"]
+    # off_policy_mask is per sequence: chunks on sequence boundaries keep one pass...
+    assert launcher_flops(problem, ppo, 6, off_policy_mask=0.01) == floor
+    # ...top_entropy_quantile is a quantile over every token: two passes (GEMM1 twice).
+    assert launcher_flops(problem, ppo, 6, top_entropy_quantile=0.5) == floor * 8 // 6
+    with pytest.raises(ValueError, match="off_policy_mask needs seq_ids"):
+        run_fused({**problem, "seq_ids": None}, ppo, "torch", "cpu", loss_agg="token_mean", off_policy_mask=0.1)
+    with pytest.raises(ValueError, match="top_entropy_quantile must be in"):
+        ops.PolicyLossOptions(top_entropy_quantile=0.0)
+    logprobs, _ = logprob_inputs(problem)
+    with pytest.raises(ValueError, match="top_entropy_quantile < 1 needs entropy"):
+        ops.policy_loss_from_logprobs(logprobs.float(), problem["advantages"], top_entropy_quantile=0.5)

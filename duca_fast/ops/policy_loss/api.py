@@ -56,6 +56,8 @@ def _present(options: dict, ref_logprobs, behavior_logprobs) -> dict[str, bool]:
         "dual_clip_frac": options["dual_clip"] is not None or "dual_clip=" in options["objective"],
         "behavior_logprob_gap": behavior_logprobs is not None,
         **{key: bool(options["correction"]) for key in CORRECTION_METRICS},
+        "entropy_mask_kept": options["top_entropy_quantile"] < 1.0,
+        "off_policy_masked": options["off_policy_mask"] is not None,
     }
 
 

@@ -66,6 +66,8 @@ def check_loss_rows(
             raise ValueError("tis_cap needs behavior_logprobs (the engine's sampler log-probs)")
         if options.loss_agg.startswith("seq_") and seq_ids is None:
             raise ValueError(f"loss_agg={options.loss_agg!r} needs seq_ids (the sequence of each token)")
+        if options.off_policy_mask is not None and seq_ids is None:
+            raise ValueError("off_policy_mask needs seq_ids (the sequence of each token)")
 
 
 def check_loss_shapes(

@@ -101,19 +101,21 @@ def fused_loss_rows(hidden, weight, bias, inputs, options, needs, chunk_size, in
 
 def _sequence_plan(options, inputs, rows_per_chunk, want_grads, run, size, input_dtype_logits):
     """``(chunks, precomputed)`` for the fused loop: a token-level objective takes the fixed chunks; a
-    sequence-level one takes chunks that end on sequence boundaries (still 6 N H V FLOPs), or, when a
-    sequence is longer than a chunk or not contiguous, the whole batch's head from a first forward pass
-    (8 N H V FLOPs: the logits are computed twice)."""
-    if not want_grads or not options.resolved_objective().sequence_level:
+    sequence-level one (or off_policy_mask) takes chunks that end on sequence boundaries (still 6 N H V
+    FLOPs), or, when a sequence is longer than a chunk or not contiguous, the whole batch's head from a
+    first forward pass (8 N H V FLOPs: the logits are computed twice); so does top_entropy_quantile
+    (a quantile over every loss token)."""
+    if not want_grads or not (options.needs_whole_batch or options.needs_whole_sequences):
         return None, None
-    chunks = sequence_chunks(inputs.seq_ids, rows_per_chunk)
-    if chunks is not None:
-        return chunks, None
-    logger.info(
-        "objective %r: a sequence is longer than a chunk of %d rows (or not contiguous); two passes",
-        options.resolved_objective().name,
-        rows_per_chunk,
-    )
+    if not options.needs_whole_batch:
+        chunks = sequence_chunks(inputs.seq_ids, rows_per_chunk)
+        if chunks is not None:
+            return chunks, None
+        logger.info(
+            "objective %r: a sequence is longer than a chunk of %d rows (or not contiguous); two passes",
+            options.resolved_objective().name,
+            rows_per_chunk,
+        )
     head, _, _, _ = run((False, False, False), size, input_dtype_logits)
     return None, head
 
@@ -701,6 +703,8 @@ def check_logprob_inputs(logprobs: Tensor, entropy: Tensor | None, options: Poli
         raise ValueError(
             "entropy_coef != 0 needs entropy (the per-token entropies) in policy_loss_from_logprobs"
         )
+    if options.top_entropy_quantile < 1.0 and entropy is None:
+        raise ValueError("top_entropy_quantile < 1 needs entropy (the per-token entropies)")
 
 
 @register_fake_with_options(_policy_loss_from_logprobs)

@@ -67,6 +67,8 @@ def prepare_token_inputs(
     objective = options.resolved_objective()
     if objective.needs_seq_ids() and seq_ids is None:
         raise ValueError(f"objective {objective.name!r} needs seq_ids (the sequence of each token)")
+    if options.off_policy_mask is not None and seq_ids is None:
+        raise ValueError("off_policy_mask needs seq_ids (the sequence of each token)")
 
     active = torch.ones(num_tokens, dtype=torch.bool, device=target.device) if mask is None else mask.bool()
     checks = ValueChecks()
@@ -167,6 +169,7 @@ def policy_head(
         raw_weight = torch.exp((old - inputs.behavior_logprobs).clamp(max=LOG_RATIO_LIMIT))
         pg_weights = weights * raw_weight.clamp(max=options.tis_cap)
         metrics["tis_frac_capped"] = masked_mean((raw_weight > options.tis_cap).to(logprobs.dtype), active)
+    pg_weights = _token_masks(logprobs, entropy, old, inputs, options, pg_weights, metrics)
     terms = options.resolved_objective().terms(
         ObjectiveBatch(logprobs, old, advantages, pg_weights, active, inputs.seq_ids)
     )
@@ -199,6 +202,32 @@ def policy_head(
     metrics["entropy"] = masked_mean(entropy, active)
     metrics["pg_loss"] = pg_loss
     return HeadOutput(loss, grad_logprobs, grad_entropy, {k: v.float() for k, v in metrics.items()})
+
+
+def _token_masks(logprobs, entropy, old, inputs: TokenInputs, options: PolicyLossOptions, pg_weights, metrics):
+    """``pg_weights`` with the top-entropy and off-policy masks applied (the policy-gradient term only)."""
+    active = inputs.active
+    if options.top_entropy_quantile < 1.0:
+        values = entropy.float()[active]
+        if values.numel():
+            threshold = torch.quantile(values, 1.0 - options.top_entropy_quantile)
+            kept = active & (entropy.float() >= threshold)
+        else:
+            kept = active
+        pg_weights = pg_weights * kept.to(pg_weights.dtype)
+        metrics["entropy_mask_kept"] = masked_mean(kept.to(logprobs.dtype), active)
+    if options.off_policy_mask is not None:
+        reference = inputs.behavior_logprobs if inputs.behavior_logprobs is not None else old
+        gap = torch.where(active, reference - logprobs.detach(), torch.zeros_like(logprobs))
+        seq = inputs.seq_ids
+        size = int(seq.max()) + 1 if seq.numel() else 0
+        sums = gap.new_zeros(size).index_add_(0, seq, gap)
+        counts = gap.new_zeros(size).index_add_(0, seq, active.to(gap.dtype))
+        drifted = (sums / counts.clamp_min(1.0))[seq] > options.off_policy_mask
+        dropped = active & drifted & (inputs.advantages < 0)
+        pg_weights = torch.where(dropped, torch.zeros_like(pg_weights), pg_weights)
+        metrics["off_policy_masked"] = masked_mean(dropped.to(logprobs.dtype), active)
+    return pg_weights
 
 
 def _kl(diff: torch.Tensor, kl_type: str) -> tuple[torch.Tensor, torch.Tensor]:

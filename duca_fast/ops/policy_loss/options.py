@@ -38,6 +38,8 @@ METRIC_KEYS = (
     "dual_clip_frac",
     "behavior_logprob_gap",
     *CORRECTION_METRICS,
+    "entropy_mask_kept",
+    "off_policy_masked",
 )
 """Order of the custom ops' metrics tensor; absent metrics are 0 there and left out of the dicts."""
 
@@ -74,6 +76,16 @@ class PolicyLossOptions:
     correction: str = ""
     """Rollout correction (``ops.RolloutCorrection``, verl's vocabulary) as its spec string; "" = none.
     Needs ``old_logprobs`` and ``behavior_logprobs``; not together with ``tis_cap`` (its shorthand)."""
+    top_entropy_quantile: float = 1.0
+    """Keep the policy-gradient term only on tokens whose entropy is at or above the ``1 - q`` quantile
+    (``torch.quantile``, linear) of the loss tokens' entropies in this call (TRL's top_entropy_quantile,
+    after arXiv 2506.01939); KL and the entropy bonus stay on every token, the normalizer is unchanged.
+    1.0 = off. A statistic of the whole batch: the fused op then runs two passes (8 N H V FLOPs)."""
+    off_policy_mask: float | None = None
+    """Off-policy sequence masking (DeepSeek-V3.2, TRL's off_policy_mask_threshold): a token's
+    policy-gradient term is dropped when its advantage is negative and its sequence's mean of
+    ``behavior_logprobs - logp`` (``old_logprobs`` without behavior ones) over the loss tokens exceeds
+    this. Needs ``seq_ids``; sequence-level: the fused op cuts chunks on sequence boundaries."""
 
     def __post_init__(self) -> None:
         check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
@@ -92,6 +104,16 @@ class PolicyLossOptions:
             raise ValueError(f"dual_clip must be a finite number > 1, got {self.dual_clip}")
         if self.tis_cap is not None and not (math.isfinite(self.tis_cap) and self.tis_cap > 0):
             raise ValueError(f"tis_cap must be a finite number > 0, got {self.tis_cap}")
+        if isinstance(self.top_entropy_quantile, bool) or not (
+            isinstance(self.top_entropy_quantile, (int, float)) and 0.0 < self.top_entropy_quantile <= 1.0
+        ):
+            raise ValueError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile!r}")
+        if self.off_policy_mask is not None and not (
+            isinstance(self.off_policy_mask, (int, float))
+            and not isinstance(self.off_policy_mask, bool)
+            and math.isfinite(self.off_policy_mask)
+        ):
+            raise ValueError(f"off_policy_mask must be a finite number or None, got {self.off_policy_mask!r}")
         self._check_objective()
         if self.correction and self.tis_cap is not None:
             raise ValueError("tis_cap and correction both set: tis_cap=c is RolloutCorrection('token', c)")
@@ -107,6 +129,16 @@ class PolicyLossOptions:
                 or self.max_tokens < 1
             ):
                 raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+
+    @property
+    def needs_whole_batch(self) -> bool:
+        """A statistic over every loss token precedes the gradients (the fused op runs two passes)."""
+        return self.top_entropy_quantile < 1.0
+
+    @property
+    def needs_whole_sequences(self) -> bool:
+        """The per-token terms depend on whole sequences (chunks must end on sequence boundaries)."""
+        return self.off_policy_mask is not None or self.resolved_objective().sequence_level
 
     def resolved_objective(self):
         """The objective instance, its inherited clip values filled in from these options (cached by

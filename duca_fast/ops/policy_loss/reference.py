@@ -7,6 +7,8 @@ an aggregation or metric bug there shows up as a difference in the tests.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from duca_fast.ops.policy_loss.correction import RolloutCorrection, parse_correction
@@ -104,6 +106,7 @@ def reference_policy_loss_from_logprobs(
             importance = torch.exp((old - behavior).clamp(max=LOG_RATIO_LIMIT)).detach()
             surrogate = surrogate * importance.clamp(max=options.tis_cap)
             metrics["tis_frac_capped"] = _mean_over((importance > options.tis_cap).double(), active)
+    surrogate = _reference_masks(surrogate, logp, entropy, old, adv, behavior_logprobs, active, seq, options, metrics)
     per_token = surrogate
     if ref_logprobs is not None:
         diff = logp - clean(ref_logprobs)
@@ -125,6 +128,34 @@ def reference_policy_loss_from_logprobs(
     metrics["pg_loss"] = _aggregate(surrogate.detach(), active, seq, options)
     loss = _aggregate(per_token, active, seq, options)
     return loss, {name: value.detach().float() for name, value in metrics.items()}
+
+
+def _reference_masks(surrogate, logp, entropy, old, adv, behavior_logprobs, active, seq, options, metrics):
+    """top_entropy_quantile and off_policy_mask on the policy-gradient term, written out token by token."""
+    rows = [i for i in range(logp.shape[0]) if bool(active[i])]
+    factor = [1.0] * logp.shape[0]
+    if options.top_entropy_quantile < 1.0:
+        values = sorted(float(entropy[i]) for i in rows)
+        threshold = math.inf
+        if values:
+            position = (1.0 - options.top_entropy_quantile) * (len(values) - 1)
+            low = math.floor(position)
+            high = min(low + 1, len(values) - 1)
+            threshold = values[low] + (position - low) * (values[high] - values[low])
+        kept = [i for i in rows if float(entropy[i]) >= threshold] if values else rows
+        for i in rows:
+            factor[i] *= 1.0 if i in kept else 0.0
+        metrics["entropy_mask_kept"] = torch.tensor(len(kept) / max(len(rows), 1), dtype=torch.float64)
+    if options.off_policy_mask is not None:
+        reference = old if behavior_logprobs is None else behavior_logprobs.double()
+        gaps: dict[int, list[float]] = {}
+        for i in rows:
+            gaps.setdefault(int(seq[i]), []).append(float(reference[i]) - float(logp[i]))
+        dropped = [i for i in rows if float(adv[i]) < 0 and sum(gaps[int(seq[i])]) / len(gaps[int(seq[i])]) > options.off_policy_mask]
+        for i in dropped:
+            factor[i] = 0.0
+        metrics["off_policy_masked"] = torch.tensor(len(dropped) / max(len(rows), 1), dtype=torch.float64)
+    return surrogate * torch.tensor(factor, dtype=torch.float64, device=surrogate.device)
 
 
 def _tempered_logits(hidden, weight, bias, temperature) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""Chunked torch path of the policy loss: per token chunk one GEMM for the logits, the row statistics,
-the analytic d-logits in place, then the GEMMs for the gradients of hidden and weight."""
+"""Chunked torch path of the policy loss: the row primitives (``TorchRows``: per token chunk one GEMM for
+the logits, the row statistics, the analytic d-logits in place, the GEMMs for the gradients of hidden and
+weight) that ``chunks.run_chunks`` drives, and the ops' torch entry points."""
 
 from __future__ import annotations
 
 import torch
 
+from duca_fast.ops.policy_loss.chunks import run_chunks
 from duca_fast.ops.policy_loss.head import fixed_chunks, head_rows, policy_head
 from duca_fast.ops.policy_loss.options import (
     CHUNK_ELEMENTS,
@@ -37,8 +39,7 @@ class _Scratch:
         self.logits = torch.empty(rows, vocab_size, dtype=dtype, device=device)
         self.probs = torch.empty(rows, vocab_size, dtype=dtype, device=device)
 
-    def take(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        count = rows.stop - rows.start
+    def take(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.logits[:count], self.probs[:count]
 
 
@@ -122,28 +123,99 @@ def _grad_logits_(
     return grad
 
 
-def _accumulate_param_grads(
-    grad_logits: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    rows: slice,
-    grads: dict[str, torch.Tensor | None],
-) -> None:
-    if grads["hidden"] is not None:
-        grads["hidden"][rows] = (grad_logits.to(weight.dtype) @ weight).to(grads["hidden"].dtype)
-    if grads["weight"] is not None:
-        # fp32 (or fp64) accumulation across chunks whatever the input dtype.
-        grads["weight"].addmm_(grad_logits.T, hidden[rows].to(grad_logits.dtype))
-    if grads["bias"] is not None:
-        grads["bias"].add_(grad_logits.sum(0))
-
-
 def _new_grads(hidden, weight, bias, needs: tuple[bool, bool, bool], compute: torch.dtype) -> dict:
     return {
         "hidden": torch.empty_like(hidden, dtype=compute) if needs[0] else None,
         "weight": torch.zeros_like(weight, dtype=compute) if needs[1] else None,
         "bias": torch.zeros_like(bias, dtype=compute) if bias is not None and needs[2] else None,
     }
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+class TorchRows:
+    """``chunks.RowPrimitives`` of the torch path: logits (bias and 1/temperature applied) into a reused
+    buffer, statistics that keep the probabilities for the d-logits, GEMMs in torch."""
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        temperature: float,
+        rows_per_chunk: int,
+        input_dtype_logits: bool = False,
+    ) -> None:
+        self.weight, self.bias, self.temperature = weight, bias, temperature
+        self.input_dtype_logits = input_dtype_logits
+        self.stats_dtype = _compute_dtype(hidden)
+        rows = min(rows_per_chunk, hidden.shape[0])
+        self._scratch = _Scratch(rows, weight.shape[0], self.stats_dtype, hidden.device)
+        self._probs_out: torch.Tensor | None = None
+
+    def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        logits_out, self._probs_out = self._scratch.take(hidden_rows.shape[0])
+        return _chunk_logits(
+            hidden_rows, self.weight, self.bias, self.temperature, self.input_dtype_logits, out=logits_out
+        )
+
+    def stats(self, logits, target, keep_logits, with_sum_p2):
+        lse, logprobs, entropy, probs = _chunk_stats(logits, target, self._probs_out, keep_logits)
+        sum_p2 = torch.bmm(probs.unsqueeze(1), probs.unsqueeze(2)).reshape(-1) if with_sum_p2 else None
+        return lse, logprobs, entropy, probs, sum_p2
+
+    def probs(self, logits, lse):
+        return torch.sub(logits, lse[:, None], out=self._probs_out).exp_()
+
+    def grad(self, logits, probs, target, lse, entropy, grad_logprobs, grad_entropy):
+        return _grad_logits_(
+            logits, probs, target, lse, entropy, grad_logprobs, grad_entropy, self.temperature
+        )
+
+    def backward_gemms(self, grad_logits, hidden_rows, rows, grads) -> None:
+        weight = self.weight
+        if grads["hidden"] is not None:
+            grads["hidden"][rows] = (grad_logits.to(weight.dtype) @ weight).to(grads["hidden"].dtype)
+        if grads["weight"] is not None:
+            # fp32 (or fp64) accumulation across chunks whatever the input dtype.
+            grads["weight"].addmm_(grad_logits.T, hidden_rows.to(grad_logits.dtype))
+        if grads["bias"] is not None:
+            grads["bias"].add_(grad_logits.sum(0))
+
+    def finish(self) -> None:
+        pass
+
+
+class TorchLogitsRows:
+    """``chunks.RowPrimitives`` over logits a stack already holds (``policy_loss_from_logits``): the
+    "GEMM1" is a tempered float copy of the chunk, the "GEMMs" write the d-logits into ``grads["logits"]``."""
+
+    def __init__(self, logits: torch.Tensor, temperature: float) -> None:
+        self.temperature = temperature
+        self.stats_dtype = _compute_dtype(logits)
+
+    def logits(self, logits_rows: torch.Tensor) -> torch.Tensor:
+        return (logits_rows.to(self.stats_dtype) / self.temperature).clamp_(min=NEG_LOGIT_FLOOR)
+
+    def stats(self, logits, target, keep_logits, with_sum_p2):
+        lse, logprobs, entropy, probs = _chunk_stats(logits, target, keep_logits=keep_logits)
+        return lse, logprobs, entropy, probs, None
+
+    def probs(self, logits, lse):
+        return torch.sub(logits, lse[:, None]).exp_()
+
+    def grad(self, logits, probs, target, lse, entropy, grad_logprobs, grad_entropy):
+        return _grad_logits_(
+            logits, probs, target, lse, entropy, grad_logprobs, grad_entropy, self.temperature
+        )
+
+    def backward_gemms(self, grad_logits, logits_rows, rows, grads) -> None:
+        grads["logits"][rows] = grad_logits.to(grads["logits"].dtype)
+
+    def finish(self) -> None:
+        pass
 
 
 def fused_loss_torch(
@@ -162,42 +234,48 @@ def fused_loss_torch(
 
     ``chunks`` (default: ``chunk_size`` rows each) and ``precomputed`` (the whole batch's head, from a
     first pass) serve sequence-level objectives (``custom_ops`` decides)."""
-    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    num_tokens = hidden.shape[0]
-    logprobs = hidden.new_empty(num_tokens, dtype=compute)
-    entropy = hidden.new_empty(num_tokens, dtype=compute)
-    grads = _new_grads(hidden, weight, bias, needs, compute)
-    want_grads = any(g is not None for g in grads.values())
-    # The d-logits need the logits again only for the entropy bonus's gradient.
-    keep_logits = want_grads and options.entropy_coef != 0
-    scratch = _Scratch(min(chunk_size, num_tokens), weight.shape[0], compute, hidden.device)
-    for rows in fixed_chunks(num_tokens, chunk_size) if chunks is None else chunks:
-        logits_out, probs_out = scratch.take(rows)
-        logits = _chunk_logits(
-            hidden[rows], weight, bias, options.temperature, input_dtype_logits, out=logits_out
+    primitives = TorchRows(hidden, weight, bias, options.temperature, chunk_size, input_dtype_logits)
+    grads = _new_grads(hidden, weight, bias, needs, primitives.stats_dtype)
+    results = run_chunks(
+        primitives,
+        hidden,
+        inputs.target,
+        fixed_chunks(hidden.shape[0], chunk_size) if chunks is None else chunks,
+        grads,
+        derivatives=head_derivatives(inputs, options, precomputed),
+        # The d-logits need the logits again only for the entropy bonus's gradient.
+        keep_logits=options.entropy_coef != 0,
+    )
+    head = precomputed
+    if head is None:
+        head = policy_head(results.logprobs, results.entropy, inputs, options)
+    return head, results.logprobs, results.entropy, grads
+
+
+def head_derivatives(inputs: TokenInputs, options: PolicyLossOptions, precomputed: HeadOutput | None):
+    """``chunks.Derivatives`` of the policy loss: the head on each chunk, or rows of a whole-batch head."""
+
+    def derivatives(rows: slice, logprobs: torch.Tensor, entropy: torch.Tensor):
+        head = (
+            policy_head(logprobs, entropy, slice_inputs(inputs, rows), options)
+            if precomputed is None
+            else head_rows(precomputed, rows)
         )
-        lse, logprobs[rows], entropy[rows], probs = _chunk_stats(
-            logits, inputs.target[rows], probs_out, keep_logits
+        return head.grad_logprobs, head.grad_entropy
+
+    return derivatives
+
+
+def incoming_derivatives(grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None, dtype: torch.dtype):
+    """``chunks.Derivatives`` of a backward: the incoming gradients of each chunk's rows."""
+
+    def derivatives(rows: slice, logprobs, entropy):
+        return (
+            grad_logprobs[rows].to(dtype),
+            None if grad_entropy is None else grad_entropy[rows].to(dtype),
         )
-        if not want_grads:
-            continue
-        if precomputed is None:
-            head = policy_head(logprobs[rows], entropy[rows], slice_inputs(inputs, rows), options)
-        else:
-            head = head_rows(precomputed, rows)
-        grad_logits = _grad_logits_(
-            logits,
-            probs,
-            inputs.target[rows],
-            lse,
-            entropy[rows],
-            head.grad_logprobs,
-            head.grad_entropy,
-            options.temperature,
-        )
-        _accumulate_param_grads(grad_logits, hidden, weight, rows, grads)
-    head = precomputed if precomputed is not None else policy_head(logprobs, entropy, inputs, options)
-    return head, logprobs, entropy, grads
+
+    return derivatives
 
 
 def slice_inputs(inputs: TokenInputs, rows: slice) -> TokenInputs:
@@ -230,20 +308,10 @@ def logprob_stats_torch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-sum-exp, target log-prob, entropy and (``with_sum_p2``) sum of squared probabilities of
     every token, chunk by chunk; sum p^2 is a batched dot product of the probabilities the pass holds."""
-    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    num_tokens = hidden.shape[0]
-    out = [hidden.new_empty(num_tokens, dtype=compute) for _ in range(3)]
-    sum_p2 = hidden.new_empty(num_tokens, dtype=compute) if with_sum_p2 else None
-    scratch = _Scratch(min(chunk_size, num_tokens), weight.shape[0], compute, hidden.device)
-    for start in range(0, num_tokens, chunk_size):
-        rows = slice(start, min(start + chunk_size, num_tokens))
-        logits_out, probs_out = scratch.take(rows)
-        logits = _chunk_logits(hidden[rows], weight, bias, temperature, input_dtype_logits, logits_out)
-        lse, logprobs, entropy, probs = _chunk_stats(logits, target[rows], probs_out, keep_logits=False)
-        out[0][rows], out[1][rows], out[2][rows] = lse, logprobs, entropy
-        if sum_p2 is not None:
-            sum_p2[rows] = torch.bmm(probs.unsqueeze(1), probs.unsqueeze(2)).reshape(-1)
-    return out[0], out[1], out[2], sum_p2
+    primitives = TorchRows(hidden, weight, bias, temperature, chunk_size, input_dtype_logits)
+    chunks = fixed_chunks(hidden.shape[0], chunk_size)
+    results = run_chunks(primitives, hidden, target, chunks, {}, with_sum_p2=with_sum_p2)
+    return results.lse, results.logprobs, results.entropy, results.sum_p2
 
 
 def logprob_grads_torch(
@@ -261,40 +329,20 @@ def logprob_grads_torch(
     input_dtype_logits: bool = False,
 ) -> dict:
     """Backward of ``logprob_stats_torch``: recompute each chunk's logits, then the gradients."""
-    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    grads = _new_grads(hidden, weight, bias, needs, compute)
-    scratch = _Scratch(min(chunk_size, hidden.shape[0]), weight.shape[0], compute, hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        rows = slice(start, min(start + chunk_size, hidden.shape[0]))
-        logits_out, probs_out = scratch.take(rows)
-        logits = _chunk_logits(hidden[rows], weight, bias, temperature, input_dtype_logits, logits_out)
-        probs = torch.sub(logits, lse[rows, None], out=probs_out).exp_()
-        grad_logits = _grad_logits_(
-            logits,
-            probs,
-            target[rows],
-            lse[rows],
-            entropy[rows],
-            grad_logprobs[rows].to(compute),
-            None if grad_entropy is None else grad_entropy[rows].to(compute),
-            temperature,
-        )
-        _accumulate_param_grads(grad_logits, hidden, weight, rows, grads)
+    primitives = TorchRows(hidden, weight, bias, temperature, chunk_size, input_dtype_logits)
+    grads = _new_grads(hidden, weight, bias, needs, primitives.stats_dtype)
+    derivatives = incoming_derivatives(grad_logprobs, grad_entropy, primitives.stats_dtype)
+    chunks = fixed_chunks(hidden.shape[0], chunk_size)
+    run_chunks(primitives, hidden, target, chunks, grads, derivatives=derivatives, saved=(lse, entropy))
     return grads
 
 
 def logits_stats_torch(
     logits: torch.Tensor, target: torch.Tensor, temperature: float, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    num_tokens = logits.shape[0]
-    out = [logits.new_empty(num_tokens, dtype=compute) for _ in range(3)]
-    for start in range(0, num_tokens, chunk_size):
-        rows = slice(start, min(start + chunk_size, num_tokens))
-        chunk = (logits[rows].to(compute) / temperature).clamp_(min=NEG_LOGIT_FLOOR)
-        lse, logprobs, entropy, _ = _chunk_stats(chunk, target[rows], keep_logits=False)  # chunk: a copy
-        out[0][rows], out[1][rows], out[2][rows] = lse, logprobs, entropy
-    return out[0], out[1], out[2]
+    primitives = TorchLogitsRows(logits, temperature)
+    results = run_chunks(primitives, logits, target, fixed_chunks(logits.shape[0], chunk_size), {})
+    return results.lse, results.logprobs, results.entropy
 
 
 def logits_grad_torch(
@@ -308,19 +356,14 @@ def logits_grad_torch(
     chunk_size: int,
 ) -> torch.Tensor:
     """d loss / d logits from the saved row statistics, chunk by chunk, in the dtype of ``logits``."""
-    grad = torch.empty_like(logits)
-    for start in range(0, logits.shape[0], chunk_size):
-        rows = slice(start, min(start + chunk_size, logits.shape[0]))
-        chunk = (logits[rows].to(lse.dtype) / temperature).clamp_(min=NEG_LOGIT_FLOOR)
-        probs = torch.sub(chunk, lse[rows, None]).exp_()
-        grad[rows] = _grad_logits_(
-            chunk,
-            probs,
-            target[rows],
-            lse[rows],
-            entropy[rows],
-            grad_logprobs[rows],
-            None if grad_entropy is None else grad_entropy[rows],
-            temperature,
-        ).to(logits.dtype)
-    return grad
+    grads = {"logits": torch.empty_like(logits)}
+    run_chunks(
+        TorchLogitsRows(logits, temperature),
+        logits,
+        target,
+        fixed_chunks(logits.shape[0], chunk_size),
+        grads,
+        derivatives=incoming_derivatives(grad_logprobs, grad_entropy, lse.dtype),
+        saved=(lse, entropy),
+    )
+    return grads["logits"]

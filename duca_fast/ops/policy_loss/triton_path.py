@@ -23,9 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from duca_fast.ops.policy_loss.head import fixed_chunks, head_rows, policy_head
+from duca_fast.ops.policy_loss.chunks import run_chunks
+from duca_fast.ops.policy_loss.head import fixed_chunks, policy_head
 from duca_fast.ops.policy_loss.options import HeadOutput, PolicyLossOptions, TokenInputs
-from duca_fast.ops.policy_loss.torch_path import mm_fp32, slice_inputs
+from duca_fast.ops.policy_loss.torch_path import head_derivatives, incoming_derivatives, mm_fp32
 
 # Logits buffer budget on CUDA: 1.25 GiB = 2,176 fp32 rows at V=151,936 (a multiple of 128 rows; 4,352
 # bf16 rows); with the bf16 d-logits and the fp32 dW accumulator the extra memory stays under 4.5 GiB.
@@ -383,6 +384,73 @@ def _side_stream(device: torch.device, buffers: _ChunkBuffers) -> torch.cuda.Str
     return _SIDE_STREAMS[device]
 
 
+class TritonRows:
+    """``chunks.RowPrimitives`` of the CUDA path: GEMM1 into the reused buffer (raw logits; bias and
+    1/temperature are applied on load by the row kernels), the row kernels, GEMM2/GEMM3 in cuBLAS.
+
+    ``overlap``: on CUDA with a separate d-logits buffer (16-bit inputs, fp32 logits), GEMM2/GEMM3 of
+    chunk i run on a side stream, so GEMM1, the row kernel and the head of chunk i+1 overlap them; the
+    d-logits kernel of chunk i+1 waits for them (it overwrites the buffer they read).
+    """
+
+    stats_dtype = torch.float32
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        temperature: float,
+        chunk_size: int | None,
+        input_dtype_logits: bool,
+        with_grad: bool,
+        overlap: bool = False,
+    ) -> None:
+        _check_triton_dtype("hidden", hidden)
+        self.weight, self.bias, self.temperature = weight, bias, temperature
+        self.rows_per_chunk, self.buffers = _chunking(
+            hidden, weight.shape[0], chunk_size, with_grad, input_dtype_logits
+        )
+        self.side = _side_stream(hidden.device, self.buffers) if overlap and with_grad else None
+        self.main = torch.cuda.current_stream(hidden.device) if self.side is not None else None
+
+    def logits(self, hidden_rows):
+        return self.buffers.gemm1(hidden_rows, self.weight)
+
+    def stats(self, logits, target, keep_logits, with_sum_p2):
+        lse, logprobs, entropy = row_stats(logits, self.bias, target, self.temperature)
+        sum_p2 = None
+        if with_sum_p2:
+            # sum p^2 = exp(LSE(2z) - 2 LSE(z)): one more read of the buffer, an fp32 temporary of the chunk.
+            scaled = logits.float() if self.bias is None else logits.float() + self.bias.float()
+            sum_p2 = torch.exp(2.0 * (scaled / self.temperature - lse[:, None])).sum(-1)
+        return lse, logprobs, entropy, None, sum_p2
+
+    def probs(self, logits, lse):
+        return None  # the d-logits kernel recomputes them from the logits tile it reads
+
+    def grad(self, logits, probs, target, lse, entropy, grad_logprobs, grad_entropy):
+        if self.side is not None:
+            self.main.wait_stream(self.side)
+        out = self.buffers.grad[: logits.shape[0]]
+        return logits_to_grad(
+            logits, self.bias, target, lse, entropy, grad_logprobs, grad_entropy, self.temperature, out=out
+        )
+
+    def backward_gemms(self, grad_logits, hidden_rows, rows, grads) -> None:
+        if self.side is None:
+            _backward_gemms(grad_logits, hidden_rows, self.weight, rows, grads)
+            return
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            _backward_gemms(grad_logits, hidden_rows, self.weight, rows, grads)
+
+    def finish(self) -> None:
+        if self.side is not None:
+            # Every buffer the side stream used was allocated on the main stream and is alive until here.
+            self.main.wait_stream(self.side)
+
+
 def fused_loss_triton(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -395,55 +463,25 @@ def fused_loss_triton(
     chunks: list[slice] | None = None,
     precomputed: HeadOutput | None = None,
 ) -> tuple[HeadOutput, torch.Tensor, torch.Tensor, dict]:
-    """Three GEMM passes per chunk around the row kernels; gradients computed in the forward.
-
-    On CUDA with a separate d-logits buffer (16-bit inputs, fp32 logits), GEMM2/GEMM3 of chunk i run on
-    a side stream, so GEMM1, the row kernel and the policy head of chunk i+1 overlap them; the d-logits
-    kernel of chunk i+1 waits for them (it overwrites the buffer they read).
-    """
-    _check_triton_dtype("hidden", hidden)
-    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
-    logprobs = hidden.new_empty(num_tokens, dtype=torch.float32)
-    entropy = hidden.new_empty(num_tokens, dtype=torch.float32)
+    """Three GEMM passes per chunk around the row kernels; gradients computed in the forward (backward
+    GEMMs on a side stream where ``TritonRows`` can overlap them)."""
     grads = _new_grads(hidden, weight, bias, needs)
     want_grads = any(g is not None for g in grads.values())
-    rows_per_chunk, buffers = _chunking(hidden, vocab_size, chunk_size, want_grads, input_dtype_logits)
-    side = _side_stream(hidden.device, buffers) if want_grads else None
-    main = torch.cuda.current_stream(hidden.device) if side is not None else None
-    for rows in fixed_chunks(num_tokens, rows_per_chunk) if chunks is None else chunks:
-        hidden_rows = hidden[rows]
-        logits = buffers.gemm1(hidden_rows, weight)
-        lse, logprobs[rows], entropy[rows] = row_stats(logits, bias, inputs.target[rows], options.temperature)
-        if not want_grads:
-            continue
-        if precomputed is None:
-            head = policy_head(logprobs[rows], entropy[rows], slice_inputs(inputs, rows), options)
-        else:
-            head = head_rows(precomputed, rows)
-        if side is not None:
-            main.wait_stream(side)
-        grad_logits = logits_to_grad(
-            logits,
-            bias,
-            inputs.target[rows],
-            lse,
-            entropy[rows],
-            head.grad_logprobs,
-            head.grad_entropy,
-            options.temperature,
-            out=buffers.grad[: rows.stop - rows.start],
-        )
-        if side is None:
-            _backward_gemms(grad_logits, hidden_rows, weight, rows, grads)
-            continue
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            _backward_gemms(grad_logits, hidden_rows, weight, rows, grads)
-    if side is not None:
-        # Every buffer the side stream used was allocated on the main stream and is alive until here.
-        main.wait_stream(side)
-    head = precomputed if precomputed is not None else policy_head(logprobs, entropy, inputs, options)
-    return head, logprobs, entropy, grads
+    primitives = TritonRows(
+        hidden, weight, bias, options.temperature, chunk_size, input_dtype_logits, want_grads, overlap=True
+    )
+    results = run_chunks(
+        primitives,
+        hidden,
+        inputs.target,
+        fixed_chunks(hidden.shape[0], primitives.rows_per_chunk) if chunks is None else chunks,
+        grads,
+        derivatives=head_derivatives(inputs, options, precomputed),
+    )
+    head = precomputed
+    if head is None:
+        head = policy_head(results.logprobs, results.entropy, inputs, options)
+    return head, results.logprobs, results.entropy, grads
 
 
 def logprob_stats_triton(
@@ -457,21 +495,11 @@ def logprob_stats_triton(
     with_sum_p2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-sum-exp, target log-prob and entropy per token (fp32): GEMM1 + row kernel per chunk; with
-    ``with_sum_p2`` also sum p^2 = exp(LSE(2z) - 2 LSE(z)) from the chunk's logits buffer (one more read
-    of it, an fp32 temporary of the chunk's size; no extra GEMM)."""
-    _check_triton_dtype("hidden", hidden)
-    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
-    out = [hidden.new_empty(num_tokens, dtype=torch.float32) for _ in range(3)]
-    sum_p2 = hidden.new_empty(num_tokens, dtype=torch.float32) if with_sum_p2 else None
-    rows_per_chunk, buffers = _chunking(hidden, vocab_size, chunk_size, False, input_dtype_logits)
-    for start in range(0, num_tokens, rows_per_chunk):
-        rows = slice(start, min(start + rows_per_chunk, num_tokens))
-        logits = buffers.gemm1(hidden[rows], weight)
-        out[0][rows], out[1][rows], out[2][rows] = row_stats(logits, bias, target[rows], temperature)
-        if sum_p2 is not None:
-            scaled = logits.float() if bias is None else logits.float() + bias.float()
-            sum_p2[rows] = torch.exp(2.0 * (scaled / temperature - out[0][rows, None])).sum(-1)
-    return out[0], out[1], out[2], sum_p2
+    ``with_sum_p2`` also sum p^2 from the chunk's logits buffer (no extra GEMM)."""
+    primitives = TritonRows(hidden, weight, bias, temperature, chunk_size, input_dtype_logits, False)
+    chunks = fixed_chunks(hidden.shape[0], primitives.rows_per_chunk)
+    results = run_chunks(primitives, hidden, target, chunks, {}, with_sum_p2=with_sum_p2)
+    return results.lse, results.logprobs, results.entropy, results.sum_p2
 
 
 def logprob_grads_triton(
@@ -489,28 +517,19 @@ def logprob_grads_triton(
     input_dtype_logits: bool = False,
 ) -> dict[str, torch.Tensor | None]:
     """Backward of ``logprob_stats_triton``: GEMM1 recomputed, d-logits (in place), GEMM2 and GEMM3."""
-    num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     grads = _new_grads(hidden, weight, bias, needs)
-    if num_tokens == 0 or not any(g is not None for g in grads.values()):
+    if hidden.shape[0] == 0 or not any(g is not None for g in grads.values()):
         return grads
-    rows_per_chunk, buffers = _chunking(hidden, vocab_size, chunk_size, True, input_dtype_logits)
-    for start in range(0, num_tokens, rows_per_chunk):
-        rows = slice(start, min(start + rows_per_chunk, num_tokens))
-        count = rows.stop - rows.start
-        hidden_rows = hidden[rows]
-        logits = buffers.gemm1(hidden_rows, weight)
-        grad_logits = logits_to_grad(
-            logits,
-            bias,
-            target[rows],
-            lse[rows],
-            entropy[rows],
-            grad_logprobs[rows],
-            None if grad_entropy is None else grad_entropy[rows],
-            temperature,
-            out=buffers.grad[:count],
-        )
-        _backward_gemms(grad_logits, hidden_rows, weight, rows, grads)
+    primitives = TritonRows(hidden, weight, bias, temperature, chunk_size, input_dtype_logits, True)
+    run_chunks(
+        primitives,
+        hidden,
+        target,
+        fixed_chunks(hidden.shape[0], primitives.rows_per_chunk),
+        grads,
+        derivatives=incoming_derivatives(grad_logprobs, grad_entropy, torch.float32),
+        saved=(lse, entropy),
+    )
     return grads
 
 
