@@ -151,7 +151,9 @@ class KernelPlan:
             is_mode=is_mode,
             correction=correction,
             top_entropy_quantile=float(args.top_entropy_quantile),
-            off_policy_mask=None if args.off_policy_mask_threshold is None else float(args.off_policy_mask_threshold),
+            off_policy_mask=None
+            if args.off_policy_mask_threshold is None
+            else float(args.off_policy_mask_threshold),
         )
 
 

@@ -231,7 +231,12 @@ def test_top_entropy_and_off_policy_masks_equal_trl(trained, loss_type):
         dict(top_entropy_quantile=0.5, off_policy_mask_threshold=0.0),
     ):
         configure(
-            trainer, loss_type=loss_type, importance_sampling_level="token", beta=0.0, epsilon_high=0.28, **settings
+            trainer,
+            loss_type=loss_type,
+            importance_sampling_level="token",
+            beta=0.0,
+            epsilon_high=0.28,
+            **settings,
         )
         batch = perturbed_batch(trainer, recorded, per_token_advantages=True, seed=7)
         try:
@@ -256,7 +261,9 @@ def test_off_policy_mask_reads_vllm_sampling_logprobs_as_trl_does(trained):
     try:
         assert_same(trainer, batch)
     finally:
-        configure(trainer, off_policy_mask_threshold=None, use_vllm=False, vllm_importance_sampling_correction=True)
+        configure(
+            trainer, off_policy_mask_threshold=None, use_vllm=False, vllm_importance_sampling_correction=True
+        )
 
 
 def test_truncated_completions_leave_the_loss(trained):

@@ -9,6 +9,7 @@ import torch
 
 from duca_fast import ops
 from duca_fast.ops.policy_loss import METRIC_KEYS
+from duca_fast.ops.policy_loss.options import MASK_METRICS
 from duca_fast.ops.policy_loss.correction import CORRECTION_METRICS
 from tests.conftest import KERNEL_DEVICE
 
@@ -84,7 +85,7 @@ def test_loss_gradients_and_every_metric_match_reference(backend, device, loss_a
     options = dict(FULL, loss_agg=loss_agg, max_tokens=40 if loss_agg == "token_sum_norm" else None)
     loss, grads, metrics = run(problem, backend, device, **options)
     ref_loss, ref_grads, ref_metrics = run(problem, "reference", "cpu", **options)
-    assert set(metrics) == set(METRIC_KEYS) - set(CORRECTION_METRICS) == set(ref_metrics)
+    assert set(metrics) == set(METRIC_KEYS) - set(CORRECTION_METRICS) - set(MASK_METRICS) == set(ref_metrics)
     assert_close(loss, ref_loss, "loss")
     for name in grads:
         assert_close(grads[name], ref_grads[name], f"grad {name}")
@@ -184,7 +185,7 @@ def test_from_logprobs_matches_reference_and_fused(loss_agg):
     assert_close(loss, r_loss, "loss")
     assert_close(g_lp, r_lp, "grad logprobs")
     assert_close(g_ent, r_ent, "grad entropy")
-    assert set(metrics) == set(r_metrics) == set(METRIC_KEYS) - set(CORRECTION_METRICS)
+    assert set(metrics) == set(r_metrics) == set(METRIC_KEYS) - set(CORRECTION_METRICS) - set(MASK_METRICS)
     for name in r_metrics:
         assert_close(metrics[name].double(), r_metrics[name].double(), name)
     fused_loss, _, fused_metrics = run(problem, "torch", "cpu", **dict(options, temperature=temperature))

@@ -204,7 +204,9 @@ def policy_head(
     return HeadOutput(loss, grad_logprobs, grad_entropy, {k: v.float() for k, v in metrics.items()})
 
 
-def _token_masks(logprobs, entropy, old, inputs: TokenInputs, options: PolicyLossOptions, pg_weights, metrics):
+def _token_masks(
+    logprobs, entropy, old, inputs: TokenInputs, options: PolicyLossOptions, pg_weights, metrics
+):
     """``pg_weights`` with the top-entropy and off-policy masks applied (the policy-gradient term only)."""
     active = inputs.active
     if options.top_entropy_quantile < 1.0:

@@ -17,7 +17,7 @@ LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_s
 KL_TYPES = ("k1", "k2", "k3")
 
 
-__all__ = ["LOG_RATIO_LIMIT", "METRIC_KEYS", "HeadOutput", "PolicyLossOptions", "TokenInputs"]
+__all__ = ["LOG_RATIO_LIMIT", "MASK_METRICS", "METRIC_KEYS", "HeadOutput", "PolicyLossOptions", "TokenInputs"]
 # -inf logits (a masked vocabulary entry or bias) are raised to this floor: exp() still gives exactly 0,
 # and 0 * floor is 0 where 0 * -inf would be NaN (entropy, d-logits).
 NEG_LOGIT_FLOOR = -1e30
@@ -25,6 +25,8 @@ NEG_LOGIT_FLOOR = -1e30
 
 # Default token-chunk budget for the torch path: chunk x V logits of at most this many elements.
 CHUNK_ELEMENTS = 1 << 24
+MASK_METRICS = ("entropy_mask_kept", "off_policy_masked")
+"""Metrics of top_entropy_quantile and off_policy_mask (present only with them)."""
 METRIC_KEYS = (
     "clip_frac",
     "clip_frac_low",
@@ -38,8 +40,7 @@ METRIC_KEYS = (
     "dual_clip_frac",
     "behavior_logprob_gap",
     *CORRECTION_METRICS,
-    "entropy_mask_kept",
-    "off_policy_masked",
+    *MASK_METRICS,
 )
 """Order of the custom ops' metrics tensor; absent metrics are 0 there and left out of the dicts."""
 

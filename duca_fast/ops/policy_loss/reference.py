@@ -106,7 +106,9 @@ def reference_policy_loss_from_logprobs(
             importance = torch.exp((old - behavior).clamp(max=LOG_RATIO_LIMIT)).detach()
             surrogate = surrogate * importance.clamp(max=options.tis_cap)
             metrics["tis_frac_capped"] = _mean_over((importance > options.tis_cap).double(), active)
-    surrogate = _reference_masks(surrogate, logp, entropy, old, adv, behavior_logprobs, active, seq, options, metrics)
+    surrogate = _reference_masks(
+        surrogate, logp, entropy, old, adv, behavior_logprobs, active, seq, options, metrics
+    )
     per_token = surrogate
     if ref_logprobs is not None:
         diff = logp - clean(ref_logprobs)
@@ -151,7 +153,11 @@ def _reference_masks(surrogate, logp, entropy, old, adv, behavior_logprobs, acti
         gaps: dict[int, list[float]] = {}
         for i in rows:
             gaps.setdefault(int(seq[i]), []).append(float(reference[i]) - float(logp[i]))
-        dropped = [i for i in rows if float(adv[i]) < 0 and sum(gaps[int(seq[i])]) / len(gaps[int(seq[i])]) > options.off_policy_mask]
+        dropped = [
+            i
+            for i in rows
+            if float(adv[i]) < 0 and sum(gaps[int(seq[i])]) / len(gaps[int(seq[i])]) > options.off_policy_mask
+        ]
         for i in dropped:
             factor[i] = 0.0
         metrics["off_policy_masked"] = torch.tensor(len(dropped) / max(len(rows), 1), dtype=torch.float64)
