@@ -9,8 +9,8 @@ import torch
 
 from duca_fast import ops
 from duca_fast.ops.policy_loss import METRIC_KEYS
-from duca_fast.ops.policy_loss.options import MASK_METRICS
 from duca_fast.ops.policy_loss.correction import CORRECTION_METRICS
+from duca_fast.ops.policy_loss.options import MASK_METRICS
 from tests.conftest import KERNEL_DEVICE
 
 BACKENDS = [("torch", "cpu"), ("triton", KERNEL_DEVICE)]

@@ -11,8 +11,8 @@ import torch
 
 from duca_fast import ops
 from duca_fast.ops.policy_loss import METRIC_KEYS
-from duca_fast.ops.policy_loss.options import MASK_METRICS
 from duca_fast.ops.policy_loss.correction import CORRECTION_METRICS
+from duca_fast.ops.policy_loss.options import MASK_METRICS
 from tests.conftest import KERNEL_DEVICE
 from tests.ops.test_loss_math import FULL, assert_close, logprob_inputs, make_problem
 
