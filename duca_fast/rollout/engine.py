@@ -479,7 +479,8 @@ class HFEngine(RolloutEngine):
         token_ids = out.sequences[0, len(prompt) :].tolist()
         # scores are the processed logits (after temperature / top-p), like vLLM's processed_logprobs.
         scores = torch.stack(out.scores, dim=1)[0, : len(token_ids)].float()
-        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
+        index = torch.tensor(token_ids, device=scores.device)[:, None]
+        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, index)[:, 0]
         finish = "stop" if token_ids and token_ids[-1] in self._stop_ids else "length"
         return Completion(tuple(token_ids), tuple(logprobs.tolist()), finish)
 
