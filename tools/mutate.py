@@ -148,8 +148,8 @@ MUTANTS = [
     Mutant(
         "PPOClip: delta cap not applied to the gradient",
         OBJ + "ppo_clip.py",
-        "            dead = dead | (ratio > self.delta)\n",
-        "            dead = dead\n",
+        "torch.ones_like(live) if self.delta is None else ratio <= self.delta,",
+        "torch.ones_like(live),",
         OBJECTIVE_TESTS,
     ),
     Mutant(
@@ -176,8 +176,8 @@ MUTANTS = [
     Mutant(
         "clip bounds swapped (clip_low above, clip_high below)",
         OBJ + "ppo_clip.py",
-        "ratio.clamp(1.0 - self.clip_low, 1.0 + self.clip_high)",
-        "ratio.clamp(1.0 - self.clip_high, 1.0 + self.clip_low)",
+        "        low, high = 1.0 - self.clip_low, 1.0 + self.clip_high\n        first =",
+        "        low, high = 1.0 - self.clip_high, 1.0 + self.clip_low\n        first =",
         LOSS_TESTS,
     ),
     Mutant(
