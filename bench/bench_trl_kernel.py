@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_policy_loss import RssPeak  # noqa: E402
-from bench.common import run_identity, time_call, write_results  # noqa: E402
+from bench.common import measure_in_fresh_processes, run_identity, time_call, write_results  # noqa: E402
 
 VARIANTS = ("trl", "duca_kernel")
 
@@ -130,18 +128,10 @@ def main() -> None:
     from duca_fast.rollout.models import load_default_model_dir
 
     model_dir = load_default_model_dir(Path(tempfile.gettempdir()) / "duca_fast_models")
-    rows = []
-    for variant in VARIANTS:
-        command = [sys.executable, __file__, "--variant", variant, "--model-dir", str(model_dir)]
-        for name in ("rows", "prompt", "completion", "agent_share", "repeats"):
-            command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-        print(f"measuring {variant} ...", flush=True)
-        done = subprocess.run(
-            command, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")
-        )
-        if done.returncode:
-            raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    arguments = []
+    for name in ("rows", "prompt", "completion", "agent_share", "repeats"):
+        arguments += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    rows = measure_in_fresh_processes(__file__, VARIANTS, arguments, model_dir)
     base = rows[0]
     for row in rows:
         row["step_vs_trl"] = row["step_s"] / base["step_s"]

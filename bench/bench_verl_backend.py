@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_policy_loss import RssPeak  # noqa: E402
-from bench.common import run_identity, time_call, write_results  # noqa: E402
+from bench.common import measure_in_fresh_processes, run_identity, time_call, write_results  # noqa: E402
 
 VARIANTS = ("verl_torch", "duca")
 
@@ -83,16 +81,8 @@ def main() -> None:
     from duca_fast.rollout.models import load_default_model_dir
 
     model_dir = load_default_model_dir(Path(tempfile.gettempdir()) / "duca_fast_models")
-    rows = []
-    for variant in VARIANTS:
-        command = [sys.executable, __file__, "--variant", variant, "--model-dir", str(model_dir)]
-        command += ["--seqs", str(args.seqs), "--length", str(args.length), "--repeats", str(args.repeats)]
-        print(f"measuring {variant} ...", flush=True)
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        if done.returncode:
-            raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    arguments = ["--seqs", str(args.seqs), "--length", str(args.length), "--repeats", str(args.repeats)]
+    rows = measure_in_fresh_processes(__file__, VARIANTS, arguments, model_dir)
     for row in rows:
         row["step_vs_verl"] = row["step_s"] / rows[0]["step_s"]
         row["peak_vs_verl"] = row["peak_MiB"] / rows[0]["peak_MiB"]

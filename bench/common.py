@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -110,3 +112,20 @@ def markdown_table(rows: list[dict[str, object]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def measure_in_fresh_processes(
+    script: str, variants: Sequence[str], arguments: Sequence[str], model_dir: Path
+) -> list[dict[str, object]]:
+    """Run ``script --variant V --model-dir D *arguments`` once per variant, each in a fresh process (a
+    clean resident-set baseline), and collect the JSON row each prints last."""
+    rows = []
+    for variant in variants:
+        command = [sys.executable, script, "--variant", variant, "--model-dir", str(model_dir), *arguments]
+        print(f"measuring {variant} ...", flush=True)
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode:
+            raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
