@@ -17,7 +17,6 @@ Usage: python bench/bench_trl_kernel.py [--rows 8] [--prompt 64] [--completion 2
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_policy_loss import RssPeak  # noqa: E402
-from bench.common import measure_in_fresh_processes, run_identity, time_call, write_results  # noqa: E402
+from bench.common import add_variant_arguments, rows_per_variant, run_identity, time_call, write_results  # noqa: E402
 
 VARIANTS = ("trl", "duca_kernel")
 
@@ -119,19 +118,13 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default="trl_kernel_cpu")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    add_variant_arguments(parser, VARIANTS)
     args = parser.parse_args()
-    if args.variant:
-        print(json.dumps(measure(args)))
+    rows = rows_per_variant(
+        __file__, args, VARIANTS, measure, ("rows", "prompt", "completion", "agent_share", "repeats")
+    )
+    if rows is None:
         return
-    from duca_fast.rollout.models import load_default_model_dir
-
-    model_dir = load_default_model_dir(Path(tempfile.gettempdir()) / "duca_fast_models")
-    arguments = []
-    for name in ("rows", "prompt", "completion", "agent_share", "repeats"):
-        arguments += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    rows = measure_in_fresh_processes(__file__, VARIANTS, arguments, model_dir)
     base = rows[0]
     for row in rows:
         row["step_vs_trl"] = row["step_s"] / base["step_s"]

@@ -13,9 +13,7 @@ Usage: python bench/bench_verl_backend.py [--seqs 4] [--length 512] [--repeats 3
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_policy_loss import RssPeak  # noqa: E402
-from bench.common import measure_in_fresh_processes, run_identity, time_call, write_results  # noqa: E402
+from bench.common import add_variant_arguments, rows_per_variant, run_identity, time_call, write_results  # noqa: E402
 
 VARIANTS = ("verl_torch", "duca")
 
@@ -72,17 +70,11 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default="verl_backend_cpu")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    add_variant_arguments(parser, VARIANTS)
     args = parser.parse_args()
-    if args.variant:
-        print(json.dumps(measure(args)))
+    rows = rows_per_variant(__file__, args, VARIANTS, measure, ("seqs", "length", "repeats"))
+    if rows is None:
         return
-    from duca_fast.rollout.models import load_default_model_dir
-
-    model_dir = load_default_model_dir(Path(tempfile.gettempdir()) / "duca_fast_models")
-    arguments = ["--seqs", str(args.seqs), "--length", str(args.length), "--repeats", str(args.repeats)]
-    rows = measure_in_fresh_processes(__file__, VARIANTS, arguments, model_dir)
     for row in rows:
         row["step_vs_verl"] = row["step_s"] / rows[0]["step_s"]
         row["peak_vs_verl"] = row["peak_MiB"] / rows[0]["peak_MiB"]

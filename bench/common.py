@@ -114,14 +114,31 @@ def markdown_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure_in_fresh_processes(
-    script: str, variants: Sequence[str], arguments: Sequence[str], model_dir: Path
-) -> list[dict[str, object]]:
-    """Run ``script --variant V --model-dir D *arguments`` once per variant, each in a fresh process (a
-    clean resident-set baseline), and collect the JSON row each prints last."""
+def add_variant_arguments(parser, variants: Sequence[str]) -> None:
+    """The hidden ``--variant`` / ``--model-dir`` a script passes to its own fresh processes."""
+    import argparse
+
+    parser.add_argument("--variant", choices=variants, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+
+
+def rows_per_variant(script: str, args, variants: Sequence[str], measure, forwarded: Sequence[str]):
+    """In a variant's own process (``args.variant`` set): print ``measure(args)`` as JSON and return None.
+    Otherwise run ``script`` once per variant in a fresh process (a clean resident-set baseline) on
+    SmolLM2-135M (converted once), forwarding the ``forwarded`` arguments, and return the rows."""
+    if args.variant:
+        print(json.dumps(measure(args)))
+        return None
+    import tempfile
+
+    from duca_fast.rollout.models import load_default_model_dir
+
+    model_dir = load_default_model_dir(Path(tempfile.gettempdir()) / "duca_fast_models")
     rows = []
     for variant in variants:
-        command = [sys.executable, script, "--variant", variant, "--model-dir", str(model_dir), *arguments]
+        command = [sys.executable, script, "--variant", variant, "--model-dir", str(model_dir)]
+        for name in forwarded:
+            command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         print(f"measuring {variant} ...", flush=True)
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         done = subprocess.run(command, capture_output=True, text=True, env=env)
