@@ -97,8 +97,9 @@ def fused_policy_loss(
         behavior_logprobs: ``[N]`` the engine's sampler log-probs, for truncated importance sampling.
         options: a ``PolicyLossOptions``; default: its defaults.
         **overrides: any ``PolicyLossOptions`` field by keyword (clip_low, clip_high, dual_clip, kl_coef,
-            kl_type, entropy_coef, temperature, loss_agg, max_tokens, tis_cap, objective, correction),
-            applied on top of ``options``; an unknown keyword is a TypeError.
+            kl_type, entropy_coef, temperature, loss_agg, max_tokens, tis_cap, objective, correction,
+            top_entropy_quantile, off_policy_mask), applied on top of ``options``; an unknown keyword
+            is a TypeError.
         objective: the policy objective, an ``ops.objectives`` instance (``objectives.GSPO(...)``) or its
             name for the defaults ("ppo_clip", "gspo", "geo_mean", "cispo", "sapo", "gpg", "dro", "dppo");
             None: PPOClip with clip_low / clip_high / dual_clip. Sequence-level objectives (gspo, geo_mean)
