@@ -106,6 +106,9 @@ class RolloutSettings:
     with room to spare (more KV cache, more sessions in flight)."""
     max_num_seqs: int = 256
     """vLLM's cap on sequences decoded at once (its scheduler's batch); more sessions than this queue."""
+    per_request_seeds: bool = True
+    """Seed each request (session x turn) so runs reproduce whatever the batching; false: vLLM samples the
+    batch at once with its engine seed (docs/rollout.md has the measured cost)."""
     check_logprobs_every: int = 0
     """Every N steps, after the sync, compare engine and trainer log-probs on check prompts (0 = never)."""
 

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -86,6 +87,30 @@ def test_rollouts_are_reproducible(engine):
     lo, hi = first.turn_spans[0].tolist()
     lo2, hi2 = first.turn_spans[2].tolist()
     assert first.input_ids[lo:hi].tolist() != first.input_ids[lo2:hi2].tolist()  # group members differ
+
+
+def test_per_request_seeds_can_be_switched_off(spied, monkeypatch):
+    """With per_request_seeds=False the engine gets no seeds (it samples the batch with its own seed);
+    with the default, one distinct seed per request, the same for a session whatever its batch."""
+    engine, _ = spied
+    seen = []
+    real = engine.generate
+
+    def generate(prompts, sampling, seeds=None, **kwargs):
+        seen.append(seeds)
+        return real(prompts, sampling, seeds, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    specs = make_session_specs([{"turns": 2}], group_size=3)
+    rollout(engine, EchoCustomer, specs, CONFIG)
+    assert all(seeds is not None and len(set(seeds)) == len(seeds) for seeds in seen)
+    alone = list(seen)
+    seen.clear()
+    rollout(engine, EchoCustomer, specs[1:2], CONFIG)
+    assert [seeds[0] for seeds in seen] == [seeds[1] for seeds in alone]  # session 1, batched or alone
+    seen.clear()
+    batch = rollout(engine, EchoCustomer, specs, dataclasses.replace(CONFIG, per_request_seeds=False))
+    assert seen and all(seeds is None for seeds in seen) and not batch.failed.any()
 
 
 def test_failing_session_is_recorded_without_losing_the_others(engine):

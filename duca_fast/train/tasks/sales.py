@@ -369,6 +369,7 @@ class SalesTask:
             sampling=self._sampling(),
             max_turns=config.env.max_turns,
             seed=derive_seed(config.seed, "sampling", step),
+            per_request_seeds=config.rollout.per_request_seeds,
         )
         batch = rollout(
             self.engine, env_factory(config), [s for s in specs if s.group in mine], rollout_config
