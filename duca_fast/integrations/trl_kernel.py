@@ -313,10 +313,11 @@ def fused_trl_loss(trainer: Any, model: torch.nn.Module, inputs: dict) -> torch.
 
 def log_metrics(trainer: Any, mode: str, plan: KernelPlan, metrics: dict[str, torch.Tensor]) -> None:
     """TRL's metric names (token means over the loss tokens, averaged over processes) plus ``duca/*``."""
-    gathered = {
-        key: trainer.accelerator.gather(value.detach().float().reshape(1)).mean().item()
-        for key, value in metrics.items()
-    }
+    # One gather and one host sync for every metric of the step, not one each.
+    keys = list(metrics)
+    local = torch.stack([metrics[key].detach().float().reshape(()) for key in keys])[None]
+    means = trainer.accelerator.gather(local).reshape(-1, len(keys)).mean(0).tolist() if keys else []
+    gathered = dict(zip(keys, means))
     logged = trainer._metrics[mode]
     if "entropy" in gathered:
         logged["entropy"].append(gathered["entropy"])
