@@ -91,6 +91,47 @@ def test_matches_reference_on_random_batches(backend, device, options):
     torch.testing.assert_close(got64, expected, rtol=1e-10, atol=1e-10)
 
 
+STD_CLIP_GRID = [
+    dict(scale=scale, std="population", clip=clip, turn_scope=scope)
+    for scale in ("group", "batch", "none")
+    for clip in (None, 0.7)
+    for scope in ("group", "group_turn")
+] + [dict(scale="group", std="unbiased", clip=0.5)]
+
+
+@pytest.mark.parametrize("backend,device", [b for b in FAST_BACKENDS if b[0] != "native"])
+@pytest.mark.parametrize("options", STD_CLIP_GRID, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_population_std_and_clip_match_reference(backend, device, options):
+    batch = make_batch([4, 1, 7, 2, 3], [3, 1, 4, 0, 2, 5, 1, 2, 3, 3, 1, 2, 4, 2, 1, 3, 2], seed=11)
+    expected = reference(batch, **options)
+    if options["clip"] is not None:
+        # The clamp binds on this batch, and a fused value is at most the two clamped horizons.
+        unclipped = reference(batch, **{**options, "clip": None})
+        assert unclipped.abs().max().item() > 2 * options["clip"] >= expected.abs().max().item()
+    torch.testing.assert_close(run(batch, backend, device, **options), expected.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        run(batch, backend, device, dtype=torch.float64, **options), expected, rtol=1e-10, atol=1e-10
+    )
+
+
+def test_population_std_and_clip_outside_the_native_library():
+    batch = make_batch([3, 4], [2] * 7, seed=2)
+    if native.available():
+        with pytest.raises(ValueError, match="backend='native' implements std='unbiased' without clip"):
+            run(batch, "native", "cpu", std="population")
+    # auto on the CPU then takes the torch path instead of the library.
+    torch.testing.assert_close(
+        run(batch, "auto", "cpu", std="population", clip=1.0),
+        reference(batch, std="population", clip=1.0).float(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="clip must be None or a finite number > 0"):
+        ops.AdvantageOptions(clip=0.0)
+    with pytest.raises(ValueError, match="std must be one of"):
+        ops.AdvantageOptions(std="biased")
+
+
 @pytest.mark.parametrize("backend,device", FAST_BACKENDS)
 def test_multi_component_rewards_with_weights(backend, device):
     batch = make_batch([3, 5], [2] * 8, components=(3, 2), seed=3)

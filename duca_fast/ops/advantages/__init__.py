@@ -1,4 +1,4 @@
-"""Horizon-Independent Advantage Normalization (HIAN), the one-horizon GRPO baseline, and GOPO's ranks.
+"""HIAN, the one-horizon GRPO baseline, and the grouped estimators beside them (GOPO, ProxMO, OTB).
 
 Turn-level rewards (one per agent turn) and session-level rewards (one per session) are each
 normalized within their rollout group, then fused into one advantage per agent turn:
@@ -17,12 +17,15 @@ from duca_fast.ops.advantages.dynamo import dynamo_token_advantages
 from duca_fast.ops.advantages.gopo import gopo_advantages
 from duca_fast.ops.advantages.optimal_baseline import optimal_token_baseline_advantages
 from duca_fast.ops.advantages.options import AdvantageOptions
+from duca_fast.ops.advantages.proxmo import ProxmoOptions, proxmo_advantages
 
 __all__ = [
     "AdvantageOptions",
+    "ProxmoOptions",
     "dynamo_token_advantages",
     "gopo_advantages",
     "grpo_advantages",
     "hian_advantages",
     "optimal_token_baseline_advantages",
+    "proxmo_advantages",
 ]

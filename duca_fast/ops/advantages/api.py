@@ -56,6 +56,8 @@ def hian_advantages(
     token_turn: torch.Tensor | None = None,
     num_groups: int | None = None,
     nan_policy: str = "raise",
+    std: str = "unbiased",
+    clip: float | None = None,
     turn_component_weights: Sequence[float] | torch.Tensor | None = None,
     session_component_weights: Sequence[float] | torch.Tensor | None = None,
     num_turn_positions: int | None = None,
@@ -80,6 +82,10 @@ def hian_advantages(
         token_turn: ``[N]`` int, the turn of each token (-1: no loss, advantage 0); returns ``[N]``.
         num_groups: number of groups; inferred from ``session_group`` when None (one host sync).
         nan_policy: "raise" or "omit" (NaN rewards leave the statistics and get 0 in their horizon).
+        std: "unbiased" (n - 1) or "population" (n) standard deviation for ``scale``.
+        clip: clamp each horizon's normalized advantage to ``[-clip, clip]`` before the fusion (None: no
+            clamp). ``std="population", clip=10.0`` with one horizon per track is Dual-Track GRPO
+            (``docs/algorithms.md``).
         turn_component_weights, session_component_weights: weights of the reward components
             (columns) before they are summed per horizon; default 1 each.
         num_turn_positions: bound on ``turn_index`` for "group_turn"; inferred when None (one sync).
@@ -103,6 +109,8 @@ def hian_advantages(
         scale=scale,
         eps=eps,
         nan_policy=nan_policy,
+        std=std,
+        clip=clip,
     )
     check_choice("backend", backend, BACKENDS)
     # Type checks before the dispatcher, whose own message would not name the argument.

@@ -59,13 +59,23 @@ def _hian_advantages_native(problem: HianProblem, options: AdvantageOptions) -> 
     )
 
 
-def _kernel_backend(backend: str, tensor: Tensor) -> str:
+def _native_supports(options: AdvantageOptions) -> bool:
+    """The C library implements the unbiased std without clipping (Dual-Track's options are not in it)."""
+    return options.std == "unbiased" and options.clip is None
+
+
+def _kernel_backend(backend: str, tensor: Tensor, options: AdvantageOptions) -> str:
     """``select_backend`` plus the native library: explicit, or ``auto`` on the CPU when it is built.
 
     On the CPU the native kernels are exact float64 and faster than the torch path
     (bench/results/advantages_cpu.md); on CUDA the Triton kernels stay the default.
     """
     check_choice("backend", backend, BACKENDS)
+    if backend == "native" and not _native_supports(options):
+        raise ValueError(
+            f"backend='native' implements std='unbiased' without clip; got std={options.std!r}, "
+            f"clip={options.clip!r}: use backend='auto', 'torch' or 'triton'"
+        )
     if backend == "native":
         if not native.available():
             raise RuntimeError(
@@ -80,7 +90,7 @@ def _kernel_backend(backend: str, tensor: Tensor) -> str:
         if tensor.device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend='native' runs on the CPU or CUDA, got tensors on {tensor.device}")
         return "native"
-    if backend == "auto" and tensor.device.type == "cpu" and native.available():
+    if backend == "auto" and tensor.device.type == "cpu" and native.available() and _native_supports(options):
         return "native"
     chosen = select_backend(backend, tensor.device)
     if chosen == "reference":
@@ -105,13 +115,15 @@ def _hian_advantages(
     scale: str = "group",
     eps: float = 1e-6,
     nan_policy: str = "raise",
+    std: str = "unbiased",
+    clip: float | None = None,
     num_turn_positions: int | None = None,
     validate: bool = True,
     backend: str = "auto",
 ) -> Tensor:
     """``ops.hian_advantages`` as a custom op (``num_groups=None``: inferred, one host sync)."""
-    options = AdvantageOptions(turn_weight, session_weight, turn_scope, scale, eps, nan_policy)
-    chosen = _kernel_backend(backend, turn_rewards)
+    options = AdvantageOptions(turn_weight, session_weight, turn_scope, scale, eps, nan_policy, std, clip)
+    chosen = _kernel_backend(backend, turn_rewards, options)
     problem = prepare_hian_problem(
         turn_rewards,
         turn_session,
@@ -146,11 +158,13 @@ def _hian_advantages_fake(
     scale="group",
     eps=1e-6,
     nan_policy="raise",
+    std="unbiased",
+    clip=None,
     num_turn_positions=None,
     validate=True,
     backend="auto",
 ):
-    options = AdvantageOptions(turn_weight, session_weight, turn_scope, scale, eps, nan_policy)
+    options = AdvantageOptions(turn_weight, session_weight, turn_scope, scale, eps, nan_policy, std, clip)
     # Shape/dtype/device checks only: validate=False and in-range stand-in bounds keep it data-free.
     problem = prepare_hian_problem(
         turn_rewards,

@@ -18,6 +18,9 @@ SCALES = ("group", "batch", "none")
 NAN_POLICIES = ("raise", "omit")
 
 
+STDS = ("unbiased", "population")
+
+
 @dataclass(frozen=True)
 class AdvantageOptions:
     """How rewards become advantages (one frozen object instead of many positional flags)."""
@@ -36,11 +39,25 @@ class AdvantageOptions:
     """Added to the std; must be > 0 so that zero-variance groups give 0, not noise."""
     nan_policy: str = "raise"
     """"raise": NaN rewards are an error; "omit": they leave the statistics and get 0 in their horizon."""
+    std: str = "unbiased"
+    """The std of ``scale`` ("group" or "batch"): "unbiased" (divide the squared deviations by n - 1, as
+    GRPO's ``torch.std``) or "population" (by n, as ``numpy.std``; Dual-Track GRPO's)."""
+    clip: float | None = None
+    """When set (> 0), each horizon's normalized advantage is clamped to ``[-clip, clip]`` before the
+    fusion (Dual-Track GRPO clamps its z-scores to +-10)."""
 
     def __post_init__(self) -> None:
         check_choice("turn_scope", self.turn_scope, TURN_SCOPES)
         check_choice("scale", self.scale, SCALES)
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        check_choice("std", self.std, STDS)
+        if self.clip is not None and (
+            isinstance(self.clip, bool)
+            or not isinstance(self.clip, (int, float))
+            or not math.isfinite(self.clip)
+            or self.clip <= 0
+        ):
+            raise ValueError(f"clip must be None or a finite number > 0, got {self.clip!r}")
         for name in ("turn_weight", "session_weight", "eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

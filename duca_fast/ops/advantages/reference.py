@@ -33,7 +33,8 @@ def _normalize(values: list[float], keys: list, options: AdvantageOptions) -> li
         if len(members) < 2:
             continue
         mean = sum(values[i] for i in members) / len(members)
-        std = math.sqrt(sum((values[i] - mean) ** 2 for i in members) / (len(members) - 1))
+        divisor = len(members) - 1 if options.std == "unbiased" else len(members)
+        std = math.sqrt(sum((values[i] - mean) ** 2 for i in members) / divisor)
         for i in members:
             centered[i] = values[i] - mean
             if options.scale == "group":
@@ -43,9 +44,12 @@ def _normalize(values: list[float], keys: list, options: AdvantageOptions) -> li
     if options.scale == "batch" and centered:
         count = len(centered)
         mean = sum(centered.values()) / count
-        std = math.sqrt(sum((c - mean) ** 2 for c in centered.values()) / (count - 1)) if count > 1 else 0.0
+        divisor = count - 1 if options.std == "unbiased" else count
+        std = math.sqrt(sum((c - mean) ** 2 for c in centered.values()) / divisor) if count > 1 else 0.0
         for i, c in centered.items():
             out[i] = c / (std + options.eps)
+    if options.clip is not None:
+        out = [min(max(value, -options.clip), options.clip) for value in out]
     return out
 
 
@@ -87,3 +91,76 @@ def reference_grpo_advantages(rewards, group, *, options: AdvantageOptions, comp
     out = _normalize(values, group.tolist(), options)
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     return torch.tensor(out, dtype=torch.float64).to(device=rewards.device, dtype=out_dtype)
+
+
+def reference_proxmo_advantages(
+    turn_rewards,
+    turn_session,
+    session_rewards,
+    session_group,
+    turn_features,
+    *,
+    options,
+    turn_index=None,
+    token_turn=None,
+    turn_component_weights=None,
+    session_component_weights=None,
+) -> torch.Tensor:
+    """ProxMO in plain float64 loops: per session the discounted returns, per group the episode mean,
+    PSC and the softmax-weighted baseline (``ops.advantages.proxmo``)."""
+    turn_values = _combined(turn_rewards, turn_component_weights)
+    session_values = _combined(session_rewards, session_component_weights)
+    sessions = turn_session.tolist()
+    groups = session_group.tolist()
+    positions = list(range(len(sessions))) if turn_index is None else turn_index.tolist()
+    rows = turn_features.double().tolist()
+    live = [
+        not math.isnan(session_values[s]) and not math.isnan(turn_values[t]) for t, s in enumerate(sessions)
+    ]
+    turns_of_session: dict[int, list[int]] = {}
+    for t, s in enumerate(sessions):
+        turns_of_session.setdefault(s, []).append(t)
+    returns = [0.0] * len(sessions)
+    for turns in turns_of_session.values():
+        ordered = sorted(turns, key=lambda t: (positions[t], t))
+        following = 0.0
+        for t in reversed(ordered):
+            following = (turn_values[t] if live[t] else 0.0) + options.gamma * following
+            returns[t] = following
+
+    def unit(row: list[float]) -> list[float]:
+        norm = math.sqrt(sum(x * x for x in row))
+        return [x / (norm + 1e-8) for x in row]
+
+    units = [unit(row) for row in rows]
+    members_of: dict[int, list[int]] = {}
+    for t, s in enumerate(sessions):
+        if live[t]:
+            members_of.setdefault(groups[s], []).append(t)
+    out = [0.0] * len(sessions)
+    for members in members_of.values():
+        scores = {t: session_values[sessions[t]] for t in members}
+        mean = sum(scores.values()) / len(members) if len(members) > 1 else 0.0
+        p = min(max(mean, 0.0), 1.0)
+        for t in members:
+            episode = scores[t] - mean
+            if options.psc:
+                sigmoid = (
+                    (1.0 - p) ** options.psc_alpha
+                    if scores[t] > options.success_threshold
+                    else -(p**options.psc_alpha)
+                )
+                episode *= 1.0 + options.psc_beta * (1.0 / (1.0 + math.exp(-sigmoid)) - 0.5)
+            logits = {
+                j: sum(a * b for a, b in zip(units[t], units[j])) / options.temperature for j in members
+            }
+            top = max(logits.values())
+            exps = {j: math.exp(value - top) for j, value in logits.items()}
+            total = sum(exps.values())
+            baseline = sum(exps[j] / total * returns[j] for j in members)
+            out[t] = episode + options.step_weight * (returns[t] - baseline)
+    if token_turn is not None:
+        out = [out[t] if t >= 0 else 0.0 for t in token_turn.tolist()]
+    float64_in = torch.float64 in (turn_rewards.dtype, session_rewards.dtype)
+    out_dtype = torch.float64 if float64_in else torch.float32
+    return torch.tensor(out, dtype=torch.float64).to(device=turn_rewards.device, dtype=out_dtype)

@@ -52,15 +52,23 @@ def normalize_horizon_torch(
     has_stats = member_counts >= 2 if valid is None else valid & (member_counts >= 2)
     centered = torch.where(has_stats, x - means[keys], 0.0)
     if options.scale == "none":
-        return centered
+        return _clipped(centered, options)
     squared = centered * centered
+    # Unbiased: squared deviations over n - 1; population: over n.
+    ddof = 1.0 if options.std == "unbiased" else 0.0
     if options.scale == "group":
         sq_dev = x.new_zeros(num_keys).index_add_(0, keys, squared)
-        std = torch.sqrt(sq_dev / (counts - 1.0).clamp_min(1.0))[keys]
+        std = torch.sqrt(sq_dev / (counts - ddof).clamp_min(1.0))[keys]
     else:
         num_members = has_stats.sum()
-        std = torch.sqrt(squared.sum() / (num_members - 1).clamp_min(1))
-    return centered / (std + options.eps)
+        std = torch.sqrt(squared.sum() / (num_members - ddof).clamp_min(1))
+    return _clipped(centered / (std + options.eps), options)
+
+
+def _clipped(advantages: torch.Tensor, options: AdvantageOptions) -> torch.Tensor:
+    if options.clip is None:
+        return advantages
+    return advantages.clamp(-options.clip, options.clip)
 
 
 def hian_advantages_torch(problem: HianProblem, options: AdvantageOptions) -> torch.Tensor:

@@ -167,23 +167,30 @@ def _normalized(
     active,
     num_buckets,
     eps,
+    clip,
     HORIZON: tl.constexpr,
     SCALE: tl.constexpr,
+    DDOF: tl.constexpr,
+    CLIP: tl.constexpr,
 ):
-    """Advantage of each member from its bucket statistics; 0 without >= 2 members or for NaN."""
+    """Advantage of each member from its bucket statistics; 0 without >= 2 members or for NaN.
+
+    ``DDOF`` 1: unbiased std (n - 1), 0: population std (n); ``CLIP``: clamp to ``[-clip, clip]``."""
     count = tl.load(stats_ptr + buckets, mask=active, other=0.0)
     total = tl.load(stats_ptr + num_buckets + buckets, mask=active, other=0.0)
     deviation = values - total / tl.maximum(count, 1.0)
     has_stats = active & (count >= 2.0) & (values == values)
     if SCALE == 0:
         squared = tl.load(stats_ptr + 2 * num_buckets + buckets, mask=active, other=0.0)
-        advantage = deviation / (tl.sqrt(squared / tl.maximum(count - 1.0, 1.0)) + eps)
+        advantage = deviation / (tl.sqrt(squared / tl.maximum(count - DDOF, 1.0)) + eps)
     elif SCALE == 1:
         members = tl.load(horizon_ptr + 2 * HORIZON)
         squared_sum = tl.load(horizon_ptr + 2 * HORIZON + 1)
-        advantage = deviation / (tl.sqrt(squared_sum / tl.maximum(members - 1.0, 1.0)) + eps)
+        advantage = deviation / (tl.sqrt(squared_sum / tl.maximum(members - DDOF, 1.0)) + eps)
     else:
         advantage = deviation
+    if CLIP:
+        advantage = tl.minimum(tl.maximum(advantage, -clip), clip)
     return tl.where(has_stats, advantage, 0.0)
 
 
@@ -214,6 +221,8 @@ def _hian_finalize_kernel(
     turn_weight_lo,
     session_weight_hi,
     session_weight_lo,
+    clip_hi,
+    clip_lo,
     SESSION_COMPONENTS: tl.constexpr,
     BLOCK_SESSION_COMPONENTS: tl.constexpr,
     TURN_COMPONENTS: tl.constexpr,
@@ -221,6 +230,8 @@ def _hian_finalize_kernel(
     GROUP_TURN: tl.constexpr,
     TOKENS: tl.constexpr,
     SCALE: tl.constexpr,
+    DDOF: tl.constexpr,
+    CLIP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     """One fused advantage per turn (or per token, through ``token_turn``; -1 gets 0)."""
@@ -237,6 +248,7 @@ def _hian_finalize_kernel(
     eps = tl.cast(eps_hi, tl.float64) + tl.cast(eps_lo, tl.float64)
     turn_weight = tl.cast(turn_weight_hi, tl.float64) + tl.cast(turn_weight_lo, tl.float64)
     session_weight = tl.cast(session_weight_hi, tl.float64) + tl.cast(session_weight_lo, tl.float64)
+    clip = tl.cast(clip_hi, tl.float64) + tl.cast(clip_lo, tl.float64)
 
     turn_values = _combined_reward(
         turn_rewards_ptr,
@@ -259,8 +271,11 @@ def _hian_finalize_kernel(
         active,
         num_buckets,
         eps,
+        clip,
         1,
         SCALE,
+        DDOF,
+        CLIP,
     )
     session_values = _combined_reward(
         session_rewards_ptr,
@@ -274,7 +289,18 @@ def _hian_finalize_kernel(
     )
     session_buckets = tl.load(session_group_ptr + sessions, mask=active, other=0).to(tl.int64)
     session_advantage = _normalized(
-        stats_ptr, horizon_ptr, session_buckets, session_values, active, num_buckets, eps, 0, SCALE
+        stats_ptr,
+        horizon_ptr,
+        session_buckets,
+        session_values,
+        active,
+        num_buckets,
+        eps,
+        clip,
+        0,
+        SCALE,
+        DDOF,
+        CLIP,
     )
     advantage = tl.where(active, turn_weight * turn_advantage + session_weight * session_advantage, 0.0)
     tl.store(out_ptr + rows, advantage.to(out_ptr.dtype.element_ty), mask=in_range)
@@ -341,6 +367,7 @@ def hian_advantages_triton(problem: HianProblem, options: AdvantageOptions) -> t
     eps_hi, eps_lo = _split_float(options.eps)
     turn_weight_hi, turn_weight_lo = _split_float(options.turn_weight)
     session_weight_hi, session_weight_lo = _split_float(options.session_weight)
+    clip_hi, clip_lo = _split_float(0.0 if options.clip is None else options.clip)
     _hian_finalize_kernel[(triton.cdiv(num_out, BLOCK),)](
         out,
         token_turn,
@@ -367,8 +394,12 @@ def hian_advantages_triton(problem: HianProblem, options: AdvantageOptions) -> t
         turn_weight_lo,
         session_weight_hi,
         session_weight_lo,
+        clip_hi,
+        clip_lo,
         TOKENS=problem.token_turn is not None,
         SCALE=_SCALE_CODES[options.scale],
+        DDOF=1.0 if options.std == "unbiased" else 0.0,
+        CLIP=options.clip is not None,
         **common,
     )
     return out
