@@ -1,26 +1,37 @@
-"""From two-horizon rewards to per-turn (and per-token) advantages: DuCA and its baselines.
+"""From two-horizon rewards to per-turn (and per-token) advantages: DuCA and the estimators beside it.
 
-- ``duca``: HIAN (``ops.hian_advantages``). Turn rewards and session rewards are normalized separately
-  within each group, then fused: every turn gets its own advantage.
-- ``grpo``, ``gdpo``, ``mt_grpo``, ``session_only``, ``ppo_gae``: the estimators of
-  ``train/estimators.py`` (formulas and sources in their docstrings and ``docs/algorithms.md``), with
-  ``algo.turn_agg``, ``advantage.turn_weight`` / ``session_weight`` and ``advantage.eps``.
-  ``advantage.scale`` / ``turn_scope`` / ``nan_policy`` are DuCA's (the baselines always omit NaN sessions).
+The estimator of ``algo.name`` comes from one table, ``ESTIMATORS``: each entry is a function of an
+``EstimatorInputs`` returning ``[T]`` per-turn advantages and its own metrics, registered with
+``@estimator(name, ...)`` (what it needs beyond the rewards, whether it is a group estimator). Adding an
+estimator is one function here (plus, when it has options, their field in ``AlgoConfig``).
 
-Sessions whose session rewards are missing (NaN: cut or failed) are left out of the statistics.
+- ``duca``: HIAN (``ops.hian_advantages``); ``dual_track``: HIAN with the population std and each
+  horizon clamped to ``algo.dual_track_clip`` (Dual-Track GRPO, TRUST-SQL).
+- ``grpo``, ``gdpo``, ``mt_grpo``, ``session_only``, ``gopo``, ``ppo_gae``: ``train/estimators.py``.
+- ``proxmo``: ``ops.proxmo_advantages`` over the turns' state features (``algo.proxmo``).
+- ``otb``: ``ops.optimal_token_baseline_advantages`` with one token per turn (the twin), its log-prob and
+  sum p^2 from the policy's own ``token_logprobs``.
+
+Formulas and sources: ``docs/algorithms.md``. Sessions whose session rewards are missing (NaN: cut or
+failed) are left out of the statistics.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from duca_fast import ops
 from duca_fast.train import estimators
-from duca_fast.train.config import ALGORITHMS, AlgoConfig
 from duca_fast.train.estimators import TwoHorizonBatch
+
+if TYPE_CHECKING:
+    from duca_fast.train.config import AlgoConfig
 
 
 @dataclass
@@ -63,6 +74,217 @@ def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
     }
 
 
+OPTIONAL_INPUTS = {
+    "values": "the critic's [T] value of each turn",
+    "turn_features": "a [T, D] feature vector of the state each turn acted in",
+    "turn_logprobs": "the [T] log-prob of each turn's action under the sampling policy",
+    "turn_sum_p2": "the [T] sum of squared probabilities of each turn's action distribution",
+}
+"""What an estimator may need beyond the rewards (``Estimator.needs``)."""
+
+
+@dataclass
+class EstimatorInputs:
+    """One batch's rewards and ids as every estimator takes them."""
+
+    algo: AlgoConfig
+    turn_rewards: torch.Tensor
+    turn_session: torch.Tensor
+    turn_index: torch.Tensor
+    session_rewards: torch.Tensor
+    session_group: torch.Tensor
+    turn_weights: torch.Tensor
+    session_weights: torch.Tensor
+    values: torch.Tensor | None = None
+    """[T] the critic's value of each turn (``ppo_gae``)."""
+    turn_features: torch.Tensor | None = None
+    """[T, D] a feature vector of the state each turn acted in (``proxmo``)."""
+    turn_logprobs: torch.Tensor | None = None
+    """[T] log-prob of the turn's action under the sampling policy (``otb``: one token per turn)."""
+    turn_sum_p2: torch.Tensor | None = None
+    """[T] sum of squared probabilities of the turn's action distribution (``otb``)."""
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.session_group.max().item()) + 1 if self.session_group.numel() else 0
+
+    @cached_property
+    def batch(self) -> TwoHorizonBatch:
+        """The validated ``TwoHorizonBatch`` of ``train/estimators.py`` (built on first use)."""
+        return TwoHorizonBatch(
+            turn_rewards=self.turn_rewards.float(),
+            turn_session=self.turn_session.long(),
+            turn_index=self.turn_index.long(),
+            session_rewards=self.session_rewards.float(),
+            session_group=self.session_group.long(),
+            turn_component_weights=self.turn_weights,
+            session_component_weights=self.session_weights,
+        )
+
+    def hian(self, options: ops.AdvantageOptions, turn_weight: float, session_weight: float) -> torch.Tensor:
+        return ops.hian_advantages(
+            self.turn_rewards.float(),
+            self.turn_session,
+            self.session_rewards.float(),
+            self.session_group,
+            options=dataclasses.replace(options, turn_weight=turn_weight, session_weight=session_weight),
+            turn_index=self.turn_index,
+            turn_component_weights=self.turn_weights,
+            session_component_weights=self.session_weights,
+            num_groups=self.num_groups,
+        )
+
+
+@dataclass(frozen=True)
+class Estimator:
+    compute: Callable[[EstimatorInputs], tuple[torch.Tensor, dict[str, float]]]
+    grouped: bool
+    """Needs ``rollout.group_size >= 2``."""
+    needs: tuple[str, ...]
+    """Inputs of ``OPTIONAL_INPUTS`` it cannot run without."""
+    per_session: bool
+    """Every turn of a session gets the session's advantage (its metrics are over sessions)."""
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+"""``algo.name`` -> estimator."""
+
+
+def estimator(name: str, *, grouped: bool = True, needs: tuple[str, ...] = (), per_session: bool = False):
+    """Register the decorated function as the estimator ``algo.name = name``."""
+    unknown = sorted(set(needs) - set(OPTIONAL_INPUTS))
+    if unknown:
+        raise ValueError(f"estimator {name!r} needs unknown inputs {unknown}; known: {OPTIONAL_INPUTS}")
+
+    def register(compute):
+        if name in ESTIMATORS:
+            raise ValueError(f"estimator {name!r} is registered twice")
+        ESTIMATORS[name] = Estimator(compute, grouped, needs, per_session)
+        return compute
+
+    return register
+
+
+@estimator("duca")
+def _duca(inputs: EstimatorInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    return _two_horizons(inputs, inputs.algo.advantage)
+
+
+@estimator("dual_track")
+def _dual_track(inputs: EstimatorInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    # Dual-Track GRPO: each track z-scored with the population std, clamped (docs/algorithms.md).
+    options = dataclasses.replace(inputs.algo.advantage, std="population", clip=inputs.algo.dual_track_clip)
+    return _two_horizons(inputs, options)
+
+
+def _two_horizons(inputs: EstimatorInputs, options: ops.AdvantageOptions):
+    # Each horizon once (they are logged too); the fusion is then a weighted sum.
+    turn_horizon, session_horizon = inputs.hian(options, 1.0, 0.0), inputs.hian(options, 0.0, 1.0)
+    per_turn = options.turn_weight * turn_horizon + options.session_weight * session_horizon
+    metrics = {
+        **_stats("advantage/turn_horizon", turn_horizon),
+        **_stats("advantage/session_horizon", session_horizon),
+    }
+    return per_turn, metrics
+
+
+def _weights(inputs: EstimatorInputs) -> dict[str, float]:
+    options = inputs.algo.advantage
+    return dict(turn_weight=options.turn_weight, session_weight=options.session_weight, eps=options.eps)
+
+
+@estimator("grpo", per_session=True)
+def _grpo(inputs: EstimatorInputs):
+    return estimators.grpo(inputs.batch, turn_agg=inputs.algo.turn_agg, **_weights(inputs)), {}
+
+
+@estimator("gdpo", per_session=True)
+def _gdpo(inputs: EstimatorInputs):
+    return estimators.gdpo(inputs.batch, turn_agg=inputs.algo.turn_agg, **_weights(inputs)), {}
+
+
+@estimator("mt_grpo")
+def _mt_grpo(inputs: EstimatorInputs):
+    weights = _weights(inputs)
+    weights["turn_weight"] *= inputs.algo.mt_grpo_lambda
+    return estimators.mt_grpo(inputs.batch, **weights), {}
+
+
+@estimator("session_only", per_session=True)
+def _session_only(inputs: EstimatorInputs):
+    return estimators.session_only(inputs.batch, eps=inputs.algo.advantage.eps), {}
+
+
+@estimator("gopo", per_session=True)
+def _gopo(inputs: EstimatorInputs):
+    weights = _weights(inputs)
+    weights.pop("eps")
+    return estimators.gopo(inputs.batch, turn_agg=inputs.algo.turn_agg, **weights), {}
+
+
+@estimator("ppo_gae", grouped=False, needs=("values",))
+def _ppo_gae(inputs: EstimatorInputs):
+    batch = inputs.batch
+    raw, _ = gae_targets(inputs.algo, batch, inputs.values)
+    # Normalized over the batch's valid turns, as PPO does, so every estimator feeds the loss
+    # advantages of unit scale whatever the reward scale.
+    include = batch.valid_sessions()[inputs.turn_session.long().cpu()]
+    per_turn = estimators.batch_normalize(raw, include, inputs.algo.advantage.eps).float()
+    metrics = {
+        **_stats("advantage/gae_raw", raw),
+        **_stats("value/mean_prediction", inputs.values.detach().float()),
+    }
+    return per_turn, metrics
+
+
+@estimator("proxmo", needs=("turn_features",))
+def _proxmo(inputs: EstimatorInputs):
+    per_turn = ops.proxmo_advantages(
+        inputs.turn_rewards.float(),
+        inputs.turn_session,
+        inputs.session_rewards.float(),
+        inputs.session_group,
+        inputs.turn_features.float(),
+        options=inputs.algo.proxmo,
+        turn_index=inputs.turn_index,
+        turn_component_weights=inputs.turn_weights,
+        session_component_weights=inputs.session_weights,
+        num_groups=inputs.num_groups,
+    )
+    return per_turn, {}
+
+
+@estimator("otb", needs=("turn_logprobs", "turn_sum_p2"))
+def _otb(inputs: EstimatorInputs):
+    # One token per turn, in session order: the token reward is the turn's weighted reward, plus the
+    # session's on its last turn; a dropped session's turns are masked out (advantage 0).
+    batch = inputs.batch
+    options = inputs.algo.advantage
+    order = torch.argsort(
+        batch.turn_session.long() * (int(batch.turn_index.max()) + 1) + batch.turn_index.long()
+    )
+    session = batch.turn_session.long()[order]
+    valid = batch.valid_sessions()[session]
+    token_rewards = options.turn_weight * batch.turn_totals()[order]
+    is_last = torch.ones_like(valid)
+    is_last[:-1] = session[1:] != session[:-1]
+    token_rewards = token_rewards + torch.where(
+        is_last, options.session_weight * batch.session_totals()[session], 0.0
+    )
+    advantages, _ = ops.optimal_token_baseline_advantages(
+        token_rewards,
+        inputs.turn_logprobs.detach().double().cpu()[order],
+        inputs.turn_sum_p2.detach().double().cpu()[order],
+        session,
+        batch.session_group.long().cpu(),
+        mask=valid,
+        positions="loss_tokens",
+    )
+    per_turn = torch.zeros_like(advantages)
+    per_turn[order] = advantages
+    return per_turn.float(), _stats("advantage/otb_raw", advantages[valid])
+
+
 def compute_advantages(
     algo: AlgoConfig,
     *,
@@ -75,17 +297,38 @@ def compute_advantages(
     session_reward_names: tuple[str, ...],
     token_turn: torch.Tensor | None = None,
     values: torch.Tensor | None = None,
+    turn_features: torch.Tensor | None = None,
+    turn_logprobs: torch.Tensor | None = None,
+    turn_sum_p2: torch.Tensor | None = None,
 ) -> Advantages:
     """Advantages of every agent turn of a batch (and of every token with ``token_turn``).
 
-    ``values`` (``[T]``, the critic's value of each turn) is needed by ``ppo_gae`` only."""
-    turn_w = component_weights(turn_reward_names, algo.turn_component_weights, "algo.turn_component_weights")
-    session_w = component_weights(
-        session_reward_names, algo.session_component_weights, "algo.session_component_weights"
+    The estimator is ``ESTIMATORS[algo.name]``; the inputs it ``needs`` (``values`` for ``ppo_gae``,
+    ``turn_features`` for ``proxmo``, ``turn_logprobs`` and ``turn_sum_p2`` for ``otb``) must be given."""
+    if algo.name not in ESTIMATORS:
+        raise ValueError(f"algo.name must be one of {tuple(ESTIMATORS)}, got {algo.name!r}")
+    chosen = ESTIMATORS[algo.name]
+    inputs = EstimatorInputs(
+        algo=algo,
+        turn_rewards=turn_rewards,
+        turn_session=turn_session,
+        turn_index=turn_index,
+        session_rewards=session_rewards,
+        session_group=session_group,
+        turn_weights=component_weights(
+            turn_reward_names, algo.turn_component_weights, "algo.turn_component_weights"
+        ),
+        session_weights=component_weights(
+            session_reward_names, algo.session_component_weights, "algo.session_component_weights"
+        ),
+        values=values,
+        turn_features=turn_features,
+        turn_logprobs=turn_logprobs,
+        turn_sum_p2=turn_sum_p2,
     )
-    num_groups = int(session_group.max().item()) + 1 if session_group.numel() else 0
-    options = algo.advantage
-    common = dict(scale=options.scale, eps=options.eps, num_groups=num_groups, nan_policy=options.nan_policy)
+    for name in chosen.needs:
+        if getattr(inputs, name) is None:
+            raise ValueError(f"algo.name={algo.name} needs {name} ({OPTIONAL_INPUTS[name]})")
     metrics: dict[str, float] = {}
     for k, name in enumerate(turn_reward_names):
         metrics.update({f"reward/turn/{name}": turn_rewards[:, k].mean().item()} if len(turn_rewards) else {})
@@ -94,75 +337,22 @@ def compute_advantages(
         finite = column[torch.isfinite(column)]
         if finite.numel():
             metrics[f"reward/session/{name}"] = finite.mean().item()
-    turn_total = turn_rewards.float() @ turn_w.to(turn_rewards.device)
-    session_total = session_rewards.float() @ session_w.to(session_rewards.device)
-    metrics.update(_stats("reward/turn_total", turn_total))
-    metrics.update(_stats("reward/session_total", session_total))
-
-    def hian(turn_weight: float, session_weight: float) -> torch.Tensor:
-        return ops.hian_advantages(
-            turn_rewards.float(),
-            turn_session,
-            session_rewards.float(),
-            session_group,
-            turn_weight=turn_weight,
-            session_weight=session_weight,
-            turn_scope=options.turn_scope,
-            turn_index=turn_index,
-            turn_component_weights=turn_w,
-            session_component_weights=session_w,
-            **common,
+    metrics.update(
+        _stats("reward/turn_total", turn_rewards.float() @ inputs.turn_weights.to(turn_rewards.device))
+    )
+    metrics.update(
+        _stats(
+            "reward/session_total",
+            session_rewards.float() @ inputs.session_weights.to(session_rewards.device),
         )
-
-    if algo.name == "duca":
-        # Each horizon once (they are logged too); the fusion is then a weighted sum.
-        turn_horizon, session_horizon = hian(1.0, 0.0), hian(0.0, 1.0)
-        per_turn = options.turn_weight * turn_horizon + options.session_weight * session_horizon
-        metrics.update(_stats("advantage/turn_horizon", turn_horizon))
-        metrics.update(_stats("advantage/session_horizon", session_horizon))
-    else:
-        batch = TwoHorizonBatch(
-            turn_rewards=turn_rewards.float(),
-            turn_session=turn_session.long(),
-            turn_index=turn_index.long(),
-            session_rewards=session_rewards.float(),
-            session_group=session_group.long(),
-            turn_component_weights=turn_w,
-            session_component_weights=session_w,
-        )
-        if algo.name == "ppo_gae":
-            if values is None:
-                raise ValueError("algo.name=ppo_gae needs values (the critic's [T] value of each turn)")
-            raw, _ = gae_targets(algo, batch, values)
-            # Normalized over the batch's valid turns, as PPO does, so every estimator feeds the loss
-            # advantages of unit scale whatever the reward scale.
-            include = batch.valid_sessions()[turn_session.long().cpu()]
-            per_turn = estimators.batch_normalize(raw, include, options.eps).float()
-            metrics.update(_stats("advantage/gae_raw", raw))
-            metrics.update(_stats("value/mean_prediction", values.detach().float()))
-        else:
-            weights = dict(
-                turn_weight=options.turn_weight, session_weight=options.session_weight, eps=options.eps
-            )
-            if algo.name == "grpo":
-                per_turn = estimators.grpo(batch, turn_agg=algo.turn_agg, **weights)
-            elif algo.name == "gdpo":
-                per_turn = estimators.gdpo(batch, turn_agg=algo.turn_agg, **weights)
-            elif algo.name == "mt_grpo":
-                weights["turn_weight"] = options.turn_weight * algo.mt_grpo_lambda
-                per_turn = estimators.mt_grpo(batch, **weights)
-            elif algo.name == "session_only":
-                per_turn = estimators.session_only(batch, eps=options.eps)
-            elif algo.name == "gopo":
-                weights.pop("eps")
-                per_turn = estimators.gopo(batch, turn_agg=algo.turn_agg, **weights)
-            else:
-                raise ValueError(f"algo.name must be one of {ALGORITHMS}, got {algo.name!r}")
-            if algo.name != "mt_grpo":
-                # One advantage per session (shared by its turns): its statistics over sessions.
-                per_session = torch.zeros(session_rewards.shape[0])
-                per_session[turn_session.long().cpu()] = per_turn.float().cpu()
-                metrics.update(_stats("advantage/session_horizon", per_session))
+    )
+    per_turn, own_metrics = chosen.compute(inputs)
+    metrics.update(own_metrics)
+    if chosen.per_session:
+        # One advantage per session (shared by its turns): its statistics over sessions.
+        per_session = torch.zeros(session_rewards.shape[0])
+        per_session[turn_session.long().cpu()] = per_turn.float().cpu()
+        metrics.update(_stats("advantage/session_horizon", per_session))
     metrics.update(_stats("advantage/fused", per_turn))
     per_token = None if token_turn is None else broadcast_to_tokens(per_turn, token_turn)
     return Advantages(per_turn=per_turn, per_token=per_token, metrics=metrics)

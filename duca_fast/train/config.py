@@ -17,10 +17,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from duca_fast.env import SESSION_REWARD_NAMES, TURN_REWARD_NAMES
-from duca_fast.ops import AdvantageOptions, PolicyLossOptions
+from duca_fast.ops import AdvantageOptions, PolicyLossOptions, ProxmoOptions
+from duca_fast.train.algorithms import ESTIMATORS
 
-ALGORITHMS = ("duca", "grpo", "gdpo", "mt_grpo", "ppo_gae", "session_only", "gopo")
-GROUP_ALGORITHMS = ("duca", "grpo", "gdpo", "mt_grpo", "session_only", "gopo")
+ALGORITHMS = tuple(ESTIMATORS)
+"""Every ``algo.name``: the estimator table of ``train/algorithms.py``."""
+GROUP_ALGORITHMS = tuple(name for name, entry in ESTIMATORS.items() if entry.grouped)
+
 """Algorithms whose advantages are group statistics (they need rollout.group_size >= 2)."""
 TURN_AGGS = ("mean", "sum")
 ENVS = ("sales", "sales-acts")
@@ -135,12 +138,19 @@ class AlgoConfig:
     name: str = "duca"
     """"duca" (HIAN: turn and session rewards normalized separately per group), "grpo" (one scalar per
     session), "gdpo" (each reward component normalized per group, summed, batch-renormalized), "mt_grpo"
-    (outcome plus per-position turn advantages), "ppo_gae" (learned critic, GAE over turns) or
-    "session_only" (the session reward alone). Formulas: ``docs/algorithms.md``."""
+    (outcome plus per-position turn advantages), "ppo_gae" (learned critic, GAE over turns),
+    "session_only" (the session reward alone), "gopo" (ranks), "dual_track" (HIAN, population std,
+    clamped), "proxmo" (success-weighted episode + proximity-baselined step) or "otb" (optimal token
+    baseline; the twin). The table: ``train/algorithms.py``; formulas: ``docs/algorithms.md``."""
     turn_agg: str = "mean"
     """grpo, gdpo, ppo_gae: a session's turn rewards enter as their "mean" (length-neutral) or "sum"."""
     mt_grpo_lambda: float = 1.0
     """mt_grpo: weight of the turn-level advantage (times advantage.turn_weight)."""
+    dual_track_clip: float = 10.0
+    """dual_track: each horizon's z-score (population std) is clamped to +-this (TRUST-SQL's 10)."""
+    proxmo: ProxmoOptions = field(default_factory=lambda: ProxmoOptions(nan_policy="omit"))
+    """proxmo: the op's options (``duca_fast.ops.ProxmoOptions``: gamma, step_weight, temperature, psc,
+    psc_alpha, psc_beta, success_threshold, nan_policy); defaults are the official run script's."""
     critic: CriticConfig = field(default_factory=CriticConfig)
     """ppo_gae: the critic and GAE settings."""
     advantage: AdvantageOptions = field(default_factory=lambda: AdvantageOptions(nan_policy="omit"))
@@ -259,7 +269,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except OmegaConfBaseException as error:
         detail = str(getattr(error, "msg", None) or error).splitlines()[0]
         raise ConfigError(f"invalid value for {_full_key(error)!r}: {detail}") from None
-    for key, options in (("algo.advantage", AdvantageOptions), ("algo.loss", PolicyLossOptions)):
+    for key, options in (
+        ("algo.advantage", AdvantageOptions),
+        ("algo.loss", PolicyLossOptions),
+        ("algo.proxmo", ProxmoOptions),
+    ):
         _check_options(key, options, OmegaConf.to_container(OmegaConf.select(schema, key)))
     config: TrainConfig = OmegaConf.to_object(schema)
     validate(config)
@@ -382,12 +396,22 @@ def validate(config: TrainConfig) -> None:
         r.group_size >= 2 or a.name not in GROUP_ALGORITHMS,
         f"rollout.group_size must be >= 2 for {a.name} (group statistics need 2 members), got {r.group_size}",
     )
+    _require(
+        a.name != "otb" or e.name == "sales-acts",
+        "algo.name=otb runs on env.name=sales-acts (one action per turn); on the text task its per-token "
+        "advantages are not wired into the update: use it there through the verl adapter or ops directly",
+    )
     _require(a.ppo_epochs >= 1, f"algo.ppo_epochs must be >= 1, got {a.ppo_epochs}")
     _check_component_weights("algo.turn_component_weights", a.turn_component_weights, TURN_REWARD_NAMES)
     _check_component_weights(
         "algo.session_component_weights", a.session_component_weights, SESSION_REWARD_NAMES
     )
     _check_options("algo.advantage", AdvantageOptions, asdict(a.advantage))
+    _check_options("algo.proxmo", ProxmoOptions, asdict(a.proxmo))
+    _require(
+        a.dual_track_clip > 0 and math.isfinite(a.dual_track_clip),
+        f"algo.dual_track_clip must be a finite number > 0, got {a.dual_track_clip}",
+    )
     _check_options("algo.loss", PolicyLossOptions, asdict(a.loss))
     _require(
         a.loss.loss_agg in LOSS_AGGREGATIONS,
@@ -451,6 +475,8 @@ RUN_DEFINING_KEYS = (
     "algo.name",
     "algo.turn_agg",
     "algo.mt_grpo_lambda",
+    "algo.dual_track_clip",
+    "algo.proxmo.",
     "algo.critic.",
     "algo.advantage.",
     "algo.turn_component_weights",

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from duca_fast import ops
+
 TURN_AGGS = ("mean", "sum")
 """How a session's turn totals become one number: their mean (length-neutral) or their sum."""
 
@@ -53,8 +55,8 @@ def _check_weights(name: str, weights: torch.Tensor | None, num: int) -> torch.T
 
 
 def _check_eps(eps: float) -> None:
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (zero-variance groups then give 0), got {eps}")
 
 
 def _check_turn_agg(turn_agg: str) -> None:
@@ -177,20 +179,12 @@ def group_normalize(
 ) -> torch.Tensor:
     """``(x - mean_g) / (std_g + eps)`` per group over the members with ``include``; 0 elsewhere.
 
-    ``std_g`` is the unbiased std; groups with fewer than 2 included members give 0. All of ``[n]``.
+    ``std_g`` is the unbiased std; groups with fewer than 2 included members give 0. All of ``[n]``,
+    float64. This is ``ops.grpo_advantages`` with the excluded members as NaN (``nan_policy="omit"``).
     """
     _check_eps(eps)
-    values = values.double()
-    group = group.cpu().long()
-    num_groups = int(group.max()) + 1 if group.numel() else 0
-    weight = include.double()
-    count = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group, weight)
-    total = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group, values * weight)
-    mean = total / count.clamp_min(1)
-    centered = (values - mean[group]) * weight
-    squares = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, group, centered**2)
-    std = (squares / (count - 1).clamp_min(1)).sqrt()
-    return torch.where(in_groups_of_two(group, include), centered / (std[group] + eps), 0.0)
+    masked = torch.where(include.cpu().bool(), values.detach().double().cpu(), float("nan"))
+    return ops.grpo_advantages(masked, group.cpu().long(), eps=eps, nan_policy="omit")
 
 
 def batch_normalize(values: torch.Tensor, include: torch.Tensor, eps: float) -> torch.Tensor:

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from duca_fast.train.algorithms import compute_advantages
-from duca_fast.train.config import AlgoConfig, ConfigError, load_config
+from duca_fast import ops
+from duca_fast.train.algorithms import ESTIMATORS, compute_advantages
+from duca_fast.train.config import ALGORITHMS, AlgoConfig, ConfigError, load_config
 from duca_fast.train.loop import Trainer, train
 
 from .acts_configs import ACTS_CONFIG, tiny_acts_config
@@ -124,7 +125,7 @@ def test_ppo_gae_configures_for_both_tasks():
     assert load_config(ACTS_CONFIG, ["algo.name=ppo_gae"]).algo.name == "ppo_gae"
 
 
-@pytest.mark.parametrize("algo", ["duca", "grpo", "gdpo", "mt_grpo", "session_only", "ppo_gae", "gopo"])
+@pytest.mark.parametrize("algo", ALGORITHMS)
 def test_each_algorithm_trains_on_the_paper_twin(tmp_path, algo):
     config = tiny_acts_config(
         tmp_path, f"algo.name={algo}", "env.regime=paper", "env.regime_knobs.session_scale=3"
@@ -171,3 +172,65 @@ def test_session_level_estimators_log_their_per_session_advantages():
         metrics = compute_advantages(AlgoConfig(name=name), **batch()).metrics
         assert metrics["advantage/session_horizon/abs_max"] == pytest.approx(R, abs=1e-4)
         assert "advantage/turn_horizon/std" not in metrics
+
+
+def test_the_estimator_table_is_the_list_of_algorithms():
+    assert tuple(ESTIMATORS) == ALGORITHMS
+    assert {"duca", "dual_track", "proxmo", "gopo", "otb"} <= set(ALGORITHMS)
+    assert not ESTIMATORS["ppo_gae"].grouped and ESTIMATORS["ppo_gae"].needs == ("values",)
+
+
+def test_dual_track_is_duca_with_population_std_and_a_clamp():
+    # Population stds: turns (-1, -1, -1.5) give z = (1/sqrt 2, 1/sqrt 2, -sqrt 2); sessions (0.4, 0) +-1.
+    z = 1 / math.sqrt(2)
+    assert advantages("dual_track") == pytest.approx([z + 1, z + 1, -2 * z - 1], abs=1e-4)  # eps 1e-6
+    algo = AlgoConfig(name="dual_track", dual_track_clip=0.5)
+    got = compute_advantages(algo, **batch()).per_turn
+    expected = ops.hian_advantages(
+        batch()["turn_rewards"],
+        batch()["turn_session"],
+        batch()["session_rewards"],
+        batch()["session_group"],
+        std="population",
+        clip=0.5,
+        nan_policy="omit",
+    )
+    torch.testing.assert_close(got, expected)
+    # Every |z| above is > 0.5: each horizon clamps to +-0.5.
+    assert got.tolist() == pytest.approx([1.0, 1.0, -1.0], abs=1e-5)
+
+
+def test_proxmo_and_otb_need_their_inputs_and_match_the_ops():
+    with pytest.raises(ValueError, match="algo.name=proxmo needs turn_features"):
+        advantages("proxmo")
+    with pytest.raises(ValueError, match="algo.name=otb needs turn_logprobs"):
+        advantages("otb")
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    algo = AlgoConfig(name="proxmo")
+    got = compute_advantages(algo, **batch(), turn_features=features).per_turn
+    expected = ops.proxmo_advantages(
+        batch()["turn_rewards"],
+        batch()["turn_session"],
+        batch()["session_rewards"],
+        batch()["session_group"],
+        features,
+        options=algo.proxmo,
+        turn_index=batch()["turn_index"],
+    )
+    torch.testing.assert_close(got, expected)
+
+    # otb by hand, one token per turn: session 0 tokens r = -1, -1 + 0.4; session 1 token r = -1.5 + 0.
+    # Returns G: session 0 (-1.6, -0.6), session 1 (-1.5). Path weights W_t = sum_{j<=t} (1 - 2p_j + s_j).
+    logprobs = torch.log(torch.tensor([0.5, 0.25, 0.8]))
+    sum_p2 = torch.tensor([0.3, 0.4, 0.7])
+    w = [1 - 1.0 + 0.3, (1 - 1.0 + 0.3) + (1 - 0.5 + 0.4), 1 - 1.6 + 0.7]
+    baseline0 = (-1.6 * w[0] + -1.5 * w[2]) / (w[0] + w[2] + 1e-8)
+    # Position 1: only session 0 has a token there: with handle_zero_tail its baseline is 0.
+    expected = [-1.6 - baseline0, -0.6 - 0.0, -1.5 - baseline0]
+    got = compute_advantages(AlgoConfig(name="otb"), **batch(), turn_logprobs=logprobs, turn_sum_p2=sum_p2)
+    assert got.per_turn.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_otb_is_refused_on_the_text_task():
+    with pytest.raises(ConfigError, match="algo.name=otb runs on env.name=sales-acts"):
+        load_config(None, ["algo.name=otb"])

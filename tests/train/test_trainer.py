@@ -78,8 +78,9 @@ def test_two_step_run_writes_everything(tmp_path, cache_dir, engine):
         ],
         ["algo.name=grpo", "model.lora_rank=0", "algo.loss.kl_coef=0.05", "algo.loss.entropy_coef=0.01"],
         ["algo.name=gdpo", "algo.advantage.turn_scope=group_turn", "algo.advantage.scale=batch"],
+        ["algo.name=proxmo", "algo.proxmo.gamma=0.9"],
     ],
-    ids=["duca-kl-to-base-two-epochs", "grpo-full-finetune-kl-to-frozen-copy", "gdpo"],
+    ids=["duca-kl-to-base-two-epochs", "grpo-full-finetune-kl-to-frozen-copy", "gdpo", "proxmo-tfidf"],
 )
 def test_algorithm_and_loss_options_train(tmp_path, cache_dir, extra):
     run_dir = tmp_path / "run"

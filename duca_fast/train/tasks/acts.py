@@ -8,7 +8,7 @@ its seeds from ``(seed, step)`` only; the rollout reads the trained weights dire
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,6 @@ from duca_fast.train.config import ConfigError, TrainConfig
 from duca_fast.train.distributed import DistContext
 from duca_fast.train.estimators import ValueHead, value_loss
 from duca_fast.train.task import (
-    CriticRewards,
     PlayedSessions,
     StepRollout,
     TwoHorizonRewards,
@@ -54,13 +53,15 @@ class ActsPolicy(nn.Module):
     def logits(self, observations: torch.Tensor) -> torch.Tensor:
         return self.out(self.torso(observations))
 
-    def token_logprobs(self, batch: ActsBatch, temperature: float) -> torch.Tensor:
+    def token_logprobs(self, batch: ActsBatch, temperature: float, *, return_sum_p2: bool = False):
+        """Log-prob of each turn's act (and with ``return_sum_p2`` the act distribution's sum p^2)."""
         return ops.token_logprobs(
             self(batch.observations),
             self.out.weight,
             batch.actions,
             temperature=temperature,
             bias=self.out.bias,
+            return_sum_p2=return_sum_p2,
         )
 
 
@@ -150,8 +151,10 @@ def play(
     ]
     stacked = torch.stack(observations)
     values = None if policy.critic is None else policy.critic(stacked)
-    rewards = CriticRewards(
+    rewards = TwoHorizonRewards(
         values=values,
+        turn_features=stacked,
+        turn_logprobs=torch.stack(logprobs),
         turn_rewards=torch.tensor(turn_rewards, dtype=torch.float32),
         turn_session=torch.tensor(turn_session, dtype=torch.long),
         turn_index=torch.tensor(turn_index, dtype=torch.long),
@@ -216,6 +219,12 @@ class ActsTask:
             generator=generator,
             regime=self.regime,
         )
+        if config.algo.name == "otb":
+            # The optimal token baseline weighs each turn by its distribution's sum p^2: from the policy's
+            # own token_logprobs at the weights and temperature that sampled.
+            with torch.no_grad():
+                _, sum_p2 = self.model.token_logprobs(batch, config.rollout.temperature, return_sum_p2=True)
+            batch.rewards = replace(batch.rewards, turn_sum_p2=sum_p2)
         metrics = {"rollout/turns": float(len(batch.actions))}
         return StepRollout(batch.rewards, slice(0, len(batch.actions)), batch, batch.outcomes, metrics)
 

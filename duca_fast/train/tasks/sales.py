@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,8 @@ from duca_fast.train.distributed import (
     shard_policy,
 )
 from duca_fast.train.estimators import ValueHead, value_loss
+from duca_fast.train.features import customer_messages, tfidf_features
 from duca_fast.train.task import (
-    CriticRewards,
     PlayedSessions,
     StepRollout,
     TwoHorizonRewards,
@@ -382,6 +382,11 @@ class SalesTask:
                 "truncated": int(batch.truncated.sum()),
                 "tokens": int(batch.input_ids.numel()),
                 "rewards": TwoHorizonRewards.of(batch),
+                "customer_messages": (
+                    customer_messages(batch.transcripts, batch.turn_session, batch.turn_index)
+                    if config.algo.name == "proxmo"
+                    else None
+                ),
                 "summary": batch.failure_summary(),
             },
         )
@@ -399,11 +404,14 @@ class SalesTask:
             batch.input_ids[bounds[s] : bounds[s + 1]].tolist() for s in range(min(2, len(bounds) - 1))
         ]
         rewards = TwoHorizonRewards.concat([part["rewards"] for part in everyone])
+        if config.algo.name == "proxmo":
+            texts = [text for part in everyone for text in part["customer_messages"]]
+            rewards = replace(rewards, turn_features=tfidf_features(texts))
         values = None
         if self.objective.critic is not None:
             # Single process (ppo_gae refuses torchrun): this rank's turns are all the step's turns.
             values = self._turn_values(batch)
-            rewards = CriticRewards(**rewards.as_kwargs(), values=values)
+            rewards = replace(rewards, values=values)
         outcomes = [o for part in everyone for o in part["outcomes"]]
         summary = " | ".join(
             part["summary"] if len(everyone) == 1 else f"rank {rank}: {part['summary']}"
@@ -446,7 +454,7 @@ class SalesTask:
         old = self._old_logprobs(batch, passes) if self.config.algo.ppo_epochs > 1 else None
         returns = None
         if data.values is not None:
-            rewards = CriticRewards(**TwoHorizonRewards.of(batch).as_kwargs(), values=data.values)
+            rewards = TwoHorizonRewards.of(batch, values=data.values)
             returns = critic_targets(self.config.algo, rewards)
         return PreparedUpdate(
             batch,
