@@ -201,9 +201,9 @@ def test_dual_track_is_duca_with_population_std_and_a_clamp():
 
 
 def test_proxmo_and_otb_need_their_inputs_and_match_the_ops():
-    with pytest.raises(ValueError, match="algo.name=proxmo needs turn_features"):
+    with pytest.raises(ValueError, match=r"algo\.name=proxmo needs turn_features"):
         advantages("proxmo")
-    with pytest.raises(ValueError, match="algo.name=otb needs turn_logprobs"):
+    with pytest.raises(ValueError, match=r"algo\.name=otb needs turn_logprobs"):
         advantages("otb")
     features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     algo = AlgoConfig(name="proxmo")
@@ -232,5 +232,5 @@ def test_proxmo_and_otb_need_their_inputs_and_match_the_ops():
 
 
 def test_otb_is_refused_on_the_text_task():
-    with pytest.raises(ConfigError, match="algo.name=otb runs on env.name=sales-acts"):
+    with pytest.raises(ConfigError, match=r"algo\.name=otb runs on env\.name=sales-acts"):
         load_config(None, ["algo.name=otb"])
