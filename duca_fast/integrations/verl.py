@@ -29,9 +29,11 @@ Callers that pass ``batch=`` (a mapping of tensors, e.g. ``data.batch``) may set
 its row, -1 = no loss). Stock verl 0.9.1 does not pass ``batch`` to a registered estimator.
 
 HIAN options: a ``duca_hian`` mapping in ``config`` when it is a dict/DictConfig (keys ``turn_weight``,
-``session_weight``, ``turn_scope``, ``eps``), else the environment variables ``DUCA_HIAN_TURN_WEIGHT``,
-``DUCA_HIAN_SESSION_WEIGHT``, ``DUCA_HIAN_TURN_SCOPE`` (verl's ``AlgoConfig`` dataclass takes no
-extra keys). ``algorithm.norm_adv_by_std_in_grpo=False`` centers without scaling (``scale="none"``).
+``session_weight``, ``turn_scope``, ``eps``, ``std``, ``clip``: ``std: population, clip: 10`` is Dual-Track
+GRPO), else the environment variables ``DUCA_HIAN_<KEY>`` (verl's ``AlgoConfig`` dataclass takes no
+extra keys).
+
+More estimators (``duca_gopo``, ``duca_otb``, ``duca_tir_otb``, ``duca_proxmo``): ``verl_estimators``. ``algorithm.norm_adv_by_std_in_grpo=False`` centers without scaling (``scale="none"``).
 
 **What "duca_fused" fuses here.** verl's actor computes ``log_prob`` from its own logits, so the
 hidden-state fusion of ``ops.fused_policy_loss`` (no ``[N, V]`` logits) does not apply. The loss runs
@@ -54,7 +56,7 @@ import numpy as np
 import torch
 
 from duca_fast import ops
-from duca_fast.integrations import verl_kernels
+from duca_fast.integrations import verl_estimators, verl_kernels
 from duca_fast.integrations._layout import turn_layout
 
 try:
@@ -110,7 +112,14 @@ def hian_options(config: Any) -> dict[str, Any]:
         except (AttributeError, KeyError):
             section = None
     options: dict[str, Any] = {"scale": scale}
-    for key, cast in (("turn_weight", float), ("session_weight", float), ("turn_scope", str), ("eps", float)):
+    for key, cast in (
+        ("turn_weight", float),
+        ("session_weight", float),
+        ("turn_scope", str),
+        ("eps", float),
+        ("std", str),
+        ("clip", float),
+    ):
         value = section.get(key, None) if hasattr(section, "get") else None
         if value is None:
             value = os.environ.get(ENV_PREFIX + key.upper())
@@ -435,6 +444,11 @@ def _register() -> None:
         if POLICY_LOSS_REGISTRY.get(name) is not function:
             POLICY_LOSS_REGISTRY.pop(name, None)
             register_policy_loss(name)(function)
+    for name, function in verl_estimators.ESTIMATORS.items():
+        if ADV_ESTIMATOR_REGISTRY.get(name) is not function:
+            ADV_ESTIMATOR_REGISTRY.pop(name, None)
+            register_adv_est(name)(function)
+    verl_estimators.install()  # compute_advantage hands duca_otb / duca_tir_otb / duca_proxmo the batch
     verl_kernels.install()  # actor_rollout_ref.model.fused_kernel_options.impl_backend=duca
 
 

@@ -128,6 +128,15 @@ def test_explicit_batch_keys_and_options(monkeypatch):
     torch.testing.assert_close(advantages, expected.float(), rtol=1e-5, atol=1e-6)
 
 
+def test_dual_track_options_from_the_config_section():
+    rewards, mask, uids, packed = hand_batch()
+    config = {"duca_hian": {"std": "population", "clip": 0.5}}
+    advantages, _ = duca_verl.compute_duca_hian_advantage(rewards, mask, index=uids, config=config)
+    expected = expected_advantages(packed, std="population", clip=0.5)
+    torch.testing.assert_close(advantages, expected.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected, expected_advantages(packed))
+
+
 def test_estimator_errors_name_the_problem():
     rewards, mask, uids, _ = hand_batch()
     with pytest.raises(ValueError, match="group uid"):
