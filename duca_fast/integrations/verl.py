@@ -31,9 +31,9 @@ its row, -1 = no loss). Stock verl 0.9.1 does not pass ``batch`` to a registered
 HIAN options: a ``duca_hian`` mapping in ``config`` when it is a dict/DictConfig (keys ``turn_weight``,
 ``session_weight``, ``turn_scope``, ``eps``, ``std``, ``clip``: ``std: population, clip: 10`` is Dual-Track
 GRPO), else the environment variables ``DUCA_HIAN_<KEY>`` (verl's ``AlgoConfig`` dataclass takes no
-extra keys).
+extra keys). ``algorithm.norm_adv_by_std_in_grpo=False`` centers without scaling (``scale="none"``).
 
-More estimators (``duca_gopo``, ``duca_otb``, ``duca_tir_otb``, ``duca_proxmo``): ``verl_estimators``. ``algorithm.norm_adv_by_std_in_grpo=False`` centers without scaling (``scale="none"``).
+More estimators (``duca_gopo``, ``duca_otb``, ``duca_tir_otb``, ``duca_proxmo``): ``verl_estimators``.
 
 **What "duca_fused" fuses here.** verl's actor computes ``log_prob`` from its own logits, so the
 hidden-state fusion of ``ops.fused_policy_loss`` (no ``[N, V]`` logits) does not apply. The loss runs

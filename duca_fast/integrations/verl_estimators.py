@@ -1,4 +1,4 @@
-"""verl advantage estimators beside ``duca_hian``: ``duca_gopo``, ``duca_otb``, ``duca_tir_otb``, ``duca_proxmo``.
+"""verl advantage estimators beside ``duca_hian``: duca_gopo, duca_otb, duca_tir_otb, duca_proxmo.
 
 Registered by ``duca_fast.integrations.verl`` (``algorithm.adv_estimator=<name>``):
 
@@ -82,7 +82,7 @@ def _field(batch: Any, key: str) -> torch.Tensor | None:
 def compute_duca_gopo_advantage(
     token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Any = None, **unused: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GOPO for verl: ``(advantages, returns)`` ``[B, L]``, the row's rank advantage on its response tokens."""
+    """GOPO for verl: ``(advantages, returns)`` [B, L]: the row's rank advantage on its response tokens."""
     _check_shapes(GOPO_NAME, token_level_rewards, response_mask)
     group = _ids(GOPO_NAME, "index (the uid of each row's group)", index, token_level_rewards.shape[0])
     scores = token_level_rewards.sum(dim=-1)
@@ -236,7 +236,7 @@ ESTIMATORS = {
 
 
 def _with_batch(original):
-    """``compute_advantage`` that hands ``batch`` and ``non_tensor_batch`` to the estimators that need them."""
+    """``compute_advantage`` handing ``batch`` and ``non_tensor_batch`` to the estimators that need them."""
     if getattr(original, "__duca_wrapped__", False):
         return original
 
