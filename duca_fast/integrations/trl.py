@@ -154,18 +154,26 @@ def normalize_turn_rewards(rewards: Any, turns_per_completion: Sequence[int]) ->
     return result
 
 
+SESSION_ESTIMATORS = ("zscore", "gopo")
+
+
 def hian_turn_horizons(
     turn_rewards: Sequence[Sequence[float]],
     session_rewards: torch.Tensor,
     num_generations: int,
+    session_estimator: str = "zscore",
     **options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both normalized horizons per agent turn of the whole batch: ``(turn_session, A_turn, A_session)``.
 
     ``turn_rewards[i]`` are the rewards of completion ``i``'s turns (NaN: left out of the statistics, its
     turn horizon 0); ``session_rewards`` ``[N]`` (NaN likewise). ``options``: ``ops.hian_advantages``
-    keywords other than the horizon weights (turn_scope, scale, eps).
+    keywords other than the horizon weights (turn_scope, scale, eps, std, clip).
+    ``session_estimator="gopo"``: the session horizon is GOPO's rank advantage within the group
+    (``ops.gopo_advantages``; NaN sessions are not ranked and get 0) instead of HIAN's z-score.
     """
+    if session_estimator not in SESSION_ESTIMATORS:
+        raise ValueError(f"session_estimator must be one of {SESSION_ESTIMATORS}, got {session_estimator!r}")
     num_sessions = len(turn_rewards)
     if session_rewards.shape != (num_sessions,):
         raise ValueError(f"session_rewards must be [{num_sessions}], got {tuple(session_rewards.shape)}")
@@ -191,7 +199,13 @@ def hian_turn_horizons(
         **options,
     )
     turn_horizon = ops.hian_advantages(*arguments, turn_weight=1.0, session_weight=0.0, **keywords)
-    session_horizon = ops.hian_advantages(*arguments, turn_weight=0.0, session_weight=1.0, **keywords)
+    if session_estimator == "gopo":
+        ranked = torch.isfinite(session_rewards)
+        per_session = torch.zeros(num_sessions, device=device)
+        per_session[ranked] = ops.gopo_advantages(session_rewards[ranked].float(), arguments[3][ranked])
+        session_horizon = per_session[turn_session.to(device)]
+    else:
+        session_horizon = ops.hian_advantages(*arguments, turn_weight=0.0, session_weight=1.0, **keywords)
     return turn_session.to(device), turn_horizon, session_horizon
 
 
@@ -274,6 +288,11 @@ class DucaGRPOTrainer(GRPOTrainer):
         turn_reward_func: see above.
         turn_weight, session_weight: weights of the normalized horizons in the fused advantage.
         turn_scope: "group" or "group_turn" (turn statistics per group and turn position).
+        std, clip: HIAN's std ("unbiased" or "population") and per-horizon clamp (None: none);
+            ``std="population", clip=10.0`` is Dual-Track GRPO (TRUST-SQL).
+        session_estimator: "zscore" (HIAN) or "gopo" (GOPO's ranks of the session rewards in the group).
+            ProxMO and the optimal token baseline are not offered here: TRL gives no state per turn and
+            computes no sum p^2 (use them through verl or ``duca_fast.ops``).
         use_duca_kernel: compute the loss with ``ops.fused_policy_loss`` on the policy's last hidden
             states (one pass over the vocabulary, loss and gradients together, per-token advantages)
             instead of TRL's log-prob head and loss. ``args`` is mapped as TRL reads it; options it cannot
@@ -289,6 +308,9 @@ class DucaGRPOTrainer(GRPOTrainer):
         turn_weight: float = 1.0,
         session_weight: float = 1.0,
         turn_scope: str = "group",
+        std: str = "unbiased",
+        clip: float | None = None,
+        session_estimator: str = "zscore",
         use_duca_kernel: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -296,6 +318,11 @@ class DucaGRPOTrainer(GRPOTrainer):
             raise ValueError(f"turn_reward_func must be callable, got {type(turn_reward_func).__name__}")
         if turn_scope not in ("group", "group_turn"):
             raise ValueError(f"turn_scope must be 'group' or 'group_turn', got {turn_scope!r}")
+        if session_estimator not in SESSION_ESTIMATORS:
+            raise ValueError(
+                f"session_estimator must be one of {SESSION_ESTIMATORS}, got {session_estimator!r}"
+            )
+        ops.AdvantageOptions(std=std, clip=clip)  # their own checks, before TRL's long set-up
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=VLLM_VERSION_WARNING)
             super().__init__(*args, **kwargs)
@@ -304,7 +331,13 @@ class DucaGRPOTrainer(GRPOTrainer):
         self.turn_reward_func = turn_reward_func
         self.turn_weight = float(turn_weight)
         self.session_weight = float(session_weight)
-        self.hian_options = {"turn_scope": turn_scope, "scale": self.scale_rewards}
+        self.hian_options = {
+            "turn_scope": turn_scope,
+            "scale": self.scale_rewards,
+            "std": std,
+            "clip": clip,
+            "session_estimator": session_estimator,
+        }
         self._scored: dict[str, Any] | None = None
         self.use_duca_kernel = bool(use_duca_kernel)
         if self.use_duca_kernel:

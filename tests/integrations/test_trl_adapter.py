@@ -63,6 +63,33 @@ def test_per_token_advantages_match_ops_on_synthetic_multi_turn_batch():
     torch.testing.assert_close(local, advantages[2:])
 
 
+def test_dual_track_options_and_gopo_session_horizon():
+    agent_mask = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0]])
+    turn_rewards = [[0.5, -0.2], [0.1], [0.4], [0.2, 0.9]]
+    session_rewards = torch.tensor([1.0, 0.0, 0.5, 3.0])
+    flat = dict(
+        turn_rewards=torch.tensor([0.5, -0.2, 0.1, 0.4, 0.2, 0.9]),
+        turn_session=torch.tensor([0, 0, 1, 2, 3, 3]),
+        session_group=torch.tensor([0, 0, 1, 1]),
+    )
+    token_turn = torch.tensor([[0, 0, -1, 1], [2, -1, -1, -1], [3, 3, 3, 3], [4, -1, 5, -1]]).reshape(-1)
+    got = hian_completion_advantages(
+        turn_rewards, session_rewards, 2, agent_mask, std="population", clip=0.8, turn_weight=0.5
+    )
+    expected = ops.hian_advantages(
+        flat["turn_rewards"], flat["turn_session"], session_rewards, flat["session_group"], std="population",
+        clip=0.8, turn_weight=0.5, nan_policy="omit", token_turn=token_turn, backend="reference",
+    ).reshape(4, 4)  # fmt: skip
+    torch.testing.assert_close(got, expected.float())
+    # GOPO: within each group of two the better session gets +2, the other -2; turn horizon unchanged.
+    gopo = hian_completion_advantages(
+        turn_rewards, session_rewards, 2, agent_mask, session_estimator="gopo", turn_weight=0.0
+    )
+    assert gopo[agent_mask.bool()].tolist() == [2.0, 2.0, 2.0, -2.0, -2.0, -2.0, -2.0, -2.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="session_estimator must be one of"):
+        hian_completion_advantages(turn_rewards, session_rewards, 2, agent_mask, session_estimator="otb")
+
+
 def test_batch_without_agent_turns_gives_zero_advantages():
     # Every completion masked (e.g. all truncated under mask_truncated_completions): no turn at all.
     advantages = hian_completion_advantages(
@@ -324,3 +351,39 @@ def test_trl_vllm_version_warning_held_back_at_import():
     supported = Version("0.22.0") <= Version(Version(installed).base_version) <= Version("0.31.0")
     outside = available and not supported
     assert f"held {outside}" in result.stdout
+
+
+def test_gopo_session_horizon_and_dual_track_options_reach_the_trainer(tmp_path):
+    from datasets import Dataset
+
+    tokenizer = chat_tokenizer()
+
+    class Trainer(Recording, DucaGRPOTrainer):
+        pass
+
+    with pytest.raises(ValueError, match="session_estimator must be one of"):
+        Trainer(model=None, reward_funcs=[], turn_reward_func=lambda **kw: [], session_estimator="proxmo")
+    with pytest.raises(ValueError, match="clip must be None or a finite number > 0"):
+        Trainer(model=None, reward_funcs=[], turn_reward_func=lambda **kw: [], clip=-1.0)
+    trainer = Trainer(
+        model=tiny_model(tokenizer),
+        reward_funcs=lambda completions, **kw: [float(i) for i in range(len(completions))],
+        args=grpo_args(tmp_path),
+        train_dataset=Dataset.from_dict({"prompt": ["Say hi."] * 4}),
+        processing_class=tokenizer,
+        turn_reward_func=lambda completions, **kw: [0.0] * len(completions),
+        turn_weight=0.0,
+        session_estimator="gopo",
+        std="population",
+        clip=10.0,
+    )
+    assert trainer.hian_options["std"] == "population" and trainer.hian_options["clip"] == 10.0
+    trainer.train()
+    advantages = trainer.recorded[0]["advantages"]
+    mask = trainer.recorded[0]["completion_mask"].bool()
+    # Session rewards 0, 1, 2, 3 in groups of num_generations: ranks spread from +2 (best) to -2.
+    group_size = trainer.num_generations
+    for row in range(advantages.shape[0]):
+        rank = group_size - 1 - row % group_size  # 0 = best (the highest reward is the last of a group)
+        expected = 2.0 - 4.0 * rank / (group_size - 1)
+        assert advantages[row][mask[row]].tolist() == pytest.approx([expected] * int(mask[row].sum()))
