@@ -390,6 +390,62 @@ MUTANTS = [
         "lse, entropy = saved[0][rows].roll(1), saved[1][rows]",
         LOSS_TESTS,
     ),
+    Mutant(
+        "ProxMO: PSC success and failure weights swapped",
+        ADV + "proxmo.py",
+        "return torch.where(scores > options.success_threshold, success, failure)",
+        "return torch.where(scores > options.success_threshold, failure, success)",
+        ("tests/ops/test_proxmo.py",),
+    ),
+    Mutant(
+        "ProxMO torch path: returns not discounted (gamma ignored)",
+        ADV + "proxmo.py",
+        "torch.tensor(gamma, dtype=torch.float64) ** distance.clamp_min(0)",
+        "torch.tensor(1.0, dtype=torch.float64) ** distance.clamp_min(0)",
+        ("tests/ops/test_proxmo.py",),
+    ),
+    Mutant(
+        "ProxMO Triton: the turn itself left out of its proximity softmax",
+        ADV + "proxmo_triton.py",
+        "other_live = inside & (tl.load(valid_ptr + other, mask=inside, other=0) != 0)",
+        "other_live = inside & (other != turns) & (tl.load(valid_ptr + other, mask=inside, other=0) != 0)",
+        ("tests/ops/test_proxmo.py",),
+    ),
+    Mutant(
+        "Dual-Track: the population std divides by n - 1 (torch path)",
+        ADV + "torch_path.py",
+        'ddof = 1.0 if options.std == "unbiased" else 0.0',
+        "ddof = 1.0",
+        ("tests/ops/test_dual_track.py",),
+    ),
+    Mutant(
+        "Dual-Track: the clamp ignored in the Triton kernel",
+        ADV + "triton_path.py",
+        "advantage = tl.minimum(tl.maximum(advantage, -clip), clip)",
+        "advantage = advantage + 0.0 * clip",
+        ("tests/test_advantages.py",),
+    ),
+    Mutant(
+        "dual_track estimator takes the clamp of algo.advantage instead of algo.dual_track_clip",
+        "duca_fast/train/algorithms.py",
+        "clip=inputs.algo.dual_track_clip)",
+        "clip=inputs.algo.advantage.clip)",
+        ("tests/train/test_algorithms.py::test_dual_track_is_duca_with_population_std_and_a_clamp",),
+    ),
+    Mutant(
+        "otb estimator: the session reward not added on the session's last turn",
+        "duca_fast/train/algorithms.py",
+        "is_last, options.session_weight * batch.session_totals()[session], 0.0",
+        "~is_last, options.session_weight * batch.session_totals()[session], 0.0",
+        ("tests/train/test_algorithms.py::test_proxmo_and_otb_need_their_inputs_and_match_the_ops",),
+    ),
+    Mutant(
+        "verl duca_tir_otb counts positions over every token (the single-turn form)",
+        "duca_fast/integrations/verl_estimators.py",
+        'TIR_OTB_NAME, "loss_tokens",',
+        'TIR_OTB_NAME, "all",',
+        ("tests/integrations/test_verl_estimators.py",),
+    ),
 ]
 
 

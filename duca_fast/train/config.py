@@ -114,6 +114,15 @@ class RolloutSettings:
     batch at once with its engine seed (docs/rollout.md has the measured cost)."""
     check_logprobs_every: int = 0
     """Every N steps, after the sync, compare engine and trainer log-probs on check prompts (0 = never)."""
+    allocation: str = "fixed"
+    """"fixed": ``group_size`` sessions per scenario; "dynamo": DynaMO's allocation (the twin): a pilot of
+    ``allocation_min`` sessions per scenario, then the rest of ``group_size x groups_per_step`` sessions in
+    proportion to each scenario's Bernoulli variance of conversion in its pilot, within
+    [``allocation_min``, ``allocation_max``] (``duca_fast/rollout/allocation.py``)."""
+    allocation_min: int = 8
+    """dynamo: pilot sessions per scenario, and the least a scenario gets (DynaMO's n_low)."""
+    allocation_max: int = 24
+    """dynamo: the most sessions a scenario gets (DynaMO's n_high)."""
 
 
 @dataclass
@@ -401,6 +410,21 @@ def validate(config: TrainConfig) -> None:
         "algo.name=otb runs on env.name=sales-acts (one action per turn); on the text task its per-token "
         "advantages are not wired into the update: use it there through the verl adapter or ops directly",
     )
+    _require(
+        r.allocation in ("fixed", "dynamo"),
+        f"rollout.allocation must be 'fixed' or 'dynamo', got {r.allocation!r}",
+    )
+    if r.allocation == "dynamo":
+        _require(
+            e.name == "sales-acts",
+            "rollout.allocation=dynamo runs on env.name=sales-acts (the text task's rollout and its ranks "
+            "take one group size per step)",
+        )
+        _require(
+            2 <= r.allocation_min <= r.group_size <= r.allocation_max,
+            "rollout.allocation=dynamo needs 2 <= allocation_min <= group_size (the mean) <= allocation_max, "
+            f"got {r.allocation_min}, {r.group_size}, {r.allocation_max}",
+        )
     _require(a.ppo_epochs >= 1, f"algo.ppo_epochs must be >= 1, got {a.ppo_epochs}")
     _check_component_weights("algo.turn_component_weights", a.turn_component_weights, TURN_REWARD_NAMES)
     _check_component_weights(
@@ -483,6 +507,9 @@ RUN_DEFINING_KEYS = (
     "algo.session_component_weights",
     "rollout.group_size",
     "rollout.groups_per_step",
+    "rollout.allocation",
+    "rollout.allocation_min",
+    "rollout.allocation_max",
     "seed",
 )
 """Keys (or key prefixes ending in ".") whose change on ``--resume`` would make it another run: refused

@@ -8,6 +8,7 @@ its seeds from ``(seed, step)`` only; the rollout reads the trained weights dire
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from duca_fast import ops
 from duca_fast.env import ACTS, Outcome, SalesActsEnv, Scenario, TwinRegime, make_env, make_regime
+from duca_fast.rollout.allocation import allocate_rollouts, dynamo_priority
 from duca_fast.train.algorithms import critic_targets
 from duca_fast.train.config import ConfigError, TrainConfig
 from duca_fast.train.distributed import DistContext
@@ -89,23 +91,29 @@ def play(
     scenarios: list[Scenario],
     customer_seeds: list[int],
     *,
-    group_size: int,
+    group_size: int | Sequence[int],
     max_turns: int,
     temperature: float,
     generator: torch.Generator | None,
     regime: TwinRegime | None = None,
 ) -> ActsBatch:
-    """Play ``group_size`` sessions of each scenario; session ``g * group_size + i`` belongs to group ``g``.
+    """Play ``group_size`` sessions of each scenario (one count for all, or one per scenario, 0 allowed);
+    scenario ``g``'s sessions come in order and belong to group ``g``.
 
     All sessions of a group meet the same customer (same seed), so the group statistics compare the
     policy's choices rather than customers' luck. ``generator=None`` plays greedily (argmax).
     """
+    sizes = [group_size] * len(scenarios) if isinstance(group_size, int) else list(group_size)
+    if len(sizes) != len(scenarios) or min(sizes, default=0) < 0:
+        raise ValueError(f"group_size must be one count >= 0 per scenario, got {sizes}")
     envs: list[SalesActsEnv] = []
-    for scenario, customer_seed in zip(scenarios, customer_seeds):
-        for _ in range(group_size):
+    group_of: list[int] = []
+    for group, (scenario, customer_seed, size) in enumerate(zip(scenarios, customer_seeds, sizes)):
+        for _ in range(size):
             env = make_env("sales-acts", max_turns=max_turns, regime=regime)
             env.reset(scenario, customer_seed)
             envs.append(env)
+            group_of.append(group)
     num_sessions = len(envs)
     observations, actions, logprobs, turn_rewards, turn_session, turn_index = [], [], [], [], [], []
     session_rewards: list[list[float]] = [[] for _ in envs]
@@ -140,7 +148,7 @@ def play(
     transcripts = [
         {
             "session": session,
-            "group": session // group_size,
+            "group": group_of[session],
             "scenario_id": envs[session].scenario.scenario_id,
             "acts": acts_taken[session],
             "dialogue": [f"{role}: {text}" for role, text in envs[session].transcript],
@@ -159,7 +167,7 @@ def play(
         turn_session=torch.tensor(turn_session, dtype=torch.long),
         turn_index=torch.tensor(turn_index, dtype=torch.long),
         session_rewards=torch.tensor(session_rewards, dtype=torch.float32),
-        session_group=torch.arange(num_sessions, dtype=torch.long) // group_size,
+        session_group=torch.tensor(group_of, dtype=torch.long),
         turn_reward_names=turn_names,
         session_reward_names=session_names,
     )
@@ -170,6 +178,20 @@ def play(
         rewards=rewards,
         outcomes=outcomes,
         transcripts=transcripts,
+    )
+
+
+def concat_batches(first: ActsBatch, second: ActsBatch) -> ActsBatch:
+    """One batch of both (group ids kept: they are the step's scenarios; sessions of ``second`` after)."""
+    offset = len(first.outcomes)
+    transcripts = [dict(t, session=t["session"] + offset) for t in second.transcripts]
+    return ActsBatch(
+        observations=torch.cat([first.observations, second.observations]),
+        actions=torch.cat([first.actions, second.actions]),
+        behavior_logprobs=torch.cat([first.behavior_logprobs, second.behavior_logprobs]),
+        rewards=TwoHorizonRewards.concat([first.rewards, second.rewards]),
+        outcomes=first.outcomes + second.outcomes,
+        transcripts=first.transcripts + transcripts,
     )
 
 
@@ -209,23 +231,53 @@ class ActsTask:
         customers = [derive_seed(config.seed, "customer", step, group) for group in range(len(scenarios))]
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "sampling", step))
         self.model.eval()
-        batch = play(
-            self.model,
-            scenarios,
-            customers,
-            group_size=config.rollout.group_size,
-            max_turns=config.env.max_turns,
-            temperature=config.rollout.temperature,
-            generator=generator,
-            regime=self.regime,
-        )
+        settings = config.rollout
+
+        def play_groups(sizes) -> ActsBatch:
+            return play(
+                self.model,
+                scenarios,
+                customers,
+                group_size=sizes,
+                max_turns=config.env.max_turns,
+                temperature=settings.temperature,
+                generator=generator,
+                regime=self.regime,
+            )
+
+        allocation_metrics: dict[str, float] = {}
+        if settings.allocation == "dynamo":
+            # DynaMO: a pilot group per scenario, then the rest of the step's sessions by the pilot's
+            # Bernoulli variance of conversion (duca_fast/rollout/allocation.py).
+            batch = play_groups(settings.allocation_min)
+            pilot = settings.allocation_min
+            conversions = [0] * len(scenarios)
+            for session, outcome in enumerate(batch.outcomes):
+                conversions[session // pilot] += int(outcome.converted)
+            totals = allocate_rollouts(
+                [dynamo_priority(k, pilot) for k in conversions],
+                [pilot] * len(scenarios),
+                settings.group_size * len(scenarios),
+                minimum=settings.allocation_min,
+                maximum=settings.allocation_max,
+            )
+            extra = [total - pilot for total in totals]
+            if sum(extra):
+                batch = concat_batches(batch, play_groups(extra))
+            allocation_metrics = {
+                "rollout/group_size_min": float(min(totals)),
+                "rollout/group_size_max": float(max(totals)),
+                "rollout/group_size_std": float(torch.tensor(totals, dtype=torch.float64).std()),
+            }
+        else:
+            batch = play_groups(settings.group_size)
         if config.algo.name == "otb":
             # The optimal token baseline weighs each turn by its distribution's sum p^2: from the policy's
             # own token_logprobs at the weights and temperature that sampled.
             with torch.no_grad():
                 _, sum_p2 = self.model.token_logprobs(batch, config.rollout.temperature, return_sum_p2=True)
             batch.rewards = replace(batch.rewards, turn_sum_p2=sum_p2)
-        metrics = {"rollout/turns": float(len(batch.actions))}
+        metrics = {"rollout/turns": float(len(batch.actions)), **allocation_metrics}
         return StepRollout(batch.rewards, slice(0, len(batch.actions)), batch, batch.outcomes, metrics)
 
     def prepare_update(self, data: ActsBatch, per_turn: torch.Tensor) -> PreparedUpdate:
