@@ -146,8 +146,10 @@ def persona_prompt(scenario: Scenario) -> str:
 class LLMCustomerFactory:
     """Builds ``LLMCustomer`` sessions that share one client and one ``LLMCustomerStats``."""
 
-    def __init__(self, config: LLMCustomerConfig) -> None:
+    def __init__(self, config: LLMCustomerConfig, label: str = "customer") -> None:
+        """``label`` names the endpoint in error messages (the reward judge reuses this client)."""
         self.config = config
+        self.label = label
         self.stats = LLMCustomerStats()
         # local servers accept any key; the client insists on a non-empty one
         self._api_key = os.environ.get(config.api_key_env) or "EMPTY"
@@ -182,7 +184,7 @@ class LLMCustomerFactory:
         """One chat completion with retries; raises ``CustomerEndpointError`` naming the endpoint."""
         config = self.config
         client = self._client_for_running_loop()
-        where = f"customer endpoint {config.base_url} (model {config.model!r})"
+        where = f"{self.label} endpoint {config.base_url} (model {config.model!r})"
         problem, reason = "", ""
         for attempt in range(config.max_attempts):
             if attempt:

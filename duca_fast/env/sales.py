@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from duca_fast.env.base import Observation, Outcome, TurnResult
 from duca_fast.env.customer import Customer, CustomerReply, ScriptedCustomer
@@ -16,6 +18,9 @@ from duca_fast.env.rewards import (
 )
 from duca_fast.env.scenarios import Scenario
 from duca_fast.env.text import AgentTurnReading, read_agent_message
+
+if TYPE_CHECKING:
+    from duca_fast.env.reward_sources import RewardSource
 
 CustomerFactory = Callable[[Scenario, int], Customer]
 """Builds the customer of one session from its scenario and seed (``ScriptedCustomer`` itself is one)."""
@@ -100,8 +105,11 @@ class SalesEnv:
         max_turns: int = 10,
         max_message_chars: int = 2000,
         reference_logprob: ReferenceLogprob | None = None,
+        reward_sources: Sequence[RewardSource] = (),
     ) -> None:
-        """``reference_logprob``: ``text -> mean token log-prob`` for the fluency reward (None: heuristic)."""
+        """``reference_logprob``: ``text -> mean token log-prob`` for the fluency reward (None: heuristic).
+        ``reward_sources``: learned reward components (``env.reward_sources``: LLM judges, reward models),
+        each on the turn or the session horizon, after the rule-based ones in the reward names."""
         if max_turns < 1 or max_message_chars < 1:
             raise ValueError(
                 f"max_turns and max_message_chars must be >= 1, got {max_turns}, {max_message_chars}"
@@ -110,6 +118,17 @@ class SalesEnv:
         self.max_turns = max_turns
         self.max_message_chars = max_message_chars
         self.reference_logprob = reference_logprob
+        self.reward_sources = tuple(reward_sources)
+        builtin = set(TURN_REWARD_NAMES) | set(SESSION_REWARD_NAMES)
+        clashing = sorted(builtin & {source.name for source in self.reward_sources})
+        if clashing:
+            raise ValueError(f"reward source names {clashing} clash with the rule-based rewards")
+        self.turn_reward_names = TURN_REWARD_NAMES + tuple(
+            source.name for source in self.reward_sources if source.horizon == "turn"
+        )
+        self.session_reward_names = SESSION_REWARD_NAMES + tuple(
+            source.name for source in self.reward_sources if source.horizon == "session"
+        )
         self._scenario: Scenario | None = None
         self._done = True
 
@@ -145,11 +164,33 @@ class SalesEnv:
 
     def step(self, agent_message: str) -> TurnResult:
         text, reading, ngrams, final = self._prepare(agent_message)
-        return self._commit(text, reading, ngrams, self.customer.respond(text, reading, final))
+        reply = self.customer.respond(text, reading, final)
+        learned = asyncio.run(self._learned_rewards(text, reply, final)) if self.reward_sources else {}
+        return self._commit(text, reading, ngrams, reply, learned)
 
     async def astep(self, agent_message: str) -> TurnResult:
         text, reading, ngrams, final = self._prepare(agent_message)
-        return self._commit(text, reading, ngrams, await self.customer.arespond(text, reading, final))
+        reply = await self.customer.arespond(text, reading, final)
+        learned = await self._learned_rewards(text, reply, final) if self.reward_sources else {}
+        return self._commit(text, reading, ngrams, reply, learned)
+
+    async def _learned_rewards(self, text: str, reply: CustomerReply, final: bool) -> dict[str, float]:
+        """Scores of the reward sources: turn sources on the conversation up to this seller message, session
+        sources (when the session ends) on the whole conversation; concurrently."""
+        ends = reply.ended or final
+        so_far = [*self._transcript, ("agent", text)]
+        chosen = [s for s in self.reward_sources if s.horizon == "turn" or ends]
+        scores = await asyncio.gather(
+            *(s.score(so_far if s.horizon == "turn" else [*so_far, ("customer", reply.text)]) for s in chosen)
+        )
+        return {source.name: float(score) for source, score in zip(chosen, scores)}
+
+    async def aclose(self) -> None:
+        """Close the reward judges' HTTP clients (``aclose_all`` calls it at the end of a rollout)."""
+        for source in self.reward_sources:
+            hook = getattr(source, "aclose", None)
+            if hook is not None:
+                await hook()
 
     def _prepare(self, agent_message: str) -> tuple[str, AgentTurnReading, set[tuple[str, ...]], bool]:
         scenario = self.scenario
@@ -161,12 +202,19 @@ class SalesEnv:
         return text, reading, ngrams, self._turn + 1 >= self.max_turns
 
     def _commit(
-        self, text: str, reading: AgentTurnReading, ngrams: set[tuple[str, ...]], reply: CustomerReply
+        self,
+        text: str,
+        reading: AgentTurnReading,
+        ngrams: set[tuple[str, ...]],
+        reply: CustomerReply,
+        learned: dict[str, float],
     ) -> TurnResult:
         scenario = self.scenario
         rewards, violations = turn_rewards(
             reading, text, scenario, self._awaiting_bot_answer, self.reference_logprob
         )
+        session_names = set(self.session_reward_names)
+        rewards = {**rewards, **{k: v for k, v in learned.items() if k not in session_names}}
         self._ngrams = ngrams
         self._turn += 1
         self._tally.add(reading, violations)
@@ -190,7 +238,10 @@ class SalesEnv:
             customer_message=reply.text,
             turn_rewards=rewards,
             done=True,
-            session_rewards=session_rewards(reply.bought, reply.price, scenario),
+            session_rewards={
+                **session_rewards(reply.bought, reply.price, scenario),
+                **{k: v for k, v in learned.items() if k in session_names},
+            },
             outcome=outcome,
             info=info,
         )

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from duca_fast.env import SESSION_REWARD_NAMES, TURN_REWARD_NAMES
+from duca_fast.env.reward_sources import RewardSourceConfig
 from duca_fast.ops import AdvantageOptions, PolicyLossOptions, ProxmoOptions
 from duca_fast.train.algorithms import ESTIMATORS
 
@@ -86,6 +87,10 @@ class EnvConfig:
     regime_knobs: dict[str, Any] = field(default_factory=dict)
     """sales-acts only: knobs of ``TwinRegime`` changed from the preset (session_scale, turn_scale,
     buy_probability, naturalness_noise, hidden_state, bot_sensitivity)."""
+    reward_sources: list[RewardSourceConfig] = field(default_factory=list)
+    """sales only: learned reward components beside the rule-based ones, each a turn or session reward
+    named ``name`` (an LLM judge over an OpenAI-compatible endpoint, or a local sequence-classification
+    reward model; ``duca_fast/env/reward_sources.py``), weighted by ``algo.*_component_weights``."""
 
 
 @dataclass
@@ -284,6 +289,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         ("algo.proxmo", ProxmoOptions),
     ):
         _check_options(key, options, OmegaConf.to_container(OmegaConf.select(schema, key)))
+    for index, source in enumerate(OmegaConf.to_container(OmegaConf.select(schema, "env.reward_sources"))):
+        _check_options(f"env.reward_sources[{index}]", RewardSourceConfig, source)
     config: TrainConfig = OmegaConf.to_object(schema)
     validate(config)
     return config
@@ -426,9 +433,29 @@ def validate(config: TrainConfig) -> None:
             f"got {r.allocation_min}, {r.group_size}, {r.allocation_max}",
         )
     _require(a.ppo_epochs >= 1, f"algo.ppo_epochs must be >= 1, got {a.ppo_epochs}")
-    _check_component_weights("algo.turn_component_weights", a.turn_component_weights, TURN_REWARD_NAMES)
+    _require(
+        not e.reward_sources or e.name == "sales",
+        "env.reward_sources apply to env.name=sales (the twin's rewards are its own)",
+    )
+    learned = {
+        horizon: tuple(s.name for s in e.reward_sources if s.horizon == horizon)
+        for horizon in ("turn", "session")
+    }
+    names = [s.name for s in e.reward_sources]
+    clashing = sorted(
+        {n for n in names if names.count(n) > 1 or n in TURN_REWARD_NAMES + SESSION_REWARD_NAMES}
+    )
+    _require(
+        not clashing,
+        f"env.reward_sources names must be unique and not rule-based reward names, got {clashing}",
+    )
     _check_component_weights(
-        "algo.session_component_weights", a.session_component_weights, SESSION_REWARD_NAMES
+        "algo.turn_component_weights", a.turn_component_weights, TURN_REWARD_NAMES + learned["turn"]
+    )
+    _check_component_weights(
+        "algo.session_component_weights",
+        a.session_component_weights,
+        SESSION_REWARD_NAMES + learned["session"],
     )
     _check_options("algo.advantage", AdvantageOptions, asdict(a.advantage))
     _check_options("algo.proxmo", ProxmoOptions, asdict(a.proxmo))

@@ -1,6 +1,7 @@
 """The LLM sales task through the training loop on a tiny random model: outputs, options, micro-batching."""
 
 import errno
+import math
 import json
 from dataclasses import replace
 
@@ -169,3 +170,18 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path, monkeypatch)
         save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=None, data_cursor={}, keep=3)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_1"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_reward_model_is_a_session_reward_component_of_training(tmp_path, cache_dir):
+    from tests.env.test_reward_sources import tiny_reward_model
+
+    model = tiny_reward_model(tmp_path / "rm", num_labels=1)
+    run_dir = tmp_path / "run"
+    sources = f"env.reward_sources=[{{name: rm, kind: model, horizon: session, path: {model}}}]"
+    args = tiny_overrides(run_dir, cache_dir, "hf", steps=1)
+    result = cli(
+        "train", "--config", "configs/demo.yaml", *args, sources, "algo.session_component_weights={rm: 0.5}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = read_metrics(run_dir)
+    assert math.isfinite(row["reward/session/rm"]) and row["grad_norm"] > 0

@@ -35,6 +35,7 @@ from duca_fast.train.distributed import (
     shard_policy,
 )
 from duca_fast.train.estimators import ValueHead, value_loss
+from duca_fast.env.reward_sources import build_reward_sources
 from duca_fast.train.features import customer_messages, tfidf_features
 from duca_fast.train.task import (
     PlayedSessions,
@@ -125,8 +126,9 @@ def build_engine(config: TrainConfig, model_dir: Path):
     )
 
 
-def env_factory(config: TrainConfig):
-    """A zero-argument callable making one fresh environment per session."""
+def env_factory(config: TrainConfig, reward_sources=()):
+    """A zero-argument callable making one fresh environment per session; ``reward_sources`` (built once
+    from ``env.reward_sources``) are shared by every session."""
     if config.env.customer == "llm":
         from duca_fast.env import LLMCustomerConfig, LLMCustomerFactory
 
@@ -138,8 +140,8 @@ def env_factory(config: TrainConfig):
                 max_attempts=config.env.customer_max_attempts,
             )
         )
-        return lambda: SalesEnv(customer, max_turns=config.env.max_turns)
-    return lambda: SalesEnv(max_turns=config.env.max_turns)
+        return lambda: SalesEnv(customer, max_turns=config.env.max_turns, reward_sources=reward_sources)
+    return lambda: SalesEnv(max_turns=config.env.max_turns, reward_sources=reward_sources)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -331,6 +333,7 @@ class SalesTask:
         if dist.enabled:
             shard_policy(self.objective, list(unwrap(self.policy).get_decoder().layers))
         self.engine = build_engine(config, model_dir)
+        self.reward_sources = build_reward_sources(config.env.reward_sources)
         self.weight_sync = WeightSync(self.engine)
         self._check_prompts: list[list[int]] = []
 
@@ -372,7 +375,10 @@ class SalesTask:
             per_request_seeds=config.rollout.per_request_seeds,
         )
         batch = rollout(
-            self.engine, env_factory(config), [s for s in specs if s.group in mine], rollout_config
+            self.engine,
+            env_factory(config, self.reward_sources),
+            [s for s in specs if s.group in mine],
+            rollout_config,
         )
         everyone = all_gather_objects(
             dist,
@@ -645,7 +651,7 @@ class SalesTask:
             max_turns=self.config.env.max_turns,
             seed=0 if sample_seed is None else sample_seed,
         )
-        batch = rollout(self.engine, env_factory(self.config), specs, config)
+        batch = rollout(self.engine, env_factory(self.config, self.reward_sources), specs, config)
         finished = [o for o, failed in zip(batch.outcomes, batch.failed.tolist()) if not failed]
         return PlayedSessions(finished, batch.turn_rewards, batch.session_rewards, int(batch.failed.sum()))
 
