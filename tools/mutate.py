@@ -446,6 +446,20 @@ MUTANTS = [
         'TIR_OTB_NAME, "all",',
         ("tests/integrations/test_verl_estimators.py",),
     ),
+    Mutant(
+        "DynaMO priority: biased variance (G^2 instead of G (G - 1))",
+        "duca_fast/rollout/allocation.py",
+        "variance = successes * (trials - successes) / (trials * (trials - 1))",
+        "variance = successes * (trials - successes) / (trials * trials)",
+        ("tests/rollout/test_allocation.py::test_by_hand_and_priority",),
+    ),
+    Mutant(
+        "reward judge: a session source scored on every turn",
+        "duca_fast/env/sales.py",
+        'chosen = [s for s in self.reward_sources if s.horizon == "turn" or ends]',
+        "chosen = list(self.reward_sources)",
+        ("tests/env/test_reward_sources.py::test_judge_scores_turns_and_sessions_with_its_rubric_and_retries",),
+    ),
 ]
 
 
