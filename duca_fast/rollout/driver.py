@@ -149,6 +149,8 @@ class RolloutBatch:
     """Wall time spent in the engine."""
     env_seconds: float
     """Wall time spent in the environments."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """Per-rollout engine and driver statistics (``rollout/...``, see ``rollout_stats``)."""
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -293,7 +295,10 @@ def rollout(
     ]
     turn_names = tuple(states[0].env.turn_reward_names)
     session_names = tuple(states[0].env.session_reward_names)
-    clock = {"generate": 0.0, "env": 0.0, "tokens": 0}
+    clock = {
+        "generate": 0.0, "env": 0.0, "tokens": 0, "rounds": 0, "in_flight": 0,
+        "prompt_tokens": 0, "cached_tokens": 0, "cache_reported": True,
+    }  # fmt: skip
     for state in states:
         _start(state, turn_names, session_names)
     # One event loop for the whole rollout: an LLM customer's HTTP client lives in it across rounds and
@@ -377,7 +382,31 @@ def _generate(
     completions = engine.generate(prompts, config.sampling, seeds, max_new_tokens=limits)
     clock["generate"] += time.perf_counter() - start
     clock["tokens"] += sum(len(c.token_ids) for c in completions)
+    clock["rounds"] += 1
+    clock["in_flight"] += len(live)
+    clock["prompt_tokens"] += sum(len(p) for p in prompts)
+    clock["cached_tokens"] += sum(c.cached_tokens or 0 for c in completions)
+    clock["cache_reported"] &= all(c.cached_tokens is not None for c in completions)
     return completions
+
+
+def rollout_stats(clock: dict) -> dict[str, float]:
+    """What one rollout measured: ``rollout/generate_s`` (engine wall time), ``rollout/customer_wait_s``
+    (environments, LLM customers included), ``rollout/engine_idle_share`` (the share of the two in which
+    the engine waited: rounds alternate generation and customers), ``rollout/rounds``,
+    ``rollout/sessions_in_flight`` (mean sessions per generation call) and, when the engine reports it
+    (vLLM), ``rollout/prefix_cache_hit_rate`` (prompt tokens served from the prefix cache)."""
+    busy = clock["generate"] + clock["env"]
+    stats = {
+        "rollout/generate_s": clock["generate"],
+        "rollout/customer_wait_s": clock["env"],
+        "rollout/engine_idle_share": clock["env"] / busy if busy > 0 else 0.0,
+        "rollout/rounds": float(clock["rounds"]),
+        "rollout/sessions_in_flight": clock["in_flight"] / clock["rounds"] if clock["rounds"] else 0.0,
+    }
+    if clock["cache_reported"] and clock["prompt_tokens"]:
+        stats["rollout/prefix_cache_hit_rate"] = clock["cached_tokens"] / clock["prompt_tokens"]
+    return stats
 
 
 def _close_turn(state: _Session, completion: Completion) -> str | None:
@@ -491,4 +520,5 @@ def _pack(
         num_generated_tokens=clock["tokens"],
         generate_seconds=clock["generate"],
         env_seconds=clock["env"],
+        stats=rollout_stats(clock),
     )

@@ -47,6 +47,8 @@ class Completion:
     """The sampler's log-probability of each sampled token (same length as ``token_ids``)."""
     finish_reason: str
     """"stop" (end-of-turn token) or "length" (token limit)."""
+    cached_tokens: int | None = None
+    """Prompt tokens the engine served from its prefix cache (vLLM); None when the engine does not say."""
 
 
 @dataclass(frozen=True)
@@ -361,7 +363,8 @@ class VLLMEngine(RolloutEngine):
             logprobs = tuple(
                 position[token].logprob for position, token in zip(sample.logprobs, token_ids, strict=True)
             )
-            completions.append(Completion(token_ids, logprobs, sample.finish_reason))
+            cached = getattr(output, "num_cached_tokens", None)
+            completions.append(Completion(token_ids, logprobs, sample.finish_reason, cached))
         return completions
 
     def _load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:

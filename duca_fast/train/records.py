@@ -25,8 +25,20 @@ PLOTS = [
     ),
     ("task_metrics.png", "Task metrics (rates in [0, 1])", ["task/"]),
     ("loss.png", "Loss and diagnostics", ["loss/", "grad_norm", "sync/logprob_gap"]),
+    (
+        "rollout.png",
+        "Rollout: engine and customers",
+        [
+            "rollout/generate_s",
+            "rollout/customer_wait_s",
+            "rollout/engine_idle_share",
+            "rollout/sessions_in_flight",
+            "rollout/prefix_cache_hit_rate",
+            "rollout/generated_tokens_per_s",
+        ],
+    ),
 ]
-RATE_SUFFIX = "_rate"
+RATE_SUFFIX = ("_rate", "_share")
 """Metrics whose name ends so are shares: their panels get a fixed [0, 1] axis."""
 TIME_KEYS = ("time/rollout", "time/advantage", "time/train", "time/sync")
 

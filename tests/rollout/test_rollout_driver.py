@@ -89,6 +89,32 @@ def test_rollouts_are_reproducible(engine):
     assert first.input_ids[lo:hi].tolist() != first.input_ids[lo2:hi2].tolist()  # group members differ
 
 
+def test_rollout_statistics_per_step(spied):
+    engine, prompts = spied
+    # Sessions of 1, 2 and 3 turns: 3 rounds with 3, 2 and 1 sessions in flight. A long system prompt,
+    # so that whole KV-cache blocks (128 tokens on the CPU backend) can be reused across turns.
+    block = engine._llm.llm_engine.vllm_config.cache_config.block_size
+    system = " ".join(["You sell tea from many gardens and answer briefly."] * (block // 6))
+    specs = [SessionSpec({"turns": n, "system": system}, 0, n) for n in (1, 2, 3)]
+    batch = rollout(engine, EchoCustomer, specs, CONFIG)
+    stats = batch.stats
+    assert stats["rollout/rounds"] == 3 and stats["rollout/sessions_in_flight"] == pytest.approx(2.0)
+    assert stats["rollout/generate_s"] == batch.generate_seconds > 0
+    assert stats["rollout/customer_wait_s"] == batch.env_seconds >= 0
+    share = stats["rollout/engine_idle_share"]
+    assert share == pytest.approx(batch.env_seconds / (batch.env_seconds + batch.generate_seconds))
+    # vLLM reports prefix-cache hits: later turns re-send the whole conversation, most of it cached.
+    assert 0.0 < stats["rollout/prefix_cache_hit_rate"] < 1.0
+    assert len(prompts) == 6
+
+
+def test_no_prefix_cache_rate_without_the_engines_report(tiny_model_dir):
+    hf = HFEngine(tiny_model_dir, max_model_len=256)
+    specs = make_session_specs([{"turns": 2}], group_size=2)
+    stats = rollout(hf, EchoCustomer, specs, RolloutConfig(sampling=SamplingConfig(max_new_tokens=4))).stats
+    assert "rollout/prefix_cache_hit_rate" not in stats and stats["rollout/rounds"] == 2
+
+
 def test_per_request_seeds_can_be_switched_off(spied, monkeypatch):
     """With per_request_seeds=False the engine gets no seeds (it samples the batch with its own seed);
     with the default, one distinct seed per request, the same for a session whatever its batch."""

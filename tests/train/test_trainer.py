@@ -51,8 +51,14 @@ def test_two_step_run_writes_everything(tmp_path, cache_dir, engine):
         "time/train",
         "time/sync",
         "tokens_per_s",
+        "rollout/generate_s",
+        "rollout/customer_wait_s",
+        "rollout/engine_idle_share",
+        "rollout/sessions_in_flight",
     ):
         assert key in rows[-1], key
+    # vLLM says how much of each prompt its prefix cache served; the transformers engine does not.
+    assert ("rollout/prefix_cache_hit_rate" in rows[-1]) == (engine == "vllm")
     # The engine serves what the trainer computes: same log-probs for the sampled tokens.
     assert rows[0]["sync/logprob_gap"] < 1e-3
     assert rows[-1]["sync/weight_version"] == 2
@@ -60,6 +66,7 @@ def test_two_step_run_writes_everything(tmp_path, cache_dir, engine):
     assert {p.name for p in (run_dir / "plots").glob("*.png")} >= {
         "rewards_per_horizon.png",
         "time_split.png",
+        "rollout.png",
     }
     assert list((run_dir / "events").iterdir())
     sample = json.loads((run_dir / "samples" / "step_2.jsonl").read_text().splitlines()[0])

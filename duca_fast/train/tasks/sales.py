@@ -144,6 +144,17 @@ def env_factory(config: TrainConfig, reward_sources=()):
     return lambda: SalesEnv(max_turns=config.env.max_turns, reward_sources=reward_sources)
 
 
+def combine_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """The step's rollout statistics from every rank's: times and rounds of the slowest rank, the other
+    statistics (shares, sessions in flight, prefix-cache hit rate) averaged over the ranks that have them."""
+    out: dict[str, float] = {}
+    for key in sorted({k for stats in per_rank for k in stats}):
+        values = [stats[key] for stats in per_rank if key in stats]
+        slowest = key.endswith("_s") or key == "rollout/rounds"
+        out[key] = max(values) if slowest else sum(values) / len(values)
+    return out
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The underlying HF causal LM (a peft model keeps its LoRA layers inside it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -388,6 +399,7 @@ class SalesTask:
                 "truncated": int(batch.truncated.sum()),
                 "tokens": int(batch.input_ids.numel()),
                 "rewards": TwoHorizonRewards.of(batch),
+                "stats": batch.stats,
                 "customer_messages": (
                     customer_messages(batch.transcripts, batch.turn_session, batch.turn_index)
                     if config.algo.name == "proxmo"
@@ -401,6 +413,7 @@ class SalesTask:
             "rollout/truncated_sessions": float(sum(part["truncated"] for part in everyone)),
             "rollout/tokens": float(sum(part["tokens"] for part in everyone)),
             "rollout/generated_tokens_per_s": batch.num_generated_tokens / max(batch.generate_seconds, 1e-9),
+            **combine_rank_stats([part["stats"] for part in everyone]),
         }
         first = sum(part["rewards"].turn_rewards.shape[0] for part in everyone[: dist.rank])
         local = slice(first, first + batch.turn_rewards.shape[0])
