@@ -1,8 +1,8 @@
 """The LLM sales task through the training loop on a tiny random model: outputs, options, micro-batching."""
 
 import errno
-import math
 import json
+import math
 from dataclasses import replace
 
 import pytest

@@ -25,6 +25,7 @@ import torch
 
 from duca_fast import ops
 from duca_fast.env import SalesEnv, Scenario
+from duca_fast.env.reward_sources import build_reward_sources
 from duca_fast.train.algorithms import broadcast_to_tokens, critic_targets
 from duca_fast.train.config import ConfigError, TrainConfig
 from duca_fast.train.distributed import (
@@ -35,7 +36,6 @@ from duca_fast.train.distributed import (
     shard_policy,
 )
 from duca_fast.train.estimators import ValueHead, value_loss
-from duca_fast.env.reward_sources import build_reward_sources
 from duca_fast.train.features import customer_messages, tfidf_features
 from duca_fast.train.task import (
     PlayedSessions,
