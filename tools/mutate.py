@@ -458,7 +458,9 @@ MUTANTS = [
         "duca_fast/env/sales.py",
         'chosen = [s for s in self.reward_sources if s.horizon == "turn" or ends]',
         "chosen = list(self.reward_sources)",
-        ("tests/env/test_reward_sources.py::test_judge_scores_turns_and_sessions_with_its_rubric_and_retries",),
+        (
+            "tests/env/test_reward_sources.py::test_judge_scores_turns_and_sessions_with_its_rubric_and_retries",
+        ),
     ),
 ]
 

@@ -8,6 +8,7 @@ import json
 import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 import torch
@@ -84,7 +85,7 @@ class _Verdicts(BaseHTTPRequestHandler):
 
     verdict = "SCORE: 7"
     fail_first = 0
-    seen: list = []
+    seen: ClassVar[list] = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -156,7 +157,8 @@ def tiny_reward_model(path, num_labels):
     torch.manual_seed(num_labels)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, num_labels=num_labels, pad_token_id=tokenizer.eos_token_id,
+        num_attention_heads=2, num_key_value_heads=1, num_labels=num_labels,
+        pad_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     LlamaForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
