@@ -253,7 +253,7 @@ MUTANTS = [
     Mutant(
         "biased (n) instead of unbiased (n-1) group std",
         ADV + "torch_path.py",
-        "(counts - 1.0).clamp_min(1.0)",
+        "(counts - ddof).clamp_min(1.0)",
         "counts.clamp_min(1.0)",
         ADVANTAGE_TESTS,
     ),
@@ -267,7 +267,7 @@ MUTANTS = [
     Mutant(
         "batch scale with a biased std",
         ADV + "torch_path.py",
-        "squared.sum() / (num_members - 1).clamp_min(1)",
+        "squared.sum() / (num_members - ddof).clamp_min(1)",
         "squared.sum() / num_members.clamp_min(1)",
         ADVANTAGE_TESTS,
     ),
