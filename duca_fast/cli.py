@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         help="with --resume: accept overrides that change what the run is (algorithm, group size, model)",
     )
     train.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    train.add_argument(
+        "--verbose", action="store_true", help="also print the engines' log lines (always in logs/engine.log)"
+    )
     train.add_argument("overrides", nargs="*", help="key=value config overrides")
 
     evaluate = commands.add_parser("eval", help="run sessions with a checkpoint and print the metrics table")
@@ -165,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--sessions must be >= 1, got {args.sessions}")
         if args.command == "train" and args.force and not args.resume:
             raise ConfigError("--force only applies with --resume")
-        config = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.command == "train" and args.verbose:
+            overrides.append("verbose=true")
+        config = load_config(args.config, overrides)
         if args.command == "train":
             run_dir = train(
                 config,

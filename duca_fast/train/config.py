@@ -238,7 +238,11 @@ class TrainConfig:
     """Evaluate the policy (greedy) on the held-out sessions before the first step and after the last;
     writes eval/before.json, eval/after.json, eval/before_after.md and plots/eval_before_after.png."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar (one line; the engines' log lines go to ``logs/engine.log``)."""
+    verbose: bool = False
+    """Also print the engines' log lines (vLLM) on the console (``train --verbose``)."""
+    intro: str = ""
+    """Printed first by ``train``: what this configuration is and how long it takes (the demo's says so)."""
     distributed_timeout_s: int = 600
     """Multi-rank runs: a collective waiting longer than this (a rank died or hung) fails the run."""
 

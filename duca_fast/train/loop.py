@@ -40,6 +40,7 @@ from duca_fast.train.distributed import (
     shutdown,
 )
 from duca_fast.train.records import RunRecords, strict_json, write_before_after
+from duca_fast.train.console import intro_lines, route_engine_logs
 from duca_fast.train.rundir import RunDirError, claim_run_dir, release_run_dir
 from duca_fast.train.task import (
     ScenarioCursor,
@@ -58,6 +59,7 @@ EVAL_TABLE = (
     "identity_detection_rate",
     "compliance_violation_rate",
     "mean_turn_reward",
+    "mean_session_reward",
     "mean_turns",
 )
 """Rows of the before/after table, in order."""
@@ -202,6 +204,11 @@ class Trainer:
             )
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(config))
+            if config.progress:
+                resumed = int(checkpoint.name.removeprefix("step_")) if checkpoint is not None else None
+                print("\n".join(intro_lines(config, self.run_dir, resumed)), flush=True)
+        log_name = "engine.log" if self.dist.is_main else f"engine.rank{self.dist.rank}.log"
+        self._undo_logs = route_engine_logs(self.run_dir / "logs" / log_name, console=config.verbose)
         seed_everything(config.seed)
         self.task = build_task(config, self.dist)
         self.params = [p for p in self.task.model.parameters() if p.requires_grad]
@@ -442,6 +449,9 @@ class Trainer:
             shutdown(self.dist)
         finally:
             self._release()
+            if getattr(self, "_undo_logs", None) is not None:
+                self._undo_logs()
+                self._undo_logs = None
 
 
 def train(

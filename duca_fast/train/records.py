@@ -16,7 +16,7 @@ PLOTS = [
     (
         "rewards_per_horizon.png",
         "Rewards per horizon",
-        ["reward/turn/", "reward/session/", "reward/turn_total/mean"],
+        ["reward/turn/", "reward/session/", "reward/turn_total/mean", "reward/session_total/mean"],
     ),
     (
         "advantages.png",

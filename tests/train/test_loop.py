@@ -147,3 +147,24 @@ def test_seeds_depend_on_purpose_and_position_only():
     seeds = {derive_seed(0, "sampling", 3), derive_seed(0, "customer", 3), derive_seed(0, "sampling", 4)}
     seeds.add(derive_seed(1, "sampling", 3))
     assert len(seeds) == 4 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_engine_logs_go_to_the_run_directory_and_to_the_console_only_when_verbose(tmp_path, capsys):
+    import logging
+
+    from duca_fast.train.console import route_engine_logs
+
+    logger = logging.getLogger("vllm")
+    before = list(logger.handlers)
+    undo = route_engine_logs(tmp_path / "logs" / "engine.log", console=False)
+    logger.info("Reloading and processing weights took 0.42 seconds")
+    undo()
+    assert "Reloading and processing" in (tmp_path / "logs" / "engine.log").read_text()
+    assert "Reloading" not in capsys.readouterr().err
+    assert logger.handlers == before
+    undo = route_engine_logs(tmp_path / "logs" / "verbose.log", console=True)
+    logger.info("Successfully reset prefix cache")
+    undo()
+    assert "Successfully reset prefix cache" in capsys.readouterr().err
+    assert "Successfully reset" in (tmp_path / "logs" / "verbose.log").read_text()
+    assert logger.handlers == before

@@ -26,7 +26,8 @@ def cache_dir(tmp_path_factory):
 @pytest.mark.parametrize("engine", ["vllm", "hf"])
 def test_two_step_run_writes_everything(tmp_path, cache_dir, engine):
     run_dir = tmp_path / "run"
-    result = cli("train", "--config", "configs/demo.yaml", *tiny_overrides(run_dir, cache_dir, engine))
+    args = tiny_overrides(run_dir, cache_dir, engine)
+    result = cli("train", "--config", "configs/demo.yaml", *args, "progress=true")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
@@ -69,6 +70,15 @@ def test_two_step_run_writes_everything(tmp_path, cache_dir, engine):
         "rollout.png",
     }
     assert list((run_dir / "events").iterdir())
+    # A quiet console: what the run does comes first, the engine's lines go to logs/engine.log.
+    assert (
+        result.stdout.startswith("make demo: SmolLM2-135M-Instruct")
+        and "sales / duca: 2 steps" in result.stdout
+    )
+    console = result.stdout + result.stderr
+    assert "Reloading and processing weights" not in console and "INFO" not in console
+    if engine == "vllm":
+        assert "Reloading and processing weights" in (run_dir / "logs" / "engine.log").read_text()
     sample = json.loads((run_dir / "samples" / "step_2.jsonl").read_text().splitlines()[0])
     assert sample["messages"][0]["role"] == "system" and sample["turn_advantages"]
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_1", "step_2"]
