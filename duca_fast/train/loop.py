@@ -31,6 +31,7 @@ from duca_fast.train.config import (
     load_config,
     to_yaml,
 )
+from duca_fast.train.console import intro_lines, route_engine_logs
 from duca_fast.train.distributed import (
     DistContext,
     all_gather_objects,
@@ -40,7 +41,6 @@ from duca_fast.train.distributed import (
     shutdown,
 )
 from duca_fast.train.records import RunRecords, strict_json, write_before_after
-from duca_fast.train.console import intro_lines, route_engine_logs
 from duca_fast.train.rundir import RunDirError, claim_run_dir, release_run_dir
 from duca_fast.train.task import (
     ScenarioCursor,
