@@ -61,8 +61,8 @@ def calls(x: dict, num_groups: int, backend: str) -> dict:
             *hian_args, x["turn_features"], turn_index=x["turn_index"], num_groups=num_groups, backend=backend
         ),
     }
+    out["gopo"] = lambda: ops.gopo_advantages(x["session_rewards"], x["session_group"], backend=backend)
     if backend == "torch":
-        out["gopo"] = lambda: ops.gopo_advantages(x["session_rewards"], x["session_group"])
         out["otb"] = lambda: ops.optimal_token_baseline_advantages(
             x["turn_rewards"] + torch.where(x["turn_index"] == x["turn_index"].max(), 1.0, 0.0),
             x["logprobs"],

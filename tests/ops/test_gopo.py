@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from tests.conftest import KERNEL_DEVICE
+
 from duca_fast import ops
 from duca_fast.ops.advantages.gopo import reference_gopo_advantages
 
@@ -51,3 +53,18 @@ def test_ties_single_members_and_sparse_ids():
 def test_bad_inputs_are_named(rewards, group, message):
     with pytest.raises(ValueError, match=message):
         ops.gopo_advantages(rewards, group)
+
+
+@pytest.mark.parametrize(
+    "backend,device", [("torch", "cpu"), ("triton", KERNEL_DEVICE), ("reference", "cpu")]
+)
+def test_every_backend_on_ties_sparse_ids_and_shuffled_groups(backend, device):
+    gen = torch.Generator().manual_seed(11)
+    rewards = torch.randint(0, 4, (150,), generator=gen).float()  # many ties
+    group = torch.randint(0, 9, (150,), generator=gen) * 1000 + 7  # sparse ids, shuffled members
+    group[5] = 123456  # a group of one
+    expected = reference_gopo_advantages(rewards, group)
+    got = ops.gopo_advantages(rewards.to(device), group.to(device), backend=backend).cpu()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
+    assert got[5].item() == 0.0

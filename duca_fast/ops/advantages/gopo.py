@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from duca_fast.ops._checks import ValueChecks, check_tensor
+from duca_fast.ops._checks import ValueChecks, check_choice, check_tensor, select_backend
 
 
-def gopo_advantages(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+def gopo_advantages(rewards: torch.Tensor, group: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``[S]`` float32 rank advantages of ``rewards`` ``[S]`` within the groups ``group`` ``[S]`` (int,
-    any ids >= 0). NaN or infinite rewards are refused with the index named."""
+    any ids >= 0). NaN or infinite rewards are refused with the index named. ``backend``: "auto" (CUDA ->
+    triton, else torch), "torch", "triton" (``gopo_triton.py``: one launch, no host sync) or "reference"."""
+    check_choice("backend", backend, ("auto", "torch", "triton", "reference"))
     check_tensor("rewards", rewards, ndims=(1,), kind="float")
     check_tensor("group", group, ndims=(1,), kind="int")
     if group.shape != rewards.shape:
@@ -26,6 +28,12 @@ def gopo_advantages(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     checks.forbid(~torch.isfinite(rewards), lambda i: f"rewards[{i}] = {float(rewards[i])} is not finite")
     checks.forbid(group < 0, lambda i: f"group[{i}] = {int(group[i])} must be >= 0")
     checks.raise_if_failed()
+    if backend == "reference":
+        return reference_gopo_advantages(rewards, group).float().to(rewards.device)
+    if select_backend(backend, rewards.device) == "triton":
+        from duca_fast.ops.advantages.gopo_triton import gopo_advantages_triton
+
+        return gopo_advantages_triton(rewards, group)
     count = rewards.shape[0]
     if count == 0:
         return rewards.new_zeros(0, dtype=torch.float32)
