@@ -392,7 +392,7 @@ def gae_targets(
 
 def critic_targets(algo: AlgoConfig, rewards: Any) -> torch.Tensor:
     """``ppo_gae``: ``[T]`` critic targets of a batch's turns from its rewards and ``rewards.values`` (the
-    values the batch was played with, a ``task.CriticRewards``); NaN for turns of dropped sessions, which
+    values the batch was played with, a ``task.TwoHorizonRewards``); NaN for turns of dropped sessions, which
     get no critic loss."""
     if rewards.values is None:
         raise ValueError("critic_targets needs rewards.values (the critic's [T] value of each turn)")

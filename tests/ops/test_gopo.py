@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from tests.conftest import KERNEL_DEVICE
-
 from duca_fast import ops
 from duca_fast.ops.advantages.gopo import reference_gopo_advantages
+from tests.conftest import KERNEL_DEVICE
 
 
 def authors_code(rewards_grouped: torch.Tensor) -> torch.Tensor:

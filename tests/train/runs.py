@@ -11,7 +11,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # Wall-clock and throughput numbers differ between runs, and the engine's push counter restarts with the
 # process (a resumed run pushes its checkpoint once at start); everything else must match exactly.
-VOLATILE = ("time/", "tokens_per_s", "rollout/generated_tokens_per_s", "sync/seconds", "sync/weight_version")
+VOLATILE = (
+    "time/",
+    "tokens_per_s",
+    "rollout/generated_tokens_per_s",
+    "rollout/generate_s",
+    "rollout/customer_wait_s",
+    "rollout/engine_idle_share",
+    "sync/seconds",
+    "sync/weight_version",
+)
 
 
 def tiny_overrides(run_dir: Path, cache: Path, engine: str, steps: int = 2) -> list[str]:

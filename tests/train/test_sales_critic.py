@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -20,7 +21,7 @@ from duca_fast.train.loop import (
     seed_everything,
     train,
 )
-from duca_fast.train.task import CriticRewards
+from duca_fast.train.task import TwoHorizonRewards
 from duca_fast.train.tasks.sales import SalesRollout, SalesTask, unwrap, value_positions
 
 from .runs import ROOT, read_metrics, stable, tiny_overrides
@@ -96,7 +97,7 @@ def test_critic_targets_end_with_the_last_turns_reward(trainer):
 
 def test_critic_targets_by_hand_and_none_for_a_dropped_session():
     # Session 0: r = -1, -1, R = 0.4, V = 0.5, 0.2; session 1 was cut (NaN session reward).
-    rewards = CriticRewards(
+    rewards = TwoHorizonRewards(
         turn_rewards=torch.tensor([[-1.0], [-1.0], [-1.5]]),
         turn_session=torch.tensor([0, 0, 1]),
         turn_index=torch.tensor([0, 1, 0]),
@@ -111,7 +112,7 @@ def test_critic_targets_by_hand_and_none_for_a_dropped_session():
     got = critic_targets(AlgoConfig(name="ppo_gae"), rewards)
     assert got[:2].tolist() == pytest.approx([-0.585, -0.1], abs=1e-6) and math.isnan(got[2])
     with pytest.raises(ValueError, match=r"rewards\.values"):
-        critic_targets(AlgoConfig(name="ppo_gae"), CriticRewards(**{**rewards.__dict__, "values": None}))
+        critic_targets(AlgoConfig(name="ppo_gae"), dataclasses.replace(rewards, values=None))
 
 
 def test_critic_loss_falls_on_a_fixed_batch_and_reaches_the_trunk(trainer):
