@@ -1,6 +1,6 @@
 """Baseline advantage estimators over a packed two-horizon batch, beside DuCA (``ops.hian_advantages``).
 
-Every estimator takes one ``TwoHorizonBatch`` and returns one float32 advantage per agent turn ``[T]``;
+Every estimator takes one ``TwoHorizonRewards`` and returns one float32 advantage per agent turn ``[T]``;
 the trainer broadcasts it to tokens. Formulas and sources are in each docstring and in
 ``docs/algorithms.md``. Conventions shared with HIAN so that only the estimator differs in a comparison:
 
@@ -17,7 +17,8 @@ advantages and critic targets from a critic's per-turn values, ``ValueHead`` / `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,24 +65,82 @@ def _check_turn_agg(turn_agg: str) -> None:
         raise ValueError(f"turn_agg must be one of {TURN_AGGS}, got {turn_agg!r}")
 
 
+OPTIONAL_FIELDS = ("values", "turn_features", "turn_logprobs", "turn_sum_p2")
+"""Per-turn inputs only some estimators need (``algorithms.OPTIONAL_INPUTS``)."""
+
+
 @dataclass(frozen=True)
-class TwoHorizonBatch:
-    """The rewards of one training batch, packed over agent turns and sessions (validated on creation)."""
+class TwoHorizonRewards:
+    """The rewards of one training batch, packed over agent turns and sessions (validated on creation):
+    the one rewards type of the trainer (rollouts hand it to the loop, the loop to ``compute_advantages``,
+    the estimators read it)."""
 
     turn_rewards: torch.Tensor
-    """[T, Kt] turn reward components of every agent turn (finite)."""
+    """[T, Kt] turn reward components of every agent turn (finite), columns in ``turn_reward_names``."""
     turn_session: torch.Tensor
     """[T] int: session of each agent turn, in [0, S)."""
     turn_index: torch.Tensor
     """[T] int: position of the turn in its session; each session's turns are exactly 0..n_i-1."""
     session_rewards: torch.Tensor
-    """[S, Ks] session reward components (a NaN anywhere in a row drops that session)."""
+    """[S, Ks] session reward components (a NaN anywhere in a row drops that session: cut or failed)."""
     session_group: torch.Tensor
     """[S] int >= 0: group (scenario) of each session."""
     turn_component_weights: torch.Tensor | None = None
     """[Kt] weights of the turn components (None: all 1)."""
     session_component_weights: torch.Tensor | None = None
     """[Ks] weights of the session components (None: all 1)."""
+    turn_reward_names: tuple[str, ...] = ()
+    """Names of the turn reward columns (empty: unnamed; ``compute_advantages`` needs them)."""
+    session_reward_names: tuple[str, ...] = ()
+    """Names of the session reward columns."""
+    values: torch.Tensor | None = None
+    """[T] value of each turn under the critic that played (``ppo_gae``; None without a critic)."""
+    turn_features: torch.Tensor | None = None
+    """[T, D] a feature vector of the state each turn acted in (``proxmo``)."""
+    turn_logprobs: torch.Tensor | None = None
+    """[T] log-prob of each turn's action under the sampling policy (``otb`` on the twin)."""
+    turn_sum_p2: torch.Tensor | None = None
+    """[T] sum of squared probabilities of each turn's action distribution (``otb`` on the twin)."""
+
+    @staticmethod
+    def of(batch: Any, **extras: Any) -> TwoHorizonRewards:
+        """The reward fields of a batch that has them (a rollout's ``RolloutBatch``), plus ``extras``."""
+        names = (
+            "turn_rewards", "turn_session", "turn_index", "session_rewards", "session_group",
+            "turn_reward_names", "session_reward_names",
+        )  # fmt: skip
+        return TwoHorizonRewards(**{name: getattr(batch, name) for name in names}, **extras)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The fields ``compute_advantages`` takes, by name (the component weights come from the config)."""
+        skipped = ("turn_component_weights", "session_component_weights")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
+
+    @staticmethod
+    def concat(parts: list[TwoHorizonRewards]) -> TwoHorizonRewards:
+        """One batch from several: session ids offset, group ids kept (they are the step's global ones);
+        an optional per-turn field is kept when every part has it."""
+        sessions, turn_session = 0, []
+        for part in parts:
+            turn_session.append(part.turn_session + sessions)
+            sessions += part.session_rewards.shape[0]
+        optional = {}
+        for name in OPTIONAL_FIELDS:
+            present = [getattr(p, name) for p in parts]
+            if all(value is not None for value in present):
+                optional[name] = torch.cat(present)
+        return TwoHorizonRewards(
+            turn_rewards=torch.cat([p.turn_rewards for p in parts]),
+            turn_session=torch.cat(turn_session),
+            turn_index=torch.cat([p.turn_index for p in parts]),
+            session_rewards=torch.cat([p.session_rewards for p in parts]),
+            session_group=torch.cat([p.session_group for p in parts]),
+            turn_component_weights=parts[0].turn_component_weights,
+            session_component_weights=parts[0].session_component_weights,
+            turn_reward_names=parts[0].turn_reward_names,
+            session_reward_names=parts[0].session_reward_names,
+            **optional,
+        )
 
     def __post_init__(self) -> None:
         _check_rewards("turn_rewards", self.turn_rewards)
@@ -114,6 +173,16 @@ class TwoHorizonBatch:
         _check_weights(
             "session_component_weights", self.session_component_weights, self.session_rewards.shape[1]
         )
+        for what, names, rewards in (
+            ("turn_reward_names", self.turn_reward_names, self.turn_rewards),
+            ("session_reward_names", self.session_reward_names, self.session_rewards),
+        ):
+            if names and len(names) != rewards.shape[1]:
+                raise ValueError(f"{what} has {len(names)} names for {rewards.shape[1]} reward columns")
+        for name in OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != num_turns:
+                raise ValueError(f"{name} has {value.shape[0]} rows but there are {num_turns} turns")
 
     @property
     def num_sessions(self) -> int:
@@ -164,6 +233,10 @@ class TwoHorizonBatch:
         """``[S]`` session values -> ``[T]`` float32 per-turn values (each turn gets its session's)."""
         session = self.turn_session.cpu().long()
         return per_session[session].float().to(self.turn_rewards.device)
+
+
+TwoHorizonBatch = TwoHorizonRewards
+"""The former name of ``TwoHorizonRewards`` (one type; kept for callers of the estimators)."""
 
 
 def in_groups_of_two(group: torch.Tensor, include: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,9 @@ checkpoints and resume.
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 
 from duca_fast.env import Outcome, Scenario, compute_metrics
 from duca_fast.train.config import TrainConfig
+from duca_fast.train.estimators import TwoHorizonRewards
 
 
 def derive_seed(seed: int, purpose: str, *indices: int) -> int:
@@ -58,69 +58,6 @@ class ScenarioCursor:
             picked.append(int(orders[epoch][offset]))
         self.position += count
         return picked
-
-
-@dataclass
-class TwoHorizonRewards:
-    """Turn and session rewards of a batch, as the advantage functions take them."""
-
-    turn_rewards: torch.Tensor
-    """[T, Kt] turn reward components, columns in ``turn_reward_names`` order."""
-    turn_session: torch.Tensor
-    """[T] session of each agent turn."""
-    turn_index: torch.Tensor
-    """[T] position of the turn in its session (0-based)."""
-    session_rewards: torch.Tensor
-    """[S, Ks] session reward components (NaN where a session was cut or failed)."""
-    session_group: torch.Tensor
-    """[S] group (scenario) of each session."""
-    turn_reward_names: tuple[str, ...]
-    """Names of the turn reward columns."""
-    session_reward_names: tuple[str, ...]
-    """Names of the session reward columns."""
-    values: torch.Tensor | None = None
-    """[T] value of each turn under the critic that played (``ppo_gae``; None without a critic)."""
-    turn_features: torch.Tensor | None = None
-    """[T, D] a feature vector of the state each turn acted in (``proxmo``)."""
-    turn_logprobs: torch.Tensor | None = None
-    """[T] log-prob of each turn's action under the sampling policy (``otb`` on the twin)."""
-    turn_sum_p2: torch.Tensor | None = None
-    """[T] sum of squared probabilities of each turn's action distribution (``otb`` on the twin)."""
-
-    @staticmethod
-    def of(batch: Any, **extras: Any) -> TwoHorizonRewards:
-        """The reward fields of a batch that has them all (a rollout's ``RolloutBatch``), plus ``extras``
-        (the optional fields)."""
-        names = [f.name for f in fields(TwoHorizonRewards) if f.default is dataclasses.MISSING]
-        return TwoHorizonRewards(**{name: getattr(batch, name) for name in names}, **extras)
-
-    def as_kwargs(self) -> dict[str, Any]:
-        """The fields by name, as ``compute_advantages`` takes them."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @staticmethod
-    def concat(parts: list[TwoHorizonRewards]) -> TwoHorizonRewards:
-        """One batch from several: session ids offset, group ids kept (they are the step's global ones);
-        an optional field is kept when every part has it."""
-        sessions, turn_session = 0, []
-        for part in parts:
-            turn_session.append(part.turn_session + sessions)
-            sessions += part.session_rewards.shape[0]
-        optional = {}
-        for name in ("values", "turn_features", "turn_logprobs", "turn_sum_p2"):
-            present = [getattr(p, name) for p in parts]
-            if all(value is not None for value in present):
-                optional[name] = torch.cat(present)
-        return TwoHorizonRewards(
-            turn_rewards=torch.cat([p.turn_rewards for p in parts]),
-            turn_session=torch.cat(turn_session),
-            turn_index=torch.cat([p.turn_index for p in parts]),
-            session_rewards=torch.cat([p.session_rewards for p in parts]),
-            session_group=torch.cat([p.session_group for p in parts]),
-            turn_reward_names=parts[0].turn_reward_names,
-            session_reward_names=parts[0].session_reward_names,
-            **optional,
-        )
 
 
 @dataclass
