@@ -16,7 +16,10 @@ multi-turn form: one sequence that has loss tokens) gets baseline 0. ``handle_ze
 sequence of a group is strictly the longest, its baseline past the second-longest length is 0.
 
 Packed layout: tokens ``[N]``, each sequence's tokens contiguous and in time order (``seq_ids``),
-``seq_group [S]`` the group of each sequence. Torch only (no Triton path yet); no gradient.
+``seq_group [S]`` the group of each sequence. Torch only (no Triton kernel), but after validation (one host
+sync) it runs without a host synchronisation: per-sequence scans, and sums per (group, position) through a
+stable sort and scatters into buffers bounded by the token and sequence counts, so sparse group ids and
+any lengths cost no round trip on CUDA. No gradient.
 """
 
 from __future__ import annotations
@@ -77,18 +80,19 @@ def optimal_token_baseline_advantages(
     if count == 0:
         return token_rewards.new_zeros(0), token_rewards.new_zeros(0)
     seq = seq_ids.long()
-    changes = torch.nonzero(seq[1:] != seq[:-1])[:, 0] + 1
-    starts = torch.cat([changes.new_zeros(1), changes])
-    if torch.unique(seq[starts]).numel() != starts.numel():
+    device = seq.device
+    index = torch.arange(count, device=device)
+    first = torch.ones(count, dtype=torch.bool, device=device)
+    first[1:] = seq[1:] != seq[:-1]
+    if torch.unique(seq[first]).numel() != int(first.sum()):  # validation (one host sync)
         raise ValueError("seq_ids: a sequence's tokens must be contiguous (packed, in time order)")
 
+    # From here on no host synchronisation: runs, sums and groups are found with scans and scatters
+    # into buffers bounded by the number of tokens or sequences.
     dtype = torch.float64
     loss = active.to(dtype)
-    run = torch.zeros(count, dtype=torch.long, device=seq.device)
-    run[starts[1:]] = 1
-    run = torch.cumsum(run, 0)  # index of each token's run (= its sequence's block)
-    run_start = starts[run]
-    run_end = torch.cat([starts[1:], starts.new_tensor([count])])[run]
+    run_start = _starts(first, index)
+    run_end = _ends(first, index, count)
 
     def within(values: torch.Tensor) -> torch.Tensor:
         """Inclusive cumulative sum within each sequence."""
@@ -103,51 +107,77 @@ def optimal_token_baseline_advantages(
     if is_weights is not None:
         weight = weight * is_weights.to(dtype) ** 2
     path = within(weight * loss)
-    position = (
-        (within(loss) - 1)
-        if positions == "loss_tokens"
-        else torch.arange(count, device=seq.device) - run_start
-    )
+    position = (within(loss) - 1) if positions == "loss_tokens" else (index - run_start).to(dtype)
     position = position.long().clamp_min(0)
 
-    group = seq_group.long()[seq]
-    lengths = torch.zeros(num_sequences, dtype=torch.long, device=seq.device).index_add_(
-        0, seq, active.long()
-    )
-    present = torch.zeros(num_sequences, dtype=torch.bool, device=seq.device)
+    # Dense group ids (sparse ids need no renumbering on the host): sort the sequences by group.
+    groups = _dense(seq_group.long())
+    group = groups[seq]
+    lengths = torch.zeros(num_sequences, dtype=torch.long, device=device).index_add_(0, seq, active.long())
+    present = torch.zeros(num_sequences, dtype=torch.bool, device=device)
     present[seq] = True
     member = present & (lengths > 0) if positions == "loss_tokens" else present
-    num_groups = int(group.max()) + 1
-    members = torch.zeros(num_groups, dtype=torch.long, device=seq.device).index_add_(
-        0, seq_group.long(), member.long()
-    )
-    span = int(position.max()) + 1
-    key = group * span + position
-    numerator = torch.zeros(num_groups * span, dtype=dtype, device=seq.device).index_add_(
-        0, key, returns * path * loss
-    )
-    denominator = torch.zeros(num_groups * span, dtype=dtype, device=seq.device).index_add_(
-        0, key, path * loss
-    )
-    baseline = numerator[key] / (denominator[key] + eps)
+    members = torch.zeros(num_sequences, dtype=torch.long, device=device).index_add_(0, groups, member.long())
+    # One bucket per (group, position): tokens sorted by that key, buckets numbered by their runs.
+    key = group * (count + 1) + position
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    new_bucket = torch.ones(count, dtype=torch.long, device=device)
+    new_bucket[1:] = (sorted_key[1:] != sorted_key[:-1]).long()
+    bucket = torch.empty(count, dtype=torch.long, device=device)
+    bucket[order] = torch.cumsum(new_bucket, 0) - 1
+    numerator = torch.zeros(count, dtype=dtype, device=device).index_add_(0, bucket, returns * path * loss)
+    denominator = torch.zeros(count, dtype=dtype, device=device).index_add_(0, bucket, path * loss)
+    baseline = numerator[bucket] / (denominator[bucket] + eps)
     baseline = torch.where(members[group] > 1, baseline, torch.zeros_like(baseline))
     if handle_zero_tail:
-        baseline = _zero_tail(baseline, seq, seq_group.long(), lengths, member, position)
+        baseline = _zero_tail(baseline, seq, groups, lengths, member, position, num_sequences)
     advantages = (returns - baseline) * loss
     return advantages.to(token_rewards.dtype), returns.to(token_rewards.dtype)
 
 
-def _zero_tail(baseline, seq, seq_group, lengths, member, position):
+def _starts(first: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Index of the first element of each element's run (``first`` marks run starts)."""
+    return torch.cummax(torch.where(first, index, 0), 0).values
+
+
+def _ends(first: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
+    """Exclusive end of each element's run."""
+    last = torch.ones_like(first)
+    last[:-1] = first[1:]
+    ends = torch.where(last, index + 1, count)
+    return torch.flip(torch.cummin(torch.flip(ends, [0]), 0).values, [0])
+
+
+def _dense(ids: torch.Tensor) -> torch.Tensor:
+    """Ids renumbered 0..k-1 by sorting (equal ids stay equal), without a host sync."""
+    if ids.numel() == 0:
+        return ids
+    order = torch.argsort(ids, stable=True)
+    sorted_ids = ids[order]
+    new = torch.ones_like(sorted_ids)
+    new[1:] = (sorted_ids[1:] != sorted_ids[:-1]).long()
+    dense = torch.empty_like(ids)
+    dense[order] = torch.cumsum(new, 0) - 1
+    return dense
+
+
+def _zero_tail(baseline, seq, groups, lengths, member, position, num_sequences):
     """Baseline 0 past the second-longest length for a group's strictly longest sequence."""
-    out = baseline.clone()
-    for g in torch.unique(seq_group[member]).tolist():
-        indices = torch.nonzero(member & (seq_group == g))[:, 0]
-        if indices.numel() < 2:
-            continue
-        group_lengths = lengths[indices]
-        ordered = torch.sort(group_lengths).values
-        longest, second = int(ordered[-1]), int(ordered[-2])
-        if longest > second:
-            winner = int(indices[group_lengths == longest][0])
-            out = torch.where((seq == winner) & (position >= second), torch.zeros_like(out), out)
-    return out
+    device = lengths.device
+    counted = torch.where(member, lengths, torch.full_like(lengths, -1))
+    longest = torch.full((num_sequences,), -1, dtype=torch.long, device=device).scatter_reduce(
+        0, groups, counted, reduce="amax"
+    )
+    at_longest = member & (counted == longest[groups])
+    ties = torch.zeros(num_sequences, dtype=torch.long, device=device).index_add_(
+        0, groups, at_longest.long()
+    )
+    shorter = torch.where(member & (counted < longest[groups]), counted, torch.full_like(counted, -1))
+    second = torch.full((num_sequences,), -1, dtype=torch.long, device=device).scatter_reduce(
+        0, groups, shorter, reduce="amax"
+    )
+    # The strictly longest member of a group of >= 2 members (a tie at the top, or one member: none).
+    winner = at_longest & (ties[groups] == 1) & (second[groups] >= 0)
+    cut = winner[seq] & (position >= second[groups][seq])
+    return torch.where(cut, torch.zeros_like(baseline), baseline)
