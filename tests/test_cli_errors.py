@@ -108,7 +108,9 @@ def test_compare_names_unknown_algorithms(tmp_path):
     result = cli(
         "compare", "--config", "configs/acts.yaml", "--algos", "duca,ppo", "--out", str(tmp_path / "c")
     )
-    assert_one_line(result, "compare", "--algos: unknown algorithms ['ppo']; choose from duca, grpo, gdpo")
+    assert_one_line(
+        result, "compare", "--algos: unknown algorithms ['ppo']; choose from duca, dual_track, grpo, gdpo"
+    )
     assert not (tmp_path / "c").exists()
 
 

@@ -165,8 +165,15 @@ class SalesEnv:
     def step(self, agent_message: str) -> TurnResult:
         text, reading, ngrams, final = self._prepare(agent_message)
         reply = self.customer.respond(text, reading, final)
-        learned = asyncio.run(self._learned_rewards(text, reply, final)) if self.reward_sources else {}
+        learned = asyncio.run(self._score_and_close(text, reply, final)) if self.reward_sources else {}
         return self._commit(text, reading, ngrams, reply, learned)
+
+    async def _score_and_close(self, text: str, reply: CustomerReply, final: bool) -> dict[str, float]:
+        # A sync step runs its own event loop: the judges' HTTP clients are closed in it, not left behind.
+        try:
+            return await self._learned_rewards(text, reply, final)
+        finally:
+            await self.aclose()
 
     async def astep(self, agent_message: str) -> TurnResult:
         text, reading, ngrams, final = self._prepare(agent_message)

@@ -44,13 +44,22 @@ def judge(base_url, name="judge_sop", horizon="turn", model=SERVED_MODEL_NAME, *
 
 
 def play(env, messages):
+    """Step ``env`` through ``messages`` in one event loop (as the rollout driver does), closing its
+    reward sources' clients at the end."""
     env.reset(generate_scenarios(1, seed=3)[0], seed=0)
-    results = []
-    for message in messages:
-        results.append(asyncio.run(env.astep(message)))
-        if results[-1].done:
-            break
-    return results
+
+    async def steps():
+        results = []
+        try:
+            for message in messages:
+                results.append(await env.astep(message))
+                if results[-1].done:
+                    break
+        finally:
+            await env.aclose()
+        return results
+
+    return asyncio.run(steps())
 
 
 def test_judge_through_a_real_vllm_server(vllm_server):
@@ -140,8 +149,19 @@ def test_judge_scores_turns_and_sessions_with_its_rubric_and_retries(verdicts):
         first[1]["content"].endswith("SCORE: <number>.")
         and "Seller: Hello, what do you need?" in first[1]["content"]
     )
-    session_prompt = handler.seen[-1]["messages"][1]["content"]
-    assert "whole conversation" in session_prompt and session_prompt.count("Customer:") == 3
+    # The turn and session verdicts of the last turn are requested concurrently: find the session's.
+    (session_prompt,) = [
+        body["messages"][1]["content"]
+        for body in handler.seen
+        if "whole conversation" in body["messages"][1]["content"]
+    ]
+    assert session_prompt.count("Customer:") == 3
+    # The sync step runs (and closes) its own event loop for the judges.
+    sync_judge = judge(url, name="judge_sync")
+    sync_env = SalesEnv(max_turns=1, reward_sources=[sync_judge])
+    sync_env.reset(generate_scenarios(1, seed=3)[0], seed=0)
+    assert sync_env.step("Hi, what do you need?").turn_rewards["judge_sync"] == 0.7
+    assert sync_judge._endpoint._client is None
     handler.verdict = "I cannot judge this."
     env = SalesEnv(max_turns=1, reward_sources=[sources[0]])
     assert play(env, ["Hi"])[0].turn_rewards["judge_sop"] == 0.0
