@@ -28,7 +28,7 @@ import torch
 
 from duca_fast import ops
 from duca_fast.train import estimators
-from duca_fast.train.estimators import TwoHorizonBatch
+from duca_fast.train.estimators import TwoHorizonRewards
 
 if TYPE_CHECKING:
     from duca_fast.train.config import AlgoConfig
@@ -109,9 +109,9 @@ class EstimatorInputs:
         return int(self.session_group.max().item()) + 1 if self.session_group.numel() else 0
 
     @cached_property
-    def batch(self) -> TwoHorizonBatch:
-        """The validated ``TwoHorizonBatch`` of ``train/estimators.py`` (built on first use)."""
-        return TwoHorizonBatch(
+    def batch(self) -> TwoHorizonRewards:
+        """The rewards with the config's component weights, validated (built on first use)."""
+        return TwoHorizonRewards(
             turn_rewards=self.turn_rewards.float(),
             turn_session=self.turn_session.long(),
             turn_index=self.turn_index.long(),
@@ -367,7 +367,7 @@ def broadcast_to_tokens(per_turn: torch.Tensor, token_turn: torch.Tensor) -> tor
 
 
 def gae_targets(
-    algo: AlgoConfig, batch: TwoHorizonBatch, values: torch.Tensor
+    algo: AlgoConfig, batch: TwoHorizonRewards, values: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ppo_gae``: raw GAE advantages and critic targets ``[T]`` from the critic's ``values``.
 
@@ -396,7 +396,7 @@ def critic_targets(algo: AlgoConfig, rewards: Any) -> torch.Tensor:
     get no critic loss."""
     if rewards.values is None:
         raise ValueError("critic_targets needs rewards.values (the critic's [T] value of each turn)")
-    batch = TwoHorizonBatch(
+    batch = TwoHorizonRewards(
         rewards.turn_rewards.float(),
         rewards.turn_session.long(),
         rewards.turn_index.long(),

@@ -272,7 +272,7 @@ def batch_normalize(values: torch.Tensor, include: torch.Tensor, eps: float) -> 
 
 
 def grpo(
-    batch: TwoHorizonBatch,
+    batch: TwoHorizonRewards,
     *,
     turn_agg: str = "mean",
     turn_weight: float = 1.0,
@@ -294,7 +294,7 @@ def grpo(
 
 
 def gopo(
-    batch: TwoHorizonBatch, *, turn_agg: str = "mean", turn_weight: float = 1.0, session_weight: float = 1.0
+    batch: TwoHorizonRewards, *, turn_agg: str = "mean", turn_weight: float = 1.0, session_weight: float = 1.0
 ) -> torch.Tensor:
     """GOPO: the same per-session score as ``grpo`` (``X_i = session_weight * R_i + turn_weight *
     agg_t r_t``), ranked within its group instead of standardized: ``A_i = 2 - 4 (rank_i - 1) / (G - 1)``,
@@ -314,14 +314,14 @@ def gopo(
     return batch.to_turns(per_session)
 
 
-def session_only(batch: TwoHorizonBatch, *, eps: float = 1e-6) -> torch.Tensor:
+def session_only(batch: TwoHorizonRewards, *, eps: float = 1e-6) -> torch.Tensor:
     """Ablation: only the session horizon. ``A_i = (R_i - mean_g R) / (std_g R + eps)``, shared by the turns
     of session i; turn rewards are ignored (``grpo`` with ``turn_weight=0``)."""
     return grpo(batch, turn_weight=0.0, session_weight=1.0, eps=eps)
 
 
 def gdpo(
-    batch: TwoHorizonBatch,
+    batch: TwoHorizonRewards,
     *,
     turn_agg: str = "mean",
     turn_weight: float = 1.0,
@@ -353,7 +353,7 @@ def gdpo(
 
 
 def mt_grpo(
-    batch: TwoHorizonBatch,
+    batch: TwoHorizonRewards,
     *,
     turn_weight: float = 1.0,
     session_weight: float = 1.0,
@@ -382,7 +382,7 @@ def mt_grpo(
 
 
 def turn_level_rewards(
-    batch: TwoHorizonBatch, *, turn_agg: str = "mean", turn_weight: float = 1.0, session_weight: float = 1.0
+    batch: TwoHorizonRewards, *, turn_agg: str = "mean", turn_weight: float = 1.0, session_weight: float = 1.0
 ) -> torch.Tensor:
     """[T] float32 per-turn rewards for a critic: ``turn_weight * r_t / n_i`` (``turn_agg="mean"``, so the
     session's undiscounted return holds the mean turn total) or ``turn_weight * r_t`` (``"sum"``), plus
