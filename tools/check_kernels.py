@@ -187,6 +187,63 @@ def advantage_launches() -> Iterator[tuple[str, str, Callable[[], None], list]]:
                 )
 
 
+def estimator_launches() -> Iterator[tuple[str, str, Callable[[], None], list]]:
+    """Dual-Track's HIAN variant, ProxMO's two kernels (16 and 1,024 TF-IDF features) and GOPO's."""
+    import torch
+
+    from duca_fast.ops.advantages import gopo_triton, proxmo_triton, triton_path
+    from duca_fast.ops.advantages.options import AdvantageOptions, HianProblem, HorizonInput
+    from duca_fast.ops.advantages.proxmo import ProxmoOptions, ProxmoProblem
+
+    meta = torch.device("meta")
+    turns = SESSIONS * TURNS_PER_SESSION
+    problem = HianProblem(
+        turns=HorizonInput(
+            torch.empty(turns, 1, device=meta), torch.empty(1, dtype=torch.float64, device=meta)
+        ),
+        sessions=HorizonInput(
+            torch.empty(SESSIONS, 1, device=meta), torch.empty(1, dtype=torch.float64, device=meta)
+        ),
+        turn_session=torch.empty(turns, dtype=torch.long, device=meta),
+        session_group=torch.empty(SESSIONS, dtype=torch.long, device=meta),
+        turn_index=torch.empty(turns, dtype=torch.long, device=meta),
+        token_turn=None,
+        num_groups=SESSIONS // GROUP_SIZE,
+        num_turn_positions=TURNS_PER_SESSION,
+        out_dtype=torch.float32,
+    )
+    dual_track = AdvantageOptions(std="population", clip=10.0)
+    yield (
+        "hian (Dual-Track)",
+        "float32",
+        "std=population clip=10",
+        lambda: triton_path.hian_advantages_triton(problem, dual_track),
+        [triton_path._hian_moments_kernel, triton_path._hian_finalize_kernel],
+    )
+    for features in (16, 1024):
+        proxmo = ProxmoProblem(
+            base=problem,
+            features=torch.empty(turns, features, device=meta),
+            order_in_session=torch.empty(turns, dtype=torch.long, device=meta),
+        )
+        yield (
+            "proxmo",
+            "float32",
+            f"features={features}",
+            lambda p=proxmo: proxmo_triton.proxmo_advantages_triton(p, ProxmoOptions()),
+            [proxmo_triton._returns_kernel, proxmo_triton._proxmo_kernel],
+        )
+    yield (
+        "gopo",
+        "float32",
+        "",
+        lambda: gopo_triton.gopo_advantages_triton(
+            torch.empty(SESSIONS, device=meta), torch.empty(SESSIONS, dtype=torch.long, device=meta)
+        ),
+        [gopo_triton._gopo_kernel],
+    )
+
+
 def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
     """``(registers, spill bytes)`` from ``ptxas -v`` on the kernel's PTX."""
     gpu = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
@@ -229,7 +286,7 @@ def compile_launch(launch: Launch, arch: int) -> tuple[int, int, int]:
 
 def check(archs: list[int]) -> tuple[list[Row], list[str]]:
     rows, failures = [], []
-    for source in (loss_launches, advantage_launches):
+    for source in (loss_launches, advantage_launches, estimator_launches):
         for label, dtype, flags, launcher, kernels in source():
             with capture(kernels) as launches, _assume_sms(H100_SMS):
                 launcher()

@@ -188,7 +188,8 @@ def proxmo_advantages_triton(problem: ProxmoProblem, options: ProxmoOptions) -> 
     group_starts, group_ends = _runs(group_of_turn[by_group], base.num_groups)
     features = problem.features
     block_features = triton.next_power_of_2(max(features.shape[1], 1))
-    block_rows = max(1, min(BLOCK_ROWS, 8192 // block_features))
+    # Two [rows, features] tiles live in registers: at most 2,048 values each (no spills at 1,024 features).
+    block_rows = max(1, min(BLOCK_ROWS, 2048 // block_features))
     _proxmo_kernel[(triton.cdiv(num_turns, block_rows),)](
         per_turn,
         by_group.contiguous(),
