@@ -22,7 +22,8 @@ Mapping to the two horizons (ours, by design): the session reward is the episode
 rewards are the step rewards, so each horizon enters once (in their environments both are the terminal
 success reward). ``beta`` defaults to their ``psc_target_range / (sigmoid(1) - 1/2)`` with range 0.05.
 With ``nan_policy="omit"``, a session with a NaN session reward leaves every statistic and its turns get
-0. No gradient.
+0; so does a turn with a NaN turn reward (its reward counts as 0 in the returns of the turns before it).
+No gradient.
 """
 
 from __future__ import annotations
