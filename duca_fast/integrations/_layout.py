@@ -1,8 +1,30 @@
-"""Token layout of multi-turn rows shared by the adapters (torch only)."""
+"""Token layout of multi-turn rows and batch lookups shared by the adapters (torch only)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
+
+
+def batch_field(batch: Any, key: str) -> torch.Tensor | None:
+    """``batch[key]`` of a mapping or TensorDict (verl's ``data.batch``), None when absent or no batch."""
+    if batch is None:
+        return None
+    try:
+        # TensorDict refuses ``key in td``; ``keys()`` works for it and for plain mappings.
+        return batch[key] if key in batch.keys() else None  # noqa: SIM118
+    except (KeyError, AttributeError):
+        return None
+
+
+def dense_uids(values: Any) -> torch.Tensor:
+    """Hashable ids (strings, uuids, ints) -> int64 0..k-1 in order of first appearance."""
+    seen: dict[Any, int] = {}
+    return torch.tensor(
+        [seen.setdefault(v, len(seen)) for v in np.asarray(values).tolist()], dtype=torch.long
+    )
 
 
 def turn_layout(agent_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

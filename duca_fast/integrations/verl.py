@@ -52,12 +52,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from duca_fast import ops
 from duca_fast.integrations import verl_estimators, verl_kernels
-from duca_fast.integrations._layout import turn_layout
+from duca_fast.integrations._layout import batch_field, dense_uids, turn_layout
 
 try:
     from verl.trainer.ppo.core_algos import (
@@ -94,10 +93,7 @@ def group_ids(index: Any) -> torch.Tensor:
         raise ValueError(
             "duca_hian needs the group uid of each row (verl passes non_tensor_batch['uid'] as index)"
         )
-    seen: dict[Any, int] = {}
-    return torch.tensor(
-        [seen.setdefault(uid, len(seen)) for uid in np.asarray(index).tolist()], dtype=torch.long
-    )
+    return dense_uids(index)
 
 
 def hian_options(config: Any) -> dict[str, Any]:
@@ -133,16 +129,6 @@ def hian_options(config: Any) -> dict[str, Any]:
     return options
 
 
-def _explicit(batch: Any, key: str) -> torch.Tensor | None:
-    if batch is None:
-        return None
-    try:
-        # TensorDict refuses ``key in td``; ``keys()`` works for it and for plain mappings.
-        return batch[key] if key in batch.keys() else None  # noqa: SIM118
-    except (KeyError, AttributeError):
-        return None
-
-
 def compute_duca_hian_advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
@@ -167,7 +153,7 @@ def compute_duca_hian_advantage(
         raise ValueError(f"index has {session_group.numel()} uids but the batch has {num_rows} rows")
 
     rewards = token_level_rewards.float()
-    token_turn = _explicit(batch, "duca_token_turn")
+    token_turn = batch_field(batch, "duca_token_turn")
     derived_turn, starts = turn_layout(response_mask)
     if token_turn is None:
         token_turn = derived_turn
@@ -179,9 +165,9 @@ def compute_duca_hian_advantage(
         token_turn = torch.where(response_mask.bool(), token_turn, torch.full_like(token_turn, -1))
         turns_per_row = token_turn.max(dim=1).values.clamp_min(-1) + 1
 
-    explicit_turn_rewards = _explicit(batch, "duca_turn_rewards")
+    explicit_turn_rewards = batch_field(batch, "duca_turn_rewards")
     if explicit_turn_rewards is None:
-        if _explicit(batch, "duca_token_turn") is not None:
+        if batch_field(batch, "duca_token_turn") is not None:
             raise ValueError("duca_token_turn needs duca_turn_rewards (turn starts are not defined by it)")
         turn_rewards = rewards[starts]
     else:
@@ -200,7 +186,7 @@ def compute_duca_hian_advantage(
         columns = torch.arange(explicit_turn_rewards.shape[1], device=rewards.device)
         turn_rewards = explicit_turn_rewards[columns[None, :] < turns_per_row[:, None]]
 
-    session_rewards = _explicit(batch, "duca_session_rewards")
+    session_rewards = batch_field(batch, "duca_session_rewards")
     if session_rewards is None:
         # Everything that is not a turn reward is the session's: verl writes its score at the last token.
         at_starts = starts if explicit_turn_rewards is None else torch.zeros_like(starts)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from duca_fast import ops
+from duca_fast.integrations._layout import batch_field, dense_uids
 from duca_fast.ops.advantages.proxmo import ProxmoOptions
 
 GOPO_NAME = "duca_gopo"
@@ -63,20 +64,10 @@ def _ids(name: str, what: str, values: Any, rows: int) -> torch.Tensor:
     """Hashable ids (strings, uuids, ints) -> int64 0..k-1 in order of first appearance."""
     if values is None:
         raise ValueError(f"{name} needs {what} for every row")
-    seen: dict[Any, int] = {}
-    ids = torch.tensor([seen.setdefault(v, len(seen)) for v in np.asarray(values).tolist()], dtype=torch.long)
+    ids = dense_uids(values)
     if ids.numel() != rows:
         raise ValueError(f"{name}: {what} has {ids.numel()} entries but the batch has {rows} rows")
     return ids
-
-
-def _field(batch: Any, key: str) -> torch.Tensor | None:
-    if batch is None:
-        return None
-    try:
-        return batch[key] if key in batch.keys() else None  # noqa: SIM118 - TensorDict has no `in`
-    except (KeyError, AttributeError):
-        return None
 
 
 def compute_duca_gopo_advantage(
@@ -103,10 +94,10 @@ def _otb(
     rollout_is_weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_shapes(name, token_level_rewards, response_mask)
-    old_log_probs = old_log_probs if old_log_probs is not None else _field(batch, "old_log_probs")
-    sum_pi_squared = sum_pi_squared if sum_pi_squared is not None else _field(batch, "sum_pi_squared")
+    old_log_probs = old_log_probs if old_log_probs is not None else batch_field(batch, "old_log_probs")
+    sum_pi_squared = sum_pi_squared if sum_pi_squared is not None else batch_field(batch, "sum_pi_squared")
     if rollout_is_weights is None:
-        rollout_is_weights = _field(batch, "rollout_is_weights")
+        rollout_is_weights = batch_field(batch, "rollout_is_weights")
     if sum_pi_squared is None:
         raise ValueError(
             f"{name} needs sum_pi_squared: set actor_rollout_ref.actor.calculate_sum_pi_squared=True"
@@ -195,7 +186,7 @@ def compute_duca_proxmo_advantage(
     extras = non_tensor_batch if non_tensor_batch is not None else {}
     group_of_row = _ids(PROXMO_NAME, "index (the uid of each row's group)", index, rows)
     trajectory = _ids(PROXMO_NAME, "non_tensor_batch['traj_uid']", extras.get("traj_uid"), rows)
-    features = _field(batch, "duca_turn_features")
+    features = batch_field(batch, "duca_turn_features")
     if features is None:
         if extras.get("anchor_obs") is None:
             raise ValueError(
@@ -203,7 +194,7 @@ def compute_duca_proxmo_advantage(
                 "batch['duca_turn_features'] [B, D]"
             )
         features = tfidf_features([str(text) for text in np.asarray(extras["anchor_obs"]).tolist()])
-    step_rewards = _field(batch, "step_rewards")
+    step_rewards = batch_field(batch, "step_rewards")
     if step_rewards is None:
         step_rewards = torch.zeros(rows)
     num_trajectories = int(trajectory.max()) + 1 if rows else 0
