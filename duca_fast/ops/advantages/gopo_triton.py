@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from duca_fast.ops.advantages.runs import run_bounds
+
 BLOCK = 64
 
 
@@ -44,17 +46,7 @@ def gopo_advantages_triton(rewards: torch.Tensor, group: torch.Tensor) -> torch.
     if count == 0:
         return out
     order = torch.argsort(group.long(), stable=True)
-    sorted_group = group.long()[order]
-    positions = torch.arange(count, device=rewards.device)
-    first = torch.ones(count, dtype=torch.bool, device=rewards.device)
-    first[1:] = sorted_group[1:] != sorted_group[:-1]
-    starts = torch.cummax(torch.where(first, positions, 0), dim=0).values
-    last = torch.ones(count, dtype=torch.bool, device=rewards.device)
-    last[:-1] = first[1:]
-    # End (exclusive) of each run: the next run's start, taken from the right.
-    ends = torch.flip(
-        torch.cummin(torch.flip(torch.where(last, positions + 1, count), [0]), dim=0).values, [0]
-    )
+    starts, ends = run_bounds(group.long()[order])
     _gopo_kernel[(triton.cdiv(count, BLOCK),)](
         out, rewards.contiguous(), order.contiguous(), starts.contiguous(), ends.contiguous(), count,
         BLOCK_SIZE=BLOCK,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from duca_fast.ops._checks import ValueChecks, check_choice, check_tensor
+from duca_fast.ops.advantages.runs import run_bounds
 
 
 @torch.no_grad()
@@ -91,8 +92,7 @@ def optimal_token_baseline_advantages(
     # into buffers bounded by the number of tokens or sequences.
     dtype = torch.float64
     loss = active.to(dtype)
-    run_start = _starts(first, index)
-    run_end = _ends(first, index, count)
+    run_start, run_end = run_bounds(seq)
 
     def within(values: torch.Tensor) -> torch.Tensor:
         """Inclusive cumulative sum within each sequence."""
@@ -134,19 +134,6 @@ def optimal_token_baseline_advantages(
         baseline = _zero_tail(baseline, seq, groups, lengths, member, position, num_sequences)
     advantages = (returns - baseline) * loss
     return advantages.to(token_rewards.dtype), returns.to(token_rewards.dtype)
-
-
-def _starts(first: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Index of the first element of each element's run (``first`` marks run starts)."""
-    return torch.cummax(torch.where(first, index, 0), 0).values
-
-
-def _ends(first: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
-    """Exclusive end of each element's run."""
-    last = torch.ones_like(first)
-    last[:-1] = first[1:]
-    ends = torch.where(last, index + 1, count)
-    return torch.flip(torch.cummin(torch.flip(ends, [0]), 0).values, [0])
 
 
 def _dense(ids: torch.Tensor) -> torch.Tensor:
