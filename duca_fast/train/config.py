@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from duca_fast.env import SESSION_REWARD_NAMES, TURN_REWARD_NAMES
 from duca_fast.env.reward_sources import RewardSourceConfig
 from duca_fast.ops import AdvantageOptions, PolicyLossOptions, ProxmoOptions
+from duca_fast.rollout.driver import DRIVERS
 from duca_fast.train.algorithms import ESTIMATORS
 
 ALGORITHMS = tuple(ESTIMATORS)
@@ -114,6 +115,12 @@ class RolloutSettings:
     with room to spare (more KV cache, more sessions in flight)."""
     max_num_seqs: int = 256
     """vLLM's cap on sequences decoded at once (its scheduler's batch); more sessions than this queue."""
+    driver: str = "async"
+    """"async": every session advances on its own, its turns joining the engine's running batch as they
+    come (the engine decodes while customers answer); "rounds": turn k of every session in one batched
+    call, then every customer. Same tokens for the same seeds (docs/rollout.md)."""
+    max_sessions_in_flight: int = 0
+    """async: at most this many sessions under way at once (0 = all of the rank's sessions)."""
     per_request_seeds: bool = True
     """Seed each request (session x turn) so runs reproduce whatever the batching; false: vLLM samples the
     batch at once with its engine seed (docs/rollout.md has the measured cost)."""
@@ -380,6 +387,11 @@ def validate(config: TrainConfig) -> None:
         f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}",
     )
     _require(r.max_num_seqs >= 1, f"rollout.max_num_seqs must be >= 1, got {r.max_num_seqs}")
+    _require(r.driver in DRIVERS, f"rollout.driver must be one of {DRIVERS}, got {r.driver!r}")
+    _require(
+        r.max_sessions_in_flight >= 0,
+        f"rollout.max_sessions_in_flight must be >= 0 (0 = no bound), got {r.max_sessions_in_flight}",
+    )
     _require(
         r.check_logprobs_every >= 0,
         f"rollout.check_logprobs_every must be >= 0, got {r.check_logprobs_every}",

@@ -29,12 +29,14 @@ PLOTS = [
         "rollout.png",
         "Rollout: engine and customers",
         [
+            "rollout/wall_s",
             "rollout/generate_s",
             "rollout/customer_wait_s",
             "rollout/engine_idle_share",
             "rollout/sessions_in_flight",
             "rollout/prefix_cache_hit_rate",
             "rollout/generated_tokens_per_s",
+            "rollout/preemptions",
         ],
     ),
 ]

@@ -6,6 +6,7 @@ import torch
 
 from duca_fast.env import LLMCustomerConfig, LLMCustomerFactory, SalesEnv, generate_scenarios
 from duca_fast.rollout import (
+    DRIVERS,
     Completion,
     HFEngine,
     IncrementalChat,
@@ -18,26 +19,33 @@ from duca_fast.rollout import (
 from tests.rollout.envs import EchoCustomer
 
 CONFIG = RolloutConfig(sampling=SamplingConfig(max_new_tokens=6, temperature=1.0), max_turns=5)
+ROUNDS = dataclasses.replace(CONFIG, driver="rounds")
 
 
 @pytest.fixture
 def spied(engine, monkeypatch):
-    """The engine, recording every prompt it is asked to continue."""
+    """The engine, recording every prompt it is asked to continue (in a batch or one by one)."""
     prompts = []
-    real = engine.generate
+    real_generate, real_submit = engine.generate, engine.submit
 
     def generate(batch, *args, **kwargs):
         prompts.extend(list(p) for p in batch)
-        return real(batch, *args, **kwargs)
+        return real_generate(batch, *args, **kwargs)
+
+    def submit(key, prompt, *args, **kwargs):
+        prompts.append(list(prompt))
+        return real_submit(key, prompt, *args, **kwargs)
 
     monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(engine, "submit", submit)
     return engine, prompts
 
 
-def test_multi_turn_spans_masks_and_packing(spied, tokenizer):
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_multi_turn_spans_masks_and_packing(spied, tokenizer, driver):
     engine, prompts = spied
     specs = make_session_specs([{"turns": 3}, {"turns": 2}], group_size=2, seed=10)
-    batch = rollout(engine, EchoCustomer, specs, CONFIG)
+    batch = rollout(engine, EchoCustomer, specs, dataclasses.replace(CONFIG, driver=driver))
 
     assert batch.turn_reward_names == ("length",) and batch.session_reward_names == ("conversion",)
     assert batch.session_group.tolist() == [0, 0, 1, 1]
@@ -96,7 +104,7 @@ def test_rollout_statistics_per_step(spied):
     block = engine._llm.llm_engine.vllm_config.cache_config.block_size
     system = " ".join(["You sell tea from many gardens and answer briefly."] * (block // 6))
     specs = [SessionSpec({"turns": n, "system": system}, 0, n) for n in (1, 2, 3)]
-    batch = rollout(engine, EchoCustomer, specs, CONFIG)
+    batch = rollout(engine, EchoCustomer, specs, ROUNDS)
     stats = batch.stats
     assert stats["rollout/rounds"] == 3 and stats["rollout/sessions_in_flight"] == pytest.approx(2.0)
     assert stats["rollout/generate_s"] == batch.generate_seconds > 0
@@ -112,7 +120,7 @@ def test_no_prefix_cache_rate_without_the_engines_report(tiny_model_dir):
     hf = HFEngine(tiny_model_dir, max_model_len=256)
     specs = make_session_specs([{"turns": 2}], group_size=2)
     stats = rollout(hf, EchoCustomer, specs, RolloutConfig(sampling=SamplingConfig(max_new_tokens=4))).stats
-    assert "rollout/prefix_cache_hit_rate" not in stats and stats["rollout/rounds"] == 2
+    assert "rollout/prefix_cache_hit_rate" not in stats and stats["rollout/engine_steps"] >= 2
 
 
 def test_per_request_seeds_can_be_switched_off(spied, monkeypatch):
@@ -128,20 +136,22 @@ def test_per_request_seeds_can_be_switched_off(spied, monkeypatch):
 
     monkeypatch.setattr(engine, "generate", generate)
     specs = make_session_specs([{"turns": 2}], group_size=3)
-    rollout(engine, EchoCustomer, specs, CONFIG)
+    rollout(engine, EchoCustomer, specs, ROUNDS)
     assert all(seeds is not None and len(set(seeds)) == len(seeds) for seeds in seen)
     alone = list(seen)
     seen.clear()
-    rollout(engine, EchoCustomer, specs[1:2], CONFIG)
+    rollout(engine, EchoCustomer, specs[1:2], ROUNDS)
     assert [seeds[0] for seeds in seen] == [seeds[1] for seeds in alone]  # session 1, batched or alone
     seen.clear()
-    batch = rollout(engine, EchoCustomer, specs, dataclasses.replace(CONFIG, per_request_seeds=False))
+    batch = rollout(engine, EchoCustomer, specs, dataclasses.replace(ROUNDS, per_request_seeds=False))
     assert seen and all(seeds is None for seeds in seen) and not batch.failed.any()
 
 
-def test_failing_session_is_recorded_without_losing_the_others(engine):
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_failing_session_is_recorded_without_losing_the_others(engine, driver):
     specs = [SessionSpec({"turns": 3}, group=0, seed=s) for s in (0, 1, 2)]
-    batch = rollout(engine, lambda: EchoCustomer(fail_seed=1, fail_on_turn=2), specs, CONFIG)
+    config = dataclasses.replace(CONFIG, driver=driver)
+    batch = rollout(engine, lambda: EchoCustomer(fail_seed=1, fail_on_turn=2), specs, config)
     assert batch.failed.tolist() == [False, True, False]
     assert "customer crashed for seed 1 on turn 2" in batch.errors[1]
     assert batch.outcomes[1].reason.startswith("error: RuntimeError")
@@ -153,7 +163,7 @@ def test_failing_session_is_recorded_without_losing_the_others(engine):
     assert batch.failure_reasons == [None, "env_error", None] and batch.failure_counts == {"env_error": 1}
     assert batch.truncation_counts == {} and not batch.all_failed
 
-    reset_fails = rollout(engine, lambda: EchoCustomer(fail_seed=2, fail_on_turn=0), specs, CONFIG)
+    reset_fails = rollout(engine, lambda: EchoCustomer(fail_seed=2, fail_on_turn=0), specs, config)
     assert reset_fails.failed.tolist() == [False, False, True]
     assert "reset failed for seed 2" in reset_fails.errors[2]
     assert reset_fails.failure_counts == {"env_error": 1}
@@ -181,7 +191,7 @@ def test_empty_agent_turn_fails_the_turn_not_the_session(engine, tokenizer, monk
 
     monkeypatch.setattr(engine, "generate", generate)
     specs = [SessionSpec({"turns": 3}, group=0, seed=s) for s in (0, 1, 2)]
-    batch = rollout(engine, EchoCustomer, specs, CONFIG)
+    batch = rollout(engine, EchoCustomer, specs, ROUNDS)
 
     assert calls == [3, 2, 1]
     assert batch.failed.tolist() == [True, False, False] and batch.truncated.tolist() == [False, True, False]
@@ -343,7 +353,8 @@ def test_behavior_logprobs_are_the_engines_logprobs_of_their_own_tokens(engine, 
     assert worst_shifted > 10 * tolerance, worst_shifted
 
 
-def test_a_template_that_rewrites_history_fails_only_its_session(engine, monkeypatch):
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_template_that_rewrites_history_fails_only_its_session(engine, monkeypatch, driver):
     """Before: the ValueError of a non-append-only template escaped the rollout and lost every session."""
     real_render = IncrementalChat._render
 
@@ -360,7 +371,7 @@ def test_a_template_that_rewrites_history_fails_only_its_session(engine, monkeyp
         SessionSpec({"turns": 3, "system": "REWRITE: you sell tea."}, group=0, seed=1),
         SessionSpec({"turns": 3}, group=0, seed=2),
     ]
-    batch = rollout(engine, EchoCustomer, specs, CONFIG)
+    batch = rollout(engine, EchoCustomer, specs, dataclasses.replace(CONFIG, driver=driver))
     assert batch.failed.tolist() == [False, True, False]
     assert batch.failure_reasons == [None, "template_error", None]
     assert "not append-only" in batch.errors[1]

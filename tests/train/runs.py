@@ -18,6 +18,7 @@ VOLATILE = (
     "rollout/generate_s",
     "rollout/customer_wait_s",
     "rollout/engine_idle_share",
+    "rollout/wall_s",
     "sync/seconds",
     "sync/weight_version",
 )

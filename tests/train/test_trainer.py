@@ -56,10 +56,13 @@ def test_two_step_run_writes_everything(tmp_path, cache_dir, engine):
         "rollout/customer_wait_s",
         "rollout/engine_idle_share",
         "rollout/sessions_in_flight",
+        "rollout/wall_s",
+        "rollout/engine_steps",  # the default driver is async
     ):
         assert key in rows[-1], key
     # vLLM says how much of each prompt its prefix cache served; the transformers engine does not.
     assert ("rollout/prefix_cache_hit_rate" in rows[-1]) == (engine == "vllm")
+    assert ("rollout/preemptions" in rows[-1]) == (engine == "vllm")
     # The engine serves what the trainer computes: same log-probs for the sampled tokens.
     assert rows[0]["sync/logprob_gap"] < 1e-3
     assert rows[-1]["sync/weight_version"] == 2

@@ -145,13 +145,18 @@ def env_factory(config: TrainConfig, reward_sources=()):
 
 
 def combine_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """The step's rollout statistics from every rank's: times and rounds of the slowest rank, the other
-    statistics (shares, sessions in flight, prefix-cache hit rate) averaged over the ranks that have them."""
+    """The step's rollout statistics from every rank's: times, rounds and engine steps of the slowest rank,
+    preemptions summed, the other statistics (shares, sessions in flight, prefix-cache hit rate) averaged
+    over the ranks that have them."""
     out: dict[str, float] = {}
     for key in sorted({k for stats in per_rank for k in stats}):
         values = [stats[key] for stats in per_rank if key in stats]
-        slowest = key.endswith("_s") or key == "rollout/rounds"
-        out[key] = max(values) if slowest else sum(values) / len(values)
+        if key.endswith("_s") or key in ("rollout/rounds", "rollout/engine_steps"):
+            out[key] = max(values)
+        elif key == "rollout/preemptions":
+            out[key] = sum(values)
+        else:
+            out[key] = sum(values) / len(values)
     return out
 
 
@@ -384,6 +389,8 @@ class SalesTask:
             max_turns=config.env.max_turns,
             seed=derive_seed(config.seed, "sampling", step),
             per_request_seeds=config.rollout.per_request_seeds,
+            driver=config.rollout.driver,
+            max_sessions_in_flight=config.rollout.max_sessions_in_flight or None,
         )
         batch = rollout(
             self.engine,
