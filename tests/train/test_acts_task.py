@@ -168,6 +168,7 @@ def test_before_after_evaluation_is_written_and_tabulated(tmp_path, capsys):
         (["env.name=sales-act"], "env.name must be one of"),
         (["rollout.groups_per_step=0"], "groups_per_step must be >= 1"),
         (["model.hiden_size=8"], "did you mean 'model.hidden_size'"),
+        (["rollout.oversample_groups=2"], "oversample_groups needs env.name=sales and rollout.driver=async"),
     ],
 )
 def test_bad_configs_are_rejected_by_load_config(overrides, match):

@@ -57,12 +57,11 @@ def test_two_step_run_writes_everything(tmp_path, cache_dir, engine):
         "rollout/engine_idle_share",
         "rollout/sessions_in_flight",
         "rollout/wall_s",
-        "rollout/engine_steps",  # the default driver is async
+        "rollout/rounds",  # the default driver
     ):
         assert key in rows[-1], key
     # vLLM says how much of each prompt its prefix cache served; the transformers engine does not.
     assert ("rollout/prefix_cache_hit_rate" in rows[-1]) == (engine == "vllm")
-    assert ("rollout/preemptions" in rows[-1]) == (engine == "vllm")
     # The engine serves what the trainer computes: same log-probs for the sampled tokens.
     assert rows[0]["sync/logprob_gap"] < 1e-3
     assert rows[-1]["sync/weight_version"] == 2
@@ -205,3 +204,30 @@ def test_a_reward_model_is_a_session_reward_component_of_training(tmp_path, cach
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = read_metrics(run_dir)
     assert math.isfinite(row["reward/session/rm"]) and row["grad_norm"] > 0
+
+
+def test_over_sampling_trains_on_the_first_complete_groups(tmp_path, cache_dir):
+    """rollout.oversample_groups=1: three groups start, the first two to complete train, the third's two
+    sessions are aborted; the metrics say so and the step's advantages cover the kept sessions only."""
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, cache_dir, "vllm")
+    over = ("rollout.oversample_groups=1", "rollout.driver=async")
+    result = cli("train", "--config", "configs/demo.yaml", *args, *over)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(run_dir)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["rollout/aborted_sessions"] == 2.0 and row["rollout/engine_steps"] > 0
+        assert row["rollout/preemptions"] == 0.0  # vLLM's scheduler had room for every request
+        assert math.isfinite(row["loss/total"])
+    refused = cli(
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        *args,
+        "rollout.oversample_groups=1",
+        "rollout.driver=rounds",
+    )
+    assert refused.returncode != 0 and "oversample_groups needs env.name=sales and rollout.driver=async" in (
+        refused.stdout + refused.stderr
+    )

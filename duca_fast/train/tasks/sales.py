@@ -146,14 +146,14 @@ def env_factory(config: TrainConfig, reward_sources=()):
 
 def combine_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """The step's rollout statistics from every rank's: times, rounds and engine steps of the slowest rank,
-    preemptions summed, the other statistics (shares, sessions in flight, prefix-cache hit rate) averaged
-    over the ranks that have them."""
+    preemptions and aborted sessions summed, the other statistics (shares, sessions in flight, prefix-cache
+    hit rate) averaged over the ranks that have them."""
     out: dict[str, float] = {}
     for key in sorted({k for stats in per_rank for k in stats}):
         values = [stats[key] for stats in per_rank if key in stats]
         if key.endswith("_s") or key in ("rollout/rounds", "rollout/engine_steps"):
             out[key] = max(values)
-        elif key == "rollout/preemptions":
+        elif key in ("rollout/preemptions", "rollout/aborted_sessions"):
             out[key] = sum(values)
         else:
             out[key] = sum(values) / len(values)
@@ -325,6 +325,11 @@ class SalesTask:
                 f"rollout.groups_per_step={config.rollout.groups_per_step} is not divisible by the world "
                 f"size {dist.world_size}; every rank rolls out the same number of groups"
             )
+        if config.rollout.oversample_groups % dist.world_size:
+            raise ConfigError(
+                f"rollout.oversample_groups={config.rollout.oversample_groups} is not divisible by the world "
+                f"size {dist.world_size}; every rank over-samples the same number of groups"
+            )
         if dist.enabled and config.algo.loss.kl_coef > 0 and config.model.lora_rank == 0:
             raise ConfigError(
                 "algo.loss.kl_coef > 0 with a full fine-tune is single-rank only "
@@ -384,6 +389,7 @@ class SalesTask:
         )
         per_rank = len(scenarios) // dist.world_size
         mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+        oversampling = config.rollout.oversample_groups > 0
         rollout_config = RolloutConfig(
             sampling=self._sampling(),
             max_turns=config.env.max_turns,
@@ -391,6 +397,7 @@ class SalesTask:
             per_request_seeds=config.rollout.per_request_seeds,
             driver=config.rollout.driver,
             max_sessions_in_flight=config.rollout.max_sessions_in_flight or None,
+            complete_groups=(config.rollout.groups_per_step // dist.world_size if oversampling else None),
         )
         batch = rollout(
             self.engine,
