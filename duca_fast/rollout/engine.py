@@ -594,7 +594,8 @@ class VLLMEngine(RolloutEngine):
 
     def _release(self) -> None:
         # In-process vLLM keeps its parallel groups in process-global state and shutdown destroys them:
-        # run one VLLMEngine per process and close it only when done with vLLM.
+        # run one VLLMEngine per process and close it only when done with vLLM. Under torchrun vLLM joined
+        # the trainer's default process group, and its shutdown destroys that one too: close it last.
         engine_core = self._llm.llm_engine.engine_core
         engine_core.shutdown()
         del self._llm

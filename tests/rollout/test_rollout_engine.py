@@ -140,3 +140,54 @@ def test_two_ranks_put_their_engines_on_their_own_gpus(tiny_model_dir, tmp_path)
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+TWO_RANK_SCRIPT = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+from duca_fast.rollout import RolloutConfig, SamplingConfig, VLLMEngine, make_session_specs, rollout
+from tests.rollout.envs import EchoCustomer
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    engine = VLLMEngine(sys.argv[1], max_model_len=512, kv_cache_bytes=32 * 2**20)
+    specs = make_session_specs([{"turns": 2}, {"turns": 3}], group_size=2, seed=7)
+    config = RolloutConfig(sampling=SamplingConfig(max_new_tokens=5), driver="async")
+    batch = rollout(engine, EchoCustomer, [s for s in specs if s.group == rank], config)
+    out = [None, None]
+    dist.all_gather_object(out, {"ids": batch.input_ids.tolist(), "device": str(engine.device)})
+    if rank == 0:
+        with open(sys.argv[2], "w") as handle:
+            json.dump(out, handle)
+    engine.close()  # vLLM's shutdown destroys its groups and the default one it joined
+    assert not dist.is_initialized()
+"""
+
+
+def test_two_gloo_ranks_each_roll_out_their_own_groups_on_their_own_engine(engine, tiny_model_dir, tmp_path):
+    """Under torchrun on CPU every rank holds its own in-process vLLM engine (vLLM joins the trainer's gloo
+    group) and samples exactly what one process samples for the same sessions (per-request seeds)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from duca_fast.rollout import RolloutConfig, SamplingConfig, make_session_specs, rollout
+    from tests.rollout.envs import EchoCustomer
+
+    script, result_path = tmp_path / "two_ranks.py", tmp_path / "result.json"
+    script.write_text(TWO_RANK_SCRIPT)
+    root = str(Path(__file__).resolve().parents[2])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)]
+    result = subprocess.run(
+        [*command, str(tiny_model_dir), str(result_path), root], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = json.loads(result_path.read_text())
+    specs = make_session_specs([{"turns": 2}, {"turns": 3}], group_size=2, seed=7)
+    config = RolloutConfig(sampling=SamplingConfig(max_new_tokens=5), driver="async")
+    for rank, part in enumerate(ranks):
+        alone = rollout(engine, EchoCustomer, [s for s in specs if s.group == rank], config)
+        assert part["ids"] == alone.input_ids.tolist() and part["device"] == "cpu"
