@@ -335,6 +335,27 @@ MUTANTS = [
         ("tests/rollout/test_rollout_driver.py",),
     ),
     Mutant(
+        "async driver: a request's seed from its slot in the rollout instead of its session spec",
+        "duca_fast/rollout/driver.py",
+        "return (self.config.seed * 1_000_003 + state.spec.seed * 1009 + turn) % 2**31",
+        "return (self.config.seed * 1_000_003 + state.index * 1009 + turn) % 2**31",
+        ("tests/rollout/test_rollout_driver.py", "tests/rollout/test_async_driver.py"),
+    ),
+    Mutant(
+        "over-sampling: waits for one group more than asked",
+        "duca_fast/rollout/driver.py",
+        "if needed is not None and len(complete) >= needed:",
+        "if needed is not None and len(complete) > needed:",
+        ("tests/rollout/test_async_driver.py",),
+    ),
+    Mutant(
+        "async driver: requests in flight at the end are not aborted in the engine",
+        "duca_fast/rollout/driver.py",
+        "engine.abort(list(self.waiting))",
+        "engine.abort([])",
+        ("tests/rollout/test_async_driver.py",),
+    ),
+    Mutant(
         "GOPO: ranks divided by G instead of G - 1",
         ADV + "gopo.py",
         "spread = 2.0 - 4.0 * rank.double() / (size - 1).clamp_min(1)",

@@ -214,10 +214,13 @@ def test_over_sampling_keeps_the_first_complete_groups_and_aborts_the_rest(slow)
         for member in range(2)
     ]
     full = rollout(slow, SlowCustomer, specs, CONFIG)
+    SlowCustomer.log.clear()
     batch = rollout(slow, SlowCustomer, specs, dataclasses.replace(CONFIG, complete_groups=2))
     assert batch.session_group.tolist() == [1, 1, 2, 2]  # global group ids kept
     assert batch.stats["rollout/aborted_sessions"] == 2.0
     assert slow.num_pending == 0  # group 0's requests were aborted in the engine
+    answered = [seed for kind, seed, _, _ in SlowCustomer.log if kind == "answered" and seed in (0, 1)]
+    assert len(answered) < 6  # group 0's sessions were stopped before their last answers
     assert [m["content"] for m in batch.transcripts[0]] == [m["content"] for m in full.transcripts[2]]
     kept = full.cu_seqlens[2].item()  # the kept sessions are exactly the full rollout's sessions 2..5
     assert torch.equal(batch.input_ids, full.input_ids[kept:])
