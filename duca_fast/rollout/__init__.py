@@ -9,6 +9,7 @@ from duca_fast.rollout.driver import (
     RolloutBatch,
     RolloutConfig,
     SessionSpec,
+    concat_batches,
     make_session_specs,
     rollout,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "WeightSync",
     "build_tiny_model_dir",
     "checkpoint_name",
+    "concat_batches",
     "default_gguf_path",
     "load_default_model_dir",
     "load_default_tokenizer",

@@ -214,6 +214,64 @@ class RolloutBatch:
         return "; ".join(parts)
 
 
+def concat_batches(first: RolloutBatch, second: RolloutBatch) -> RolloutBatch:
+    """One batch holding ``first``'s sessions, then ``second``'s (e.g. a pilot rollout and its follow-up):
+    session, token and turn indices of ``second`` offset; both sampled with the same weights.
+
+    Statistics: times, calls, preemptions and aborted sessions add up; the engine idle share is recomputed
+    from the summed times; the per-call and per-token rates are averaged weighted by sessions."""
+    if first.weight_version != second.weight_version:
+        raise ValueError(
+            f"concat_batches: weight versions differ ({first.weight_version} vs {second.weight_version})"
+        )
+    names = (first.turn_reward_names, first.session_reward_names)
+    if names != (second.turn_reward_names, second.session_reward_names):
+        raise ValueError(f"concat_batches: reward names differ ({names} vs the second batch's)")
+    sessions, tokens, turns = len(first.outcomes), first.input_ids.numel(), first.turn_session.numel()
+    token_turn = torch.where(second.token_turn >= 0, second.token_turn + turns, second.token_turn)
+    stats: dict[str, float] = {}
+    weights = (sessions, len(second.outcomes))
+    for key in sorted(set(first.stats) | set(second.stats)):
+        values = [part.stats.get(key) for part in (first, second)]
+        present = [(v, w) for v, w in zip(values, weights, strict=True) if v is not None]
+        if key.endswith(("_s", "rounds", "engine_steps", "preemptions", "aborted_sessions")):
+            stats[key] = float(sum(v for v, _ in present))
+        else:
+            stats[key] = sum(v * w for v, w in present) / max(sum(w for _, w in present), 1)
+    busy = stats.get("rollout/generate_s", 0.0) + stats.get("rollout/customer_wait_s", 0.0)
+    if "rollout/engine_idle_share" in stats:
+        stats["rollout/engine_idle_share"] = stats.get("rollout/customer_wait_s", 0.0) / busy if busy else 0.0
+    return RolloutBatch(
+        input_ids=torch.cat([first.input_ids, second.input_ids]),
+        position_ids=torch.cat([first.position_ids, second.position_ids]),
+        seq_ids=torch.cat([first.seq_ids, second.seq_ids + sessions]),
+        cu_seqlens=torch.cat([first.cu_seqlens, second.cu_seqlens[1:] + tokens]),
+        token_turn=torch.cat([first.token_turn, token_turn]),
+        behavior_logprobs=torch.cat([first.behavior_logprobs, second.behavior_logprobs]),
+        turn_rewards=torch.cat([first.turn_rewards, second.turn_rewards]),
+        turn_session=torch.cat([first.turn_session, second.turn_session + sessions]),
+        turn_index=torch.cat([first.turn_index, second.turn_index]),
+        turn_spans=torch.cat([first.turn_spans, second.turn_spans + tokens]),
+        session_rewards=torch.cat([first.session_rewards, second.session_rewards]),
+        session_group=torch.cat([first.session_group, second.session_group]),
+        failed=torch.cat([first.failed, second.failed]),
+        truncated=torch.cat([first.truncated, second.truncated]),
+        turn_reward_names=first.turn_reward_names,
+        session_reward_names=first.session_reward_names,
+        transcripts=first.transcripts + second.transcripts,
+        outcomes=first.outcomes + second.outcomes,
+        errors=first.errors + second.errors,
+        failure_reasons=first.failure_reasons + second.failure_reasons,
+        failure_counts=dict(Counter(first.failure_counts) + Counter(second.failure_counts)),
+        truncation_counts=dict(Counter(first.truncation_counts) + Counter(second.truncation_counts)),
+        weight_version=first.weight_version,
+        num_generated_tokens=first.num_generated_tokens + second.num_generated_tokens,
+        generate_seconds=first.generate_seconds + second.generate_seconds,
+        env_seconds=first.env_seconds + second.env_seconds,
+        stats=stats,
+    )
+
+
 def _counts(counts: dict[str, int]) -> str:
     return f" ({', '.join(f'{reason} {n}' for reason, n in counts.items())})" if counts else ""
 

@@ -134,10 +134,11 @@ class RolloutSettings:
     check_logprobs_every: int = 0
     """Every N steps, after the sync, compare engine and trainer log-probs on check prompts (0 = never)."""
     allocation: str = "fixed"
-    """"fixed": ``group_size`` sessions per scenario; "dynamo": DynaMO's allocation (the twin): a pilot of
+    """"fixed": ``group_size`` sessions per scenario; "dynamo": DynaMO's allocation: a pilot of
     ``allocation_min`` sessions per scenario, then the rest of ``group_size x groups_per_step`` sessions in
     proportion to each scenario's Bernoulli variance of conversion in its pilot, within
-    [``allocation_min``, ``allocation_max``] (``duca_fast/rollout/allocation.py``)."""
+    [``allocation_min``, ``allocation_max``] (``duca_fast/rollout/allocation.py``); on the text task each
+    rank allocates its own groups, pilot and follow-up as two rollouts."""
     allocation_min: int = 8
     """dynamo: pilot sessions per scenario, and the least a scenario gets (DynaMO's n_low)."""
     allocation_max: int = 24
@@ -451,9 +452,9 @@ def validate(config: TrainConfig) -> None:
     )
     if r.allocation == "dynamo":
         _require(
-            e.name == "sales-acts",
-            "rollout.allocation=dynamo runs on env.name=sales-acts (the text task's rollout and its ranks "
-            "take one group size per step)",
+            r.oversample_groups == 0,
+            "rollout.allocation=dynamo and rollout.oversample_groups are exclusive (DynaMO sizes groups "
+            "from a pilot that over-sampling would cut)",
         )
         _require(
             2 <= r.allocation_min <= r.group_size <= r.allocation_max,

@@ -138,5 +138,7 @@ def test_twin_trains_with_dynamo_allocation(tmp_path):
         assert math.isfinite(row["loss/total"])
     with pytest.raises(ConfigError, match="allocation_min <= group_size"):
         load_config(ACTS_CONFIG, ["rollout.allocation=dynamo", "rollout.allocation_min=9"])
-    with pytest.raises(ConfigError, match=r"allocation=dynamo runs on env\.name=sales-acts"):
-        load_config(None, ["rollout.allocation=dynamo"])
+    with pytest.raises(ConfigError, match=r"allocation=dynamo and rollout\.oversample_groups are exclusive"):
+        load_config(
+            None, ["rollout.allocation=dynamo", "rollout.oversample_groups=2", "rollout.driver=async"]
+        )

@@ -376,3 +376,32 @@ def test_a_template_that_rewrites_history_fails_only_its_session(engine, monkeyp
     assert batch.failure_reasons == [None, "template_error", None]
     assert "not append-only" in batch.errors[1]
     assert batch.turn_session.tolist() == [0, 0, 0, 2, 2, 2]
+
+
+def test_concat_batches_is_one_rollout_of_both_spec_lists(engine):
+    """A pilot rollout and its follow-up, concatenated, equal one rollout of both spec lists (per-request
+    seeds: a session samples the same tokens in either), indices offset; statistics added up."""
+    from duca_fast.rollout import concat_batches
+
+    first_specs = [SessionSpec({"turns": 2}, 0, 0), SessionSpec({"turns": 3}, 1, 1)]
+    second_specs = [SessionSpec({"turns": 1}, 0, 2), SessionSpec({"turns": 2}, 1, 3)]
+    first = rollout(engine, lambda: EchoCustomer(fail_seed=1, fail_on_turn=1), first_specs, CONFIG)
+    second = rollout(engine, EchoCustomer, second_specs, CONFIG)
+    both = concat_batches(first, second)
+    whole = rollout(
+        engine, lambda: EchoCustomer(fail_seed=1, fail_on_turn=1), first_specs + second_specs, CONFIG
+    )
+    names = ("input_ids", "position_ids", "seq_ids", "cu_seqlens", "token_turn", "turn_session", "turn_index")
+    for name in (*names, "turn_spans", "session_group", "failed", "truncated", "turn_rewards"):
+        assert torch.equal(getattr(both, name), getattr(whole, name)), name
+    assert torch.equal(both.session_rewards.nan_to_num(-1), whole.session_rewards.nan_to_num(-1))
+    assert both.transcripts == whole.transcripts and both.failure_counts == {"env_error": 1}
+    assert both.num_generated_tokens == first.num_generated_tokens + second.num_generated_tokens
+    assert both.stats["rollout/rounds"] == first.stats["rollout/rounds"] + second.stats["rollout/rounds"]
+    assert (both.behavior_logprobs - whole.behavior_logprobs).abs().max() < 1e-5
+    engine.weight_version += 1
+    try:
+        with pytest.raises(ValueError, match="weight versions differ"):
+            concat_batches(first, rollout(engine, EchoCustomer, second_specs, CONFIG))
+    finally:
+        engine.weight_version -= 1

@@ -231,3 +231,18 @@ def test_over_sampling_trains_on_the_first_complete_groups(tmp_path, cache_dir):
     assert refused.returncode != 0 and "oversample_groups needs env.name=sales and rollout.driver=async" in (
         refused.stdout + refused.stderr
     )
+
+
+def test_dynamo_allocation_on_the_text_task(tmp_path, cache_dir):
+    """rollout.allocation=dynamo on the sales task: a pilot of 2 sessions per scenario, then the rest of 3 per
+    scenario on average within [2, 4]; every step trains on all of them (6 sessions over 2 groups)."""
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, cache_dir, "hf")
+    dynamo = ("rollout.allocation=dynamo", "rollout.group_size=3", "rollout.allocation_min=2",
+              "rollout.allocation_max=4")  # fmt: skip
+    result = cli("train", "--config", "configs/demo.yaml", *args, *dynamo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in read_metrics(run_dir):
+        assert 2 <= row["rollout/group_size_min"] <= 3 <= row["rollout/group_size_max"] <= 4
+        assert row["rollout/group_size_min"] + row["rollout/group_size_max"] == 6
+        assert math.isfinite(row["loss/total"])

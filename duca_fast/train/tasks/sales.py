@@ -383,10 +383,6 @@ class SalesTask:
         from duca_fast.rollout import RolloutConfig, make_session_specs, rollout
 
         config, dist = self.config, self.dist
-        # Seeded per session over the whole step, so a rank's sessions are those a single process plays.
-        specs = make_session_specs(
-            scenarios, config.rollout.group_size, seed=derive_seed(config.seed, "customer", step)
-        )
         per_rank = len(scenarios) // dist.world_size
         mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
         oversampling = config.rollout.oversample_groups > 0
@@ -399,12 +395,15 @@ class SalesTask:
             max_sessions_in_flight=config.rollout.max_sessions_in_flight or None,
             complete_groups=(config.rollout.groups_per_step // dist.world_size if oversampling else None),
         )
-        batch = rollout(
-            self.engine,
-            env_factory(config, self.reward_sources),
-            [s for s in specs if s.group in mine],
-            rollout_config,
-        )
+        envs = env_factory(config, self.reward_sources)
+        customer_seed = derive_seed(config.seed, "customer", step)
+        allocation_metrics: dict[str, float] = {}
+        if config.rollout.allocation == "dynamo":
+            batch, allocation_metrics = self._dynamo_rollout(scenarios, mine, customer_seed, rollout_config)
+        else:
+            # Seeded per session over the whole step, so a rank's sessions are those a single process plays.
+            specs = make_session_specs(scenarios, config.rollout.group_size, seed=customer_seed)
+            batch = rollout(self.engine, envs, [s for s in specs if s.group in mine], rollout_config)
         everyone = all_gather_objects(
             dist,
             {
@@ -423,6 +422,7 @@ class SalesTask:
             },
         )
         metrics = {
+            **allocation_metrics,
             "rollout/failed_sessions": float(sum(part["failed"] for part in everyone)),
             "rollout/truncated_sessions": float(sum(part["truncated"] for part in everyone)),
             "rollout/tokens": float(sum(part["tokens"] for part in everyone)),
@@ -451,6 +451,47 @@ class SalesTask:
             for rank, part in enumerate(everyone)
         )
         return StepRollout(rewards, local, SalesRollout(batch, values), outcomes, metrics, summary)
+
+    def _dynamo_rollout(self, scenarios, mine: range, customer_seed: int, rollout_config):
+        """DynaMO's allocation on this rank's groups: a pilot of ``allocation_min`` sessions per scenario,
+        then the rest of ``group_size`` per scenario on average, in proportion to each scenario's Bernoulli
+        variance of conversion in its pilot, within [``allocation_min``, ``allocation_max``]
+        (duca_fast/rollout/allocation.py). Every rank allocates its own groups (the same number of sessions
+        on every rank). Session seeds are spaced by ``allocation_max`` per group, so a session's seed does
+        not depend on the allocation."""
+        from duca_fast.rollout import SessionSpec, concat_batches, rollout
+        from duca_fast.rollout.allocation import allocate_rollouts, dynamo_priority
+
+        settings = self.config.rollout
+        pilot, stride = settings.allocation_min, settings.allocation_max
+        envs = env_factory(self.config, self.reward_sources)
+
+        def specs(group: int, members: range) -> list[SessionSpec]:
+            return [SessionSpec(scenarios[group], group, customer_seed + group * stride + m) for m in members]
+
+        first = rollout(self.engine, envs, [s for g in mine for s in specs(g, range(pilot))], rollout_config)
+        conversions = [0] * len(mine)
+        for spec_group, outcome, failed in zip(
+            first.session_group.tolist(), first.outcomes, first.failed.tolist(), strict=True
+        ):
+            conversions[spec_group - mine.start] += int(outcome.converted and not failed)
+        totals = allocate_rollouts(
+            [dynamo_priority(k, pilot) for k in conversions],
+            [pilot] * len(mine),
+            settings.group_size * len(mine),
+            minimum=settings.allocation_min,
+            maximum=settings.allocation_max,
+        )
+        extra = [s for g, total in zip(mine, totals, strict=True) for s in specs(g, range(pilot, total))]
+        if extra:
+            first = concat_batches(first, rollout(self.engine, envs, extra, rollout_config))
+        sizes = all_gather_objects(self.dist, totals)
+        every = [size for part in sizes for size in part]
+        return first, {
+            "rollout/group_size_min": float(min(every)),
+            "rollout/group_size_max": float(max(every)),
+            "rollout/group_size_std": float(torch.tensor(every, dtype=torch.float64).std()),
+        }
 
     @torch.no_grad()
     def _turn_values(self, batch) -> torch.Tensor:
