@@ -566,6 +566,7 @@ RUN_DEFINING_KEYS = (
     "rollout.allocation",
     "rollout.allocation_min",
     "rollout.allocation_max",
+    "rollout.oversample_groups",
     "seed",
 )
 """Keys (or key prefixes ending in ".") whose change on ``--resume`` would make it another run: refused
