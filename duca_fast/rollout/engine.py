@@ -152,9 +152,9 @@ class RolloutEngine(abc.ABC):
     def abort(self, keys: Iterable[Hashable]) -> None:
         """Drop pending requests (their completions never come); unknown or finished keys are ignored."""
         keys = [key for key in keys if key in self._pending]
-        if keys:
+        if keys and self._dead_reason is None:  # a dead engine has nothing left to stop
             self._abort(keys)
-            self._pending.difference_update(keys)
+        self._pending.difference_update(keys)
 
     @property
     def num_pending(self) -> int:

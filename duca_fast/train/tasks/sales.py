@@ -399,7 +399,9 @@ class SalesTask:
         customer_seed = derive_seed(config.seed, "customer", step)
         allocation_metrics: dict[str, float] = {}
         if config.rollout.allocation == "dynamo":
-            batch, allocation_metrics = self._dynamo_rollout(scenarios, mine, customer_seed, rollout_config)
+            batch, allocation_metrics = self._dynamo_rollout(
+                scenarios, mine, envs, customer_seed, rollout_config
+            )
         else:
             # Seeded per session over the whole step, so a rank's sessions are those a single process plays.
             specs = make_session_specs(scenarios, config.rollout.group_size, seed=customer_seed)
@@ -452,7 +454,7 @@ class SalesTask:
         )
         return StepRollout(rewards, local, SalesRollout(batch, values), outcomes, metrics, summary)
 
-    def _dynamo_rollout(self, scenarios, mine: range, customer_seed: int, rollout_config):
+    def _dynamo_rollout(self, scenarios, mine: range, envs, customer_seed: int, rollout_config):
         """DynaMO's allocation on this rank's groups: a pilot of ``allocation_min`` sessions per scenario,
         then the rest of ``group_size`` per scenario on average, in proportion to each scenario's Bernoulli
         variance of conversion in its pilot, within [``allocation_min``, ``allocation_max``]
@@ -464,7 +466,6 @@ class SalesTask:
 
         settings = self.config.rollout
         pilot, stride = settings.allocation_min, settings.allocation_max
-        envs = env_factory(self.config, self.reward_sources)
 
         def specs(group: int, members: range) -> list[SessionSpec]:
             return [SessionSpec(scenarios[group], group, customer_seed + group * stride + m) for m in members]
