@@ -48,7 +48,7 @@ demo: $(STAMP)
 	$(PY) -m duca_fast.cli train --config configs/demo.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 	$(MAKE) native
 	PATH="$(abspath $(VENV))/bin:$$PATH" ctest --test-dir build --output-on-failure
 	$(MAKE) check-kernels
