@@ -164,3 +164,77 @@ def reference_proxmo_advantages(
     float64_in = torch.float64 in (turn_rewards.dtype, session_rewards.dtype)
     out_dtype = torch.float64 if float64_in else torch.float32
     return torch.tensor(out, dtype=torch.float64).to(device=turn_rewards.device, dtype=out_dtype)
+
+
+def reference_optimal_token_baseline(
+    token_rewards,
+    old_logprobs,
+    sum_p2,
+    seq_ids,
+    seq_group,
+    *,
+    mask=None,
+    is_weights=None,
+    positions: str = "loss_tokens",
+    handle_zero_tail: bool = True,
+    eps: float = 1e-8,
+) -> tuple[list[float], list[float]]:
+    """The optimal token baseline in plain float64 loops over sequences, groups and positions
+    (``ops.advantages.optimal_baseline``, verl 0.9.1's two OTB estimators): ``(advantages, returns)``."""
+    rewards = token_rewards.double().tolist()
+    probs = [math.exp(x) for x in old_logprobs.double().tolist()]
+    squares = sum_p2.double().tolist()
+    sequence = seq_ids.tolist()
+    loss = [True] * len(rewards) if mask is None else [bool(x) for x in mask.tolist()]
+    rho = [1.0] * len(rewards) if is_weights is None else is_weights.double().tolist()
+    tokens_of: dict[int, list[int]] = {}
+    for i, s in enumerate(sequence):
+        tokens_of.setdefault(s, []).append(i)
+    returns, weight = [0.0] * len(rewards), [0.0] * len(rewards)
+    for tokens in tokens_of.values():
+        following = 0.0
+        for i in reversed(tokens):
+            following += rewards[i] if loss[i] else 0.0
+            returns[i] = following
+        path = 0.0
+        for i in tokens:
+            if loss[i]:
+                path += (1.0 - 2.0 * probs[i] + squares[i]) * rho[i] ** 2
+            weight[i] = path
+    # The position of each token: its index in the sequence ("all") or among the sequence's loss tokens.
+    position: dict[int, int] = {}
+    for tokens in tokens_of.values():
+        counted = tokens if positions == "all" else [i for i in tokens if loss[i]]
+        for k, i in enumerate(counted):
+            position[i] = k
+    length = {s: sum(loss[i] for i in tokens) for s, tokens in tokens_of.items()}
+    members_of: dict[int, list[int]] = {}
+    for s in sorted(tokens_of):
+        if positions == "all" or length[s] > 0:
+            members_of.setdefault(int(seq_group[s]), []).append(s)
+    baseline = [0.0] * len(rewards)
+    for members in members_of.values():
+        if len(members) == 1:
+            continue
+        numerator: dict[int, float] = {}
+        denominator: dict[int, float] = {}
+        for s in members:
+            for i in tokens_of[s]:
+                if loss[i]:
+                    k = position[i]
+                    numerator[k] = numerator.get(k, 0.0) + returns[i] * weight[i]
+                    denominator[k] = denominator.get(k, 0.0) + weight[i]
+        lengths = sorted(length[s] for s in members)
+        longest = [s for s in members if length[s] == lengths[-1]]
+        for s in members:
+            for i in tokens_of[s]:
+                if i not in position:
+                    continue
+                k = position[i]
+                value = numerator.get(k, 0.0) / (denominator.get(k, 0.0) + eps)
+                zero_tail = (
+                    handle_zero_tail and longest == [s] and lengths[-1] > lengths[-2] and k >= lengths[-2]
+                )
+                baseline[i] = 0.0 if zero_tail else value
+    advantages = [(returns[i] - baseline[i]) if loss[i] else 0.0 for i in range(len(rewards))]
+    return advantages, returns
