@@ -26,6 +26,7 @@ from duca_fast.env.rewards import (
 )
 from duca_fast.env.sales import SalesEnv, check_agent_message
 from duca_fast.env.scenarios import (
+    SCENARIO_MIXES,
     ComplianceRules,
     Feature,
     Persona,
@@ -77,6 +78,7 @@ __all__ = [
     "HIDDEN_OBSERVATION_SIZE",
     "OBSERVATION_SIZE",
     "REGIMES",
+    "SCENARIO_MIXES",
     "SESSION_REWARD_NAMES",
     "SESSION_SCALES",
     "TURN_REWARD_NAMES",
