@@ -26,6 +26,7 @@ from duca_fast.env.rewards import (
 )
 from duca_fast.env.sales import SalesEnv, check_agent_message
 from duca_fast.env.scenarios import (
+    SALES_COACHING,
     SCENARIO_MIXES,
     ComplianceRules,
     Feature,
@@ -78,6 +79,7 @@ __all__ = [
     "HIDDEN_OBSERVATION_SIZE",
     "OBSERVATION_SIZE",
     "REGIMES",
+    "SALES_COACHING",
     "SCENARIO_MIXES",
     "SESSION_REWARD_NAMES",
     "SESSION_SCALES",

@@ -139,6 +139,13 @@ class ComplianceRules:
         return tuple(p for p in PROMISE_PHRASES if p not in self.allowed_promises)
 
 
+SALES_COACHING = (
+    "How to sell: name the feature the customer cares about, give the price (${price:.2f}) and ask "
+    '"Would you like to order it?" Keep it short.'
+)
+"""The recipe a coached brief ends with (``Scenario.coached``); ``{price}`` is the list price."""
+
+
 @dataclass(frozen=True)
 class Scenario:
     """One sales situation; a training group runs several sessions of the same scenario."""
@@ -151,6 +158,9 @@ class Scenario:
     """Who buys."""
     rules: ComplianceRules
     """What the seller may offer."""
+    coached: bool = False
+    """The agent brief ends with ``SALES_COACHING``, a three-step recipe (the customer's feature, the price,
+    an invitation to order) that a model as small as SmolLM2-135M can follow; the CPU demo turns it on."""
 
     def __post_init__(self) -> None:
         if not self.scenario_id:
@@ -179,7 +189,7 @@ class Scenario:
             f"Promises you may make: {promises}. Make no other promises.\n"
             "If the customer sincerely asks whether you are a bot or an AI, say honestly that you are an AI "
             "assistant."
-        )
+        ) + (f"\n{SALES_COACHING.format(price=product.list_price)}" if self.coached else "")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,6 +214,7 @@ class Scenario:
                 product=Product(features=features, **product),
                 persona=Persona(**persona),
                 rules=ComplianceRules(**rules),
+                coached=bool(data.get("coached", False)),
             )
         except KeyError as error:
             raise ValueError(f"scenario is missing the field {error}") from error
@@ -380,7 +391,9 @@ SCENARIO_MIXES: tuple[str, ...] = ("study", "easy")
 """Persona mixes of ``generate_scenarios``: "study" (the studies' customers) and "easy" (the CPU demo's)."""
 
 
-def generate_scenarios(num_scenarios: int = 300, seed: int = 0, mix: str = "study") -> list[Scenario]:
+def generate_scenarios(
+    num_scenarios: int = 300, seed: int = 0, mix: str = "study", coached: bool = False
+) -> list[Scenario]:
     """Draw ``num_scenarios`` diverse scenarios; the same seed gives the same list.
 
     Budgets are drawn around the list price, so some customers need a discount, and a few can only be
@@ -393,6 +406,8 @@ def generate_scenarios(num_scenarios: int = 300, seed: int = 0, mix: str = "stud
     model as small as SmolLM2-135M converts some sessions untrained and a group's session rewards vary
     (with the study's mix it converts none in three turns, and the session advantage stays 0). Products,
     rules, patience and ``asks_if_bot`` stay the study's; ids start with "e" instead of "s".
+
+    ``coached``: every scenario's agent brief ends with ``SALES_COACHING`` (``Scenario.coached``).
     """
     if num_scenarios < 0:
         raise ValueError(f"num_scenarios must be >= 0, got {num_scenarios}")
@@ -439,6 +454,7 @@ def generate_scenarios(num_scenarios: int = 300, seed: int = 0, mix: str = "stud
                     max_discount_percent=float(rng.choice((0, 5, 10, 15, 20))),
                     allowed_promises=tuple(sorted(rng.sample(optional, k=rng.randint(0, 3)))),
                 ),
+                coached=coached,
             )
         )
     return scenarios

@@ -77,6 +77,12 @@ class EnvConfig:
     need, a budget of 1.0-1.2x the list price and skepticism <= 0.3). The CPU demo uses "easy" so that
     an untrained SmolLM2-135M converts some sessions and the session horizon has something to learn from
     (``generate_scenarios`` says more). Not with ``scenarios_path`` (the file is the scenarios)."""
+    agent_coaching: bool = False
+    """Generated scenarios' agent briefs end with a three-step sales recipe (``env.SALES_COACHING``: the
+    customer's feature, the price, "Would you like to order it?"). The study's brief lists the features,
+    prices and rules but not what to do with them, and untrained SmolLM2-135M rarely names a price or
+    invites an order, which the scripted customer needs before it buys; the CPU demo turns it on. Not with
+    ``scenarios_path`` (a scenario file carries its own ``coached`` flag)."""
     max_turns: int = 4
     """Agent turns per session before the customer decides."""
     customer: str = "scripted"
@@ -390,6 +396,11 @@ def validate(config: TrainConfig) -> None:
         e.scenario_mix == "study" or not e.scenarios_path,
         f"env.scenario_mix={e.scenario_mix!r} shapes generated scenarios; with env.scenarios_path the file "
         "decides (leave scenario_mix at 'study')",
+    )
+    _require(
+        not (e.agent_coaching and e.scenarios_path),
+        "env.agent_coaching shapes generated scenarios; with env.scenarios_path each scenario's 'coached' "
+        "field decides",
     )
     _require(r.engine in ("vllm", "hf"), f"rollout.engine must be 'vllm' or 'hf', got {r.engine!r}")
     _require(r.groups_per_step >= 1, f"rollout.groups_per_step must be >= 1, got {r.groups_per_step}")

@@ -122,7 +122,10 @@ def scenario_pool(config: TrainConfig) -> list[Scenario]:
     if config.env.scenarios_path:
         return load_scenarios(config.env.scenarios_path)
     return generate_scenarios(
-        config.env.num_scenarios, seed=config.env.scenario_seed, mix=config.env.scenario_mix
+        config.env.num_scenarios,
+        seed=config.env.scenario_seed,
+        mix=config.env.scenario_mix,
+        coached=config.env.agent_coaching,
     )
 
 
@@ -136,6 +139,7 @@ def held_out_sessions(config: TrainConfig, num_sessions: int, seed: int) -> tupl
             num_sessions,
             seed=config.env.scenario_seed + HELD_OUT_SCENARIO_SEED_OFFSET,
             mix=config.env.scenario_mix,
+            coached=config.env.agent_coaching,
         )
     return scenarios, [derive_seed(seed, "eval-customer", i) for i in range(num_sessions)]
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from duca_fast.env import Scenario, generate_scenarios, load_scenarios, save_scenarios
+from duca_fast.env import SALES_COACHING, Scenario, generate_scenarios, load_scenarios, save_scenarios
 
 
 def test_generator_is_seeded_and_diverse():
@@ -100,3 +100,16 @@ def test_easy_mix_eases_only_the_persona():
     assert sum(s.persona.budget < s.product.list_price for s in study) > 50
     with pytest.raises(ValueError, match="mix must be one of"):
         generate_scenarios(3, mix="hard")
+
+
+def test_coached_brief_ends_with_the_recipe_and_round_trips(tmp_path):
+    plain, coached = generate_scenarios(3, seed=1)[0], generate_scenarios(3, seed=1, coached=True)[0]
+    recipe = SALES_COACHING.format(price=coached.product.list_price)
+    assert coached.agent_brief() == plain.agent_brief() + "\n" + recipe
+    assert f"(${coached.product.list_price:.2f})" in recipe and "Would you like to order it?" in recipe
+    path = tmp_path / "coached.jsonl"
+    save_scenarios(path, [coached])
+    assert load_scenarios(path) == [coached]
+    legacy = plain.to_dict()
+    del legacy["coached"]  # files written before the field existed
+    assert Scenario.from_dict(legacy) == plain
