@@ -160,7 +160,7 @@ class Scenario:
     """What the seller may offer."""
     coached: bool = False
     """The agent brief ends with ``SALES_COACHING``, a three-step recipe (the customer's feature, the price,
-    an invitation to order) that a model as small as SmolLM2-135M can follow; the CPU demo turns it on."""
+    an invitation to order) short enough for SmolLM2-135M to act on now and then; the CPU demo turns it on."""
 
     def __post_init__(self) -> None:
         if not self.scenario_id:
@@ -402,10 +402,11 @@ def generate_scenarios(
 
     ``mix="easy"`` makes the same draws and then eases each persona: its first need only, a budget of 1.0
     to 1.2 times the list price (the study's factor 0.72..1.2 mapped onto that range) and skepticism scaled
-    into [0, 0.3]. Such a customer buys once its one need is pitched and a price or a close is offered, so a
-    model as small as SmolLM2-135M converts some sessions untrained and a group's session rewards vary
-    (with the study's mix it converts none in three turns, and the session advantage stays 0). Products,
-    rules, patience and ``asks_if_bot`` stay the study's; ids start with "e" instead of "s".
+    into [0, 0.3]. Such a customer buys once its one need is pitched and a price or a close is offered (unless
+    it lost trust or patience on the way), so SmolLM2-135M untrained sells now and then and a group's session
+    rewards can vary (with the study's mix it sold none of the demo's held-out sessions, and the session
+    advantage stayed 0). Products, rules, patience and ``asks_if_bot`` stay the study's; ids start with "e"
+    instead of "s".
 
     ``coached``: every scenario's agent brief ends with ``SALES_COACHING`` (``Scenario.coached``).
     """
