@@ -26,6 +26,8 @@ from duca_fast.env.rewards import (
 )
 from duca_fast.env.sales import SalesEnv, check_agent_message
 from duca_fast.env.scenarios import (
+    SALES_COACHING,
+    SCENARIO_MIXES,
     ComplianceRules,
     Feature,
     Persona,
@@ -77,6 +79,8 @@ __all__ = [
     "HIDDEN_OBSERVATION_SIZE",
     "OBSERVATION_SIZE",
     "REGIMES",
+    "SALES_COACHING",
+    "SCENARIO_MIXES",
     "SESSION_REWARD_NAMES",
     "SESSION_SCALES",
     "TURN_REWARD_NAMES",

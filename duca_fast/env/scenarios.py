@@ -139,6 +139,13 @@ class ComplianceRules:
         return tuple(p for p in PROMISE_PHRASES if p not in self.allowed_promises)
 
 
+SALES_COACHING = (
+    "How to sell: name the feature the customer cares about, give the price (${price:.2f}) and ask "
+    '"Would you like to order it?" Keep it short.'
+)
+"""The recipe a coached brief ends with (``Scenario.coached``); ``{price}`` is the list price."""
+
+
 @dataclass(frozen=True)
 class Scenario:
     """One sales situation; a training group runs several sessions of the same scenario."""
@@ -151,6 +158,9 @@ class Scenario:
     """Who buys."""
     rules: ComplianceRules
     """What the seller may offer."""
+    coached: bool = False
+    """The agent brief ends with ``SALES_COACHING``, a three-step recipe (the customer's feature, the price,
+    an invitation to order) short enough for SmolLM2-135M to act on now and then; the CPU demo turns it on."""
 
     def __post_init__(self) -> None:
         if not self.scenario_id:
@@ -179,7 +189,7 @@ class Scenario:
             f"Promises you may make: {promises}. Make no other promises.\n"
             "If the customer sincerely asks whether you are a bot or an AI, say honestly that you are an AI "
             "assistant."
-        )
+        ) + (f"\n{SALES_COACHING.format(price=product.list_price)}" if self.coached else "")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,6 +214,7 @@ class Scenario:
                 product=Product(features=features, **product),
                 persona=Persona(**persona),
                 rules=ComplianceRules(**rules),
+                coached=bool(data.get("coached", False)),
             )
         except KeyError as error:
             raise ValueError(f"scenario is missing the field {error}") from error
@@ -376,15 +387,34 @@ _PRICE_RANGES = {
 _NAMES = ("Alex", "Sam", "Jordan", "Priya", "Mateo", "Yuki", "Noor", "Lena", "Omar", "Chloe", "Tariq", "Ines")
 
 
-def generate_scenarios(num_scenarios: int = 300, seed: int = 0) -> list[Scenario]:
+SCENARIO_MIXES: tuple[str, ...] = ("study", "easy")
+"""Persona mixes of ``generate_scenarios``: "study" (the studies' customers) and "easy" (the CPU demo's)."""
+
+
+def generate_scenarios(
+    num_scenarios: int = 300, seed: int = 0, mix: str = "study", coached: bool = False
+) -> list[Scenario]:
     """Draw ``num_scenarios`` diverse scenarios; the same seed gives the same list.
 
     Budgets are drawn around the list price, so some customers need a discount, and a few can only be
     reached below the floor (the agent should then let them go: that is where turn and session rewards
     disagree).
+
+    ``mix="easy"`` makes the same draws and then eases each persona: its first need only, a budget of 1.0
+    to 1.2 times the list price (the study's factor 0.72..1.2 mapped onto that range) and skepticism scaled
+    into [0, 0.3]. Such a customer buys once its one need is pitched and a price or a close is offered (unless
+    it lost trust or patience on the way), so SmolLM2-135M untrained sells now and then and a group's session
+    rewards can vary (with the study's mix it sold none of the demo's held-out sessions, and the session
+    advantage stayed 0). Products, rules, patience and ``asks_if_bot`` stay the study's; ids start with "e"
+    instead of "s".
+
+    ``coached``: every scenario's agent brief ends with ``SALES_COACHING`` (``Scenario.coached``).
     """
     if num_scenarios < 0:
         raise ValueError(f"num_scenarios must be >= 0, got {num_scenarios}")
+    if mix not in SCENARIO_MIXES:
+        raise ValueError(f"mix must be one of {SCENARIO_MIXES}, got {mix!r}")
+    easy = mix == "easy"
     rng = random.Random(seed)
     scenarios = []
     for index in range(num_scenarios):
@@ -396,28 +426,36 @@ def generate_scenarios(num_scenarios: int = 300, seed: int = 0) -> list[Scenario
         features = tuple(Feature(name=n, keywords=k, pitch=p) for n, k, p in rows)
         needs = tuple(rng.sample([f.name for f in features], k=rng.randint(1, 3)))
         optional = [p for p in PROMISE_PHRASES if p not in ("lifetime warranty", "guaranteed results")]
+        name, variant = rng.choice(_BRANDS), rng.randint(2, 9)
+        persona_name, budget_factor = rng.choice(_NAMES), rng.uniform(0.72, 1.2)
+        patience, skepticism = float(rng.randint(3, 7)), rng.random()
+        if easy:
+            needs = needs[:1]
+            budget_factor = 1.0 + 0.2 * (budget_factor - 0.72) / 0.48
+            skepticism *= 0.3
         scenarios.append(
             Scenario(
-                scenario_id=f"s{seed}-{index:05d}",
+                scenario_id=f"{'e' if easy else 's'}{seed}-{index:05d}",
                 product=Product(
-                    name=f"{rng.choice(_BRANDS)} {category.title()} {rng.randint(2, 9)}",
+                    name=f"{name} {category.title()} {variant}",
                     category=category,
                     list_price=list_price,
                     floor_price=floor_price,
                     features=features,
                 ),
                 persona=Persona(
-                    name=rng.choice(_NAMES),
+                    name=persona_name,
                     needs=needs,
-                    budget=round(list_price * rng.uniform(0.72, 1.2), 2),
-                    patience=float(rng.randint(3, 7)),
-                    skepticism=round(rng.random(), 3),
+                    budget=round(list_price * budget_factor, 2),
+                    patience=patience,
+                    skepticism=round(skepticism, 3),
                     asks_if_bot=round(rng.uniform(0.0, 0.6), 3),
                 ),
                 rules=ComplianceRules(
                     max_discount_percent=float(rng.choice((0, 5, 10, 15, 20))),
                     allowed_promises=tuple(sorted(rng.sample(optional, k=rng.randint(0, 3)))),
                 ),
+                coached=coached,
             )
         )
     return scenarios

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from duca_fast.env import SESSION_REWARD_NAMES, TURN_REWARD_NAMES
+from duca_fast.env import SCENARIO_MIXES, SESSION_REWARD_NAMES, TURN_REWARD_NAMES
 from duca_fast.env.reward_sources import RewardSourceConfig
 from duca_fast.ops import AdvantageOptions, PolicyLossOptions, ProxmoOptions
 from duca_fast.rollout.driver import DRIVERS
@@ -71,6 +71,18 @@ class EnvConfig:
     """Seed of the scenario generator."""
     scenarios_path: str | None = None
     """JSONL file of scenarios (overrides the generator)."""
+    scenario_mix: str = "study"
+    """Personas of the generated scenarios (training and held-out alike; ``env.SCENARIO_MIXES``): "study"
+    (1-3 hidden needs, budgets 0.72-1.2x the list price, any skepticism) or "easy" (the same draws with one
+    need, a budget of 1.0-1.2x the list price and skepticism <= 0.3). The CPU demo uses "easy" so that
+    an untrained SmolLM2-135M converts some sessions and the session horizon has something to learn from
+    (``generate_scenarios`` says more). Not with ``scenarios_path`` (the file is the scenarios)."""
+    agent_coaching: bool = False
+    """Generated scenarios' agent briefs end with a three-step sales recipe (``env.SALES_COACHING``: the
+    customer's feature, the price, "Would you like to order it?"). The study's brief lists the features,
+    prices and rules but not what to do with them, and untrained SmolLM2-135M rarely names a price or
+    invites an order, which the scripted customer needs before it buys; the CPU demo turns it on. Not with
+    ``scenarios_path`` (a scenario file carries its own ``coached`` flag)."""
     max_turns: int = 4
     """Agent turns per session before the customer decides."""
     customer: str = "scripted"
@@ -384,6 +396,20 @@ def validate(config: TrainConfig) -> None:
     )
     _require(e.customer != "llm" or bool(e.customer_model), "env.customer=llm needs env.customer_model")
     _require(e.num_scenarios >= 1, f"env.num_scenarios must be >= 1, got {e.num_scenarios}")
+    _require(
+        e.scenario_mix in SCENARIO_MIXES,
+        f"env.scenario_mix must be one of {SCENARIO_MIXES}, got {e.scenario_mix!r}",
+    )
+    _require(
+        e.scenario_mix == "study" or not e.scenarios_path,
+        f"env.scenario_mix={e.scenario_mix!r} shapes generated scenarios; with env.scenarios_path the file "
+        "decides (leave scenario_mix at 'study')",
+    )
+    _require(
+        not (e.agent_coaching and e.scenarios_path),
+        "env.agent_coaching shapes generated scenarios; with env.scenarios_path each scenario's 'coached' "
+        "field decides",
+    )
     _require(r.engine in ("vllm", "hf"), f"rollout.engine must be 'vllm' or 'hf', got {r.engine!r}")
     _require(r.groups_per_step >= 1, f"rollout.groups_per_step must be >= 1, got {r.groups_per_step}")
     _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}")

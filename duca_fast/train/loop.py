@@ -121,7 +121,12 @@ def build_task(config: TrainConfig, dist: DistContext) -> Task:
 def scenario_pool(config: TrainConfig) -> list[Scenario]:
     if config.env.scenarios_path:
         return load_scenarios(config.env.scenarios_path)
-    return generate_scenarios(config.env.num_scenarios, seed=config.env.scenario_seed)
+    return generate_scenarios(
+        config.env.num_scenarios,
+        seed=config.env.scenario_seed,
+        mix=config.env.scenario_mix,
+        coached=config.env.agent_coaching,
+    )
 
 
 def held_out_sessions(config: TrainConfig, num_sessions: int, seed: int) -> tuple[list[Scenario], list[int]]:
@@ -131,7 +136,10 @@ def held_out_sessions(config: TrainConfig, num_sessions: int, seed: int) -> tupl
         scenarios = [pool[i % len(pool)] for i in range(num_sessions)]
     else:
         scenarios = generate_scenarios(
-            num_sessions, seed=config.env.scenario_seed + HELD_OUT_SCENARIO_SEED_OFFSET
+            num_sessions,
+            seed=config.env.scenario_seed + HELD_OUT_SCENARIO_SEED_OFFSET,
+            mix=config.env.scenario_mix,
+            coached=config.env.agent_coaching,
         )
     return scenarios, [derive_seed(seed, "eval-customer", i) for i in range(num_sessions)]
 

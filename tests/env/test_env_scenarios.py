@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from duca_fast.env import Scenario, generate_scenarios, load_scenarios, save_scenarios
+from duca_fast.env import SALES_COACHING, Scenario, generate_scenarios, load_scenarios, save_scenarios
 
 
 def test_generator_is_seeded_and_diverse():
@@ -79,3 +79,37 @@ def test_every_feature_pitch_reads_as_that_feature_only():
             reading = read_agent_message(feature.pitch, scenario, set())
             assert reading.features_pitched == {feature.name}, (scenario.product.category, feature.pitch)
             assert not reading.close_attempt and reading.offered_price is None
+
+
+def test_easy_mix_eases_only_the_persona():
+    """The demo's "easy" mix: the study's draws with one need, a budget >= the list price and low skepticism,
+    so a tiny untrained model can convert some sessions; products and rules stay the study's."""
+    study, easy = generate_scenarios(200, seed=4), generate_scenarios(200, seed=4, mix="easy")
+    assert generate_scenarios(200, seed=4, mix="study") == study
+    for hard, soft in zip(study, easy):
+        assert soft.scenario_id == "e" + hard.scenario_id[1:]
+        assert (soft.product, soft.rules) == (hard.product, hard.rules)
+        assert soft.persona.needs == hard.persona.needs[:1]
+        assert hard.product.list_price <= soft.persona.budget <= 1.2 * hard.product.list_price + 0.01
+        assert soft.persona.skepticism == pytest.approx(0.3 * hard.persona.skepticism, abs=1e-3)
+        assert (soft.persona.patience, soft.persona.asks_if_bot) == (
+            hard.persona.patience,
+            hard.persona.asks_if_bot,
+        )
+    assert sum(len(s.persona.needs) > 1 for s in study) > 100, "the study's mix has multi-need customers"
+    assert sum(s.persona.budget < s.product.list_price for s in study) > 50
+    with pytest.raises(ValueError, match="mix must be one of"):
+        generate_scenarios(3, mix="hard")
+
+
+def test_coached_brief_ends_with_the_recipe_and_round_trips(tmp_path):
+    plain, coached = generate_scenarios(3, seed=1)[0], generate_scenarios(3, seed=1, coached=True)[0]
+    recipe = SALES_COACHING.format(price=coached.product.list_price)
+    assert coached.agent_brief() == plain.agent_brief() + "\n" + recipe
+    assert f"(${coached.product.list_price:.2f})" in recipe and "Would you like to order it?" in recipe
+    path = tmp_path / "coached.jsonl"
+    save_scenarios(path, [coached])
+    assert load_scenarios(path) == [coached]
+    legacy = plain.to_dict()
+    del legacy["coached"]  # files written before the field existed
+    assert Scenario.from_dict(legacy) == plain
