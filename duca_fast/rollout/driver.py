@@ -99,7 +99,7 @@ class RolloutConfig:
     requests joining the engine's running batch as they come, so the engine decodes while customers
     answer; needed for over-sampling (``complete_groups``). Same per-request seeds, so both sample the
     same tokens. Rounds are the default on measurement: on the 2-core CPU async tied with scripted
-    customers and was 1.6-1.7x slower with an LLM customer (docs/rollout.md)."""
+    customers and was 1.6x slower with an LLM customer (docs/rollout.md)."""
     max_sessions_in_flight: int | None = None
     """async: at most this many sessions started and not yet ended (the rest wait their turn, in spec
     order); None = all of them. Bounds the customer endpoint's concurrency and the KV cache in use."""

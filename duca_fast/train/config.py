@@ -131,7 +131,7 @@ class RolloutSettings:
     """"rounds": turn k of every session in one batched call, then every customer; "async": every session
     advances on its own, its turns joining the engine's running batch as they come (the engine decodes
     while customers answer; needed for ``oversample_groups``). Same tokens for the same seeds; rounds are
-    the default on measurement (docs/rollout.md: async tied with scripted customers and lost 1.6-1.7x with
+    the default on measurement (docs/rollout.md: async tied with scripted customers and lost 1.6x with
     an LLM customer on the 2-core CPU; a GPU projection favours async)."""
     max_sessions_in_flight: int = 0
     """async: at most this many sessions under way at once (0 = all of the rank's sessions)."""
