@@ -148,35 +148,41 @@ def loss_launches() -> Iterator[tuple[str, str, Callable[[], None], list]]:
         )
 
 
-def advantage_launches() -> Iterator[tuple[str, str, Callable[[], None], list]]:
+def meta_hian_problem(components: int):
+    """A HIAN problem of ``SESSIONS`` sessions x ``TURNS_PER_SESSION`` turns on the meta device."""
     import torch
 
-    from duca_fast.ops.advantages import triton_path
-    from duca_fast.ops.advantages.options import AdvantageOptions, HianProblem, HorizonInput
+    from duca_fast.ops.advantages.options import HianProblem, HorizonInput
 
     meta = torch.device("meta")
     turns = SESSIONS * TURNS_PER_SESSION
+    return HianProblem(
+        turns=HorizonInput(
+            torch.empty(turns, components, device=meta),
+            torch.empty(components, dtype=torch.float64, device=meta),
+        ),
+        sessions=HorizonInput(
+            torch.empty(SESSIONS, 1, device=meta), torch.empty(1, dtype=torch.float64, device=meta)
+        ),
+        turn_session=torch.empty(turns, dtype=torch.long, device=meta),
+        session_group=torch.empty(SESSIONS, dtype=torch.long, device=meta),
+        turn_index=torch.empty(turns, dtype=torch.long, device=meta),
+        token_turn=None,
+        num_groups=SESSIONS // GROUP_SIZE,
+        num_turn_positions=TURNS_PER_SESSION,
+        out_dtype=torch.float32,
+    )
+
+
+def advantage_launches() -> Iterator[tuple[str, str, Callable[[], None], list]]:
+    from duca_fast.ops.advantages import triton_path
+    from duca_fast.ops.advantages.options import AdvantageOptions
+
     kernels = [triton_path._hian_moments_kernel, triton_path._hian_finalize_kernel]
     for components in (1, 3):
         for scope in ("group", "group_turn"):
             for scale in ("group", "batch"):
-                problem = HianProblem(
-                    turns=HorizonInput(
-                        torch.empty(turns, components, device=meta),
-                        torch.empty(components, dtype=torch.float64, device=meta),
-                    ),
-                    sessions=HorizonInput(
-                        torch.empty(SESSIONS, 1, device=meta),
-                        torch.empty(1, dtype=torch.float64, device=meta),
-                    ),
-                    turn_session=torch.empty(turns, dtype=torch.long, device=meta),
-                    session_group=torch.empty(SESSIONS, dtype=torch.long, device=meta),
-                    turn_index=torch.empty(turns, dtype=torch.long, device=meta),
-                    token_turn=None,
-                    num_groups=SESSIONS // GROUP_SIZE,
-                    num_turn_positions=TURNS_PER_SESSION,
-                    out_dtype=torch.float32,
-                )
+                problem = meta_hian_problem(components)
                 options = AdvantageOptions(turn_scope=scope, scale=scale)
                 yield (
                     "hian",
@@ -192,26 +198,12 @@ def estimator_launches() -> Iterator[tuple[str, str, Callable[[], None], list]]:
     import torch
 
     from duca_fast.ops.advantages import gopo_triton, proxmo_triton, triton_path
-    from duca_fast.ops.advantages.options import AdvantageOptions, HianProblem, HorizonInput
+    from duca_fast.ops.advantages.options import AdvantageOptions
     from duca_fast.ops.advantages.proxmo import ProxmoOptions, ProxmoProblem
 
     meta = torch.device("meta")
     turns = SESSIONS * TURNS_PER_SESSION
-    problem = HianProblem(
-        turns=HorizonInput(
-            torch.empty(turns, 1, device=meta), torch.empty(1, dtype=torch.float64, device=meta)
-        ),
-        sessions=HorizonInput(
-            torch.empty(SESSIONS, 1, device=meta), torch.empty(1, dtype=torch.float64, device=meta)
-        ),
-        turn_session=torch.empty(turns, dtype=torch.long, device=meta),
-        session_group=torch.empty(SESSIONS, dtype=torch.long, device=meta),
-        turn_index=torch.empty(turns, dtype=torch.long, device=meta),
-        token_turn=None,
-        num_groups=SESSIONS // GROUP_SIZE,
-        num_turn_positions=TURNS_PER_SESSION,
-        out_dtype=torch.float32,
-    )
+    problem = meta_hian_problem(1)
     dual_track = AdvantageOptions(std="population", clip=10.0)
     yield (
         "hian (Dual-Track)",
