@@ -127,3 +127,26 @@ def _round_robin(counts: np.ndarray, units: int, maximum: int) -> int:
         counts[open_slots[:grant]] += 1
         units -= grant
     return units
+
+
+def dynamo_group_sizes(
+    conversions: Sequence[int], pilot: int, mean: int, minimum: int, maximum: int
+) -> list[int]:
+    """Sessions per scenario after a pilot of ``pilot`` sessions each with ``conversions[i]`` successes:
+    DynaMO's priorities water-filled to ``mean`` per scenario on average within [``minimum``, ``maximum``]."""
+    return allocate_rollouts(
+        [dynamo_priority(k, pilot) for k in conversions],
+        [pilot] * len(conversions),
+        mean * len(conversions),
+        minimum=minimum,
+        maximum=maximum,
+    )
+
+
+def group_size_metrics(sizes: Sequence[int]) -> dict[str, float]:
+    """``rollout/group_size_{min,max,std}`` of a step's allocation."""
+    return {
+        "rollout/group_size_min": float(min(sizes)),
+        "rollout/group_size_max": float(max(sizes)),
+        "rollout/group_size_std": float(np.std(np.asarray(sizes, dtype=np.float64), ddof=1)),
+    }

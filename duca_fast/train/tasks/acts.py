@@ -17,7 +17,7 @@ from torch import nn
 
 from duca_fast import ops
 from duca_fast.env import ACTS, Outcome, SalesActsEnv, Scenario, TwinRegime, make_env, make_regime
-from duca_fast.rollout.allocation import allocate_rollouts, dynamo_priority
+from duca_fast.rollout.allocation import dynamo_group_sizes, group_size_metrics
 from duca_fast.train.algorithms import critic_targets
 from duca_fast.train.config import ConfigError, TrainConfig
 from duca_fast.train.distributed import DistContext
@@ -254,21 +254,13 @@ class ActsTask:
             conversions = [0] * len(scenarios)
             for session, outcome in enumerate(batch.outcomes):
                 conversions[session // pilot] += int(outcome.converted)
-            totals = allocate_rollouts(
-                [dynamo_priority(k, pilot) for k in conversions],
-                [pilot] * len(scenarios),
-                settings.group_size * len(scenarios),
-                minimum=settings.allocation_min,
-                maximum=settings.allocation_max,
+            totals = dynamo_group_sizes(
+                conversions, pilot, settings.group_size, settings.allocation_min, settings.allocation_max
             )
             extra = [total - pilot for total in totals]
             if sum(extra):
                 batch = concat_batches(batch, play_groups(extra))
-            allocation_metrics = {
-                "rollout/group_size_min": float(min(totals)),
-                "rollout/group_size_max": float(max(totals)),
-                "rollout/group_size_std": float(torch.tensor(totals, dtype=torch.float64).std()),
-            }
+            allocation_metrics = group_size_metrics(totals)
         else:
             batch = play_groups(settings.group_size)
         if config.algo.name == "otb":

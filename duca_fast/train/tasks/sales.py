@@ -462,7 +462,7 @@ class SalesTask:
         on every rank). Session seeds are spaced by ``allocation_max`` per group, so a session's seed does
         not depend on the allocation."""
         from duca_fast.rollout import SessionSpec, concat_batches, rollout
-        from duca_fast.rollout.allocation import allocate_rollouts, dynamo_priority
+        from duca_fast.rollout.allocation import dynamo_group_sizes, group_size_metrics
 
         settings = self.config.rollout
         pilot, stride = settings.allocation_min, settings.allocation_max
@@ -476,23 +476,14 @@ class SalesTask:
             first.session_group.tolist(), first.outcomes, first.failed.tolist(), strict=True
         ):
             conversions[spec_group - mine.start] += int(outcome.converted and not failed)
-        totals = allocate_rollouts(
-            [dynamo_priority(k, pilot) for k in conversions],
-            [pilot] * len(mine),
-            settings.group_size * len(mine),
-            minimum=settings.allocation_min,
-            maximum=settings.allocation_max,
+        totals = dynamo_group_sizes(
+            conversions, pilot, settings.group_size, settings.allocation_min, settings.allocation_max
         )
         extra = [s for g, total in zip(mine, totals, strict=True) for s in specs(g, range(pilot, total))]
         if extra:
             first = concat_batches(first, rollout(self.engine, envs, extra, rollout_config))
         sizes = all_gather_objects(self.dist, totals)
-        every = [size for part in sizes for size in part]
-        return first, {
-            "rollout/group_size_min": float(min(every)),
-            "rollout/group_size_max": float(max(every)),
-            "rollout/group_size_std": float(torch.tensor(every, dtype=torch.float64).std()),
-        }
+        return first, group_size_metrics([size for part in sizes for size in part])
 
     @torch.no_grad()
     def _turn_values(self, batch) -> torch.Tensor:
