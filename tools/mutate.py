@@ -454,11 +454,24 @@ MUTANTS = [
         ("tests/train/test_algorithms.py::test_dual_track_is_duca_with_population_std_and_a_clamp",),
     ),
     Mutant(
-        "otb estimator: the session reward not added on the session's last turn",
+        "otb estimator: the session reward not added on the session's last token",
         "duca_fast/train/algorithms.py",
-        "is_last, options.session_weight * batch.session_totals()[session], 0.0",
-        "~is_last, options.session_weight * batch.session_totals()[session], 0.0",
-        ("tests/train/test_algorithms.py::test_proxmo_and_otb_need_their_inputs_and_match_the_ops",),
+        "torch.where(last_of_session, session_reward, 0.0)",
+        "torch.where(~last_of_session, session_reward, 0.0)",
+        (
+            "tests/train/test_algorithms.py::test_proxmo_and_otb_need_their_inputs_and_match_the_ops",
+            "tests/train/test_algorithms.py::test_otb_per_agent_token_matches_the_loop_reference",
+        ),
+    ),
+    Mutant(
+        "otb on the text task: each agent token's log-prob and sum p^2 taken one row late",
+        "duca_fast/train/tasks/sales.py",
+        '"agent_token_logprobs": torch.roll(logprobs, 1)[agent],',
+        '"agent_token_logprobs": logprobs[agent],',
+        (
+            "tests/train/test_trainer.py::"
+            "test_otb_gives_every_agent_token_its_own_advantage_on_the_text_task",
+        ),
     ),
     Mutant(
         "verl duca_tir_otb counts positions over every token (the single-turn form)",

@@ -9,8 +9,9 @@ estimator is one function here (plus, when it has options, their field in ``Algo
   horizon clamped to ``algo.dual_track_clip`` (Dual-Track GRPO, TRUST-SQL).
 - ``grpo``, ``gdpo``, ``mt_grpo``, ``session_only``, ``gopo``, ``ppo_gae``: ``train/estimators.py``.
 - ``proxmo``: ``ops.proxmo_advantages`` over the turns' state features (``algo.proxmo``).
-- ``otb``: ``ops.optimal_token_baseline_advantages`` with one token per turn (the twin), its log-prob and
-  sum p^2 from the policy's own ``token_logprobs``.
+- ``otb``: ``ops.optimal_token_baseline_advantages`` (verl's multi-turn form) over the agent's tokens: one
+  token per turn on the twin, every sampled token on the text task (``Advantages.per_agent_token``); their
+  log-probs and sum p^2 from the policy's own ``token_logprobs``.
 
 Formulas and sources: ``docs/algorithms.md``. Sessions whose session rewards are missing (NaN: cut or
 failed) are left out of the statistics.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +42,9 @@ class Advantages:
     """[N] advantage of each token (0 where token_turn is -1), when token_turn was given."""
     metrics: dict[str, float]
     """Reward and advantage statistics per horizon and component."""
+    per_agent_token: torch.Tensor | None = None
+    """[M] advantage of each agent token, from a token-level estimator (``otb`` given the ``agent_token_*``
+    fields; ``per_turn`` is then each turn's mean over its tokens)."""
 
 
 def component_weights(names: tuple[str, ...], weights: dict[str, float], what: str) -> torch.Tensor:
@@ -79,58 +82,35 @@ OPTIONAL_INPUTS = {
     "turn_features": "a [T, D] feature vector of the state each turn acted in",
     "turn_logprobs": "the [T] log-prob of each turn's action under the sampling policy",
     "turn_sum_p2": "the [T] sum of squared probabilities of each turn's action distribution",
+    "agent_token_turn": "the [M] turn of each agent token (with agent_token_logprobs and agent_token_sum_p2)",
 }
-"""What an estimator may need beyond the rewards (``Estimator.needs``)."""
+"""What an estimator may need beyond the rewards (``Estimator.needs``): fields of ``TwoHorizonRewards``."""
 
 
 @dataclass
 class EstimatorInputs:
-    """One batch's rewards and ids as every estimator takes them."""
+    """One batch as every estimator takes it: the config and the rewards, with the config's component
+    weights in ``rewards`` (validated when built)."""
 
     algo: AlgoConfig
-    turn_rewards: torch.Tensor
-    turn_session: torch.Tensor
-    turn_index: torch.Tensor
-    session_rewards: torch.Tensor
-    session_group: torch.Tensor
-    turn_weights: torch.Tensor
-    session_weights: torch.Tensor
-    values: torch.Tensor | None = None
-    """[T] the critic's value of each turn (``ppo_gae``)."""
-    turn_features: torch.Tensor | None = None
-    """[T, D] a feature vector of the state each turn acted in (``proxmo``)."""
-    turn_logprobs: torch.Tensor | None = None
-    """[T] log-prob of the turn's action under the sampling policy (``otb``: one token per turn)."""
-    turn_sum_p2: torch.Tensor | None = None
-    """[T] sum of squared probabilities of the turn's action distribution (``otb``)."""
+    rewards: TwoHorizonRewards
 
     @property
     def num_groups(self) -> int:
-        return int(self.session_group.max().item()) + 1 if self.session_group.numel() else 0
-
-    @cached_property
-    def batch(self) -> TwoHorizonRewards:
-        """The rewards with the config's component weights, validated (built on first use)."""
-        return TwoHorizonRewards(
-            turn_rewards=self.turn_rewards.float(),
-            turn_session=self.turn_session.long(),
-            turn_index=self.turn_index.long(),
-            session_rewards=self.session_rewards.float(),
-            session_group=self.session_group.long(),
-            turn_component_weights=self.turn_weights,
-            session_component_weights=self.session_weights,
-        )
+        group = self.rewards.session_group
+        return int(group.max().item()) + 1 if group.numel() else 0
 
     def hian(self, options: ops.AdvantageOptions, turn_weight: float, session_weight: float) -> torch.Tensor:
+        rewards = self.rewards
         return ops.hian_advantages(
-            self.turn_rewards.float(),
-            self.turn_session,
-            self.session_rewards.float(),
-            self.session_group,
+            rewards.turn_rewards,
+            rewards.turn_session,
+            rewards.session_rewards,
+            rewards.session_group,
             options=dataclasses.replace(options, turn_weight=turn_weight, session_weight=session_weight),
-            turn_index=self.turn_index,
-            turn_component_weights=self.turn_weights,
-            session_component_weights=self.session_weights,
+            turn_index=rewards.turn_index,
+            turn_component_weights=rewards.turn_component_weights,
+            session_component_weights=rewards.session_component_weights,
             num_groups=self.num_groups,
         )
 
@@ -138,6 +118,8 @@ class EstimatorInputs:
 @dataclass(frozen=True)
 class Estimator:
     compute: Callable[[EstimatorInputs], tuple[torch.Tensor, dict[str, float]]]
+    """``[T]`` per-turn advantages and the estimator's metrics; a token-level estimator may add a third
+    item, the ``[M]`` advantage of every agent token (``Advantages.per_agent_token``)."""
     grouped: bool
     """Needs ``rollout.group_size >= 2``."""
     needs: tuple[str, ...]
@@ -195,94 +177,129 @@ def _weights(inputs: EstimatorInputs) -> dict[str, float]:
 
 @estimator("grpo", per_session=True)
 def _grpo(inputs: EstimatorInputs):
-    return estimators.grpo(inputs.batch, turn_agg=inputs.algo.turn_agg, **_weights(inputs)), {}
+    return estimators.grpo(inputs.rewards, turn_agg=inputs.algo.turn_agg, **_weights(inputs)), {}
 
 
 @estimator("gdpo", per_session=True)
 def _gdpo(inputs: EstimatorInputs):
-    return estimators.gdpo(inputs.batch, turn_agg=inputs.algo.turn_agg, **_weights(inputs)), {}
+    return estimators.gdpo(inputs.rewards, turn_agg=inputs.algo.turn_agg, **_weights(inputs)), {}
 
 
 @estimator("mt_grpo")
 def _mt_grpo(inputs: EstimatorInputs):
     weights = _weights(inputs)
     weights["turn_weight"] *= inputs.algo.mt_grpo_lambda
-    return estimators.mt_grpo(inputs.batch, **weights), {}
+    return estimators.mt_grpo(inputs.rewards, **weights), {}
 
 
 @estimator("session_only", per_session=True)
 def _session_only(inputs: EstimatorInputs):
-    return estimators.session_only(inputs.batch, eps=inputs.algo.advantage.eps), {}
+    return estimators.session_only(inputs.rewards, eps=inputs.algo.advantage.eps), {}
 
 
 @estimator("gopo", per_session=True)
 def _gopo(inputs: EstimatorInputs):
     weights = _weights(inputs)
     weights.pop("eps")
-    return estimators.gopo(inputs.batch, turn_agg=inputs.algo.turn_agg, **weights), {}
+    return estimators.gopo(inputs.rewards, turn_agg=inputs.algo.turn_agg, **weights), {}
 
 
 @estimator("ppo_gae", grouped=False, needs=("values",))
 def _ppo_gae(inputs: EstimatorInputs):
-    batch = inputs.batch
-    raw, _ = gae_targets(inputs.algo, batch, inputs.values)
+    batch = inputs.rewards
+    raw, _ = gae_targets(inputs.algo, batch, batch.values)
     # Normalized over the batch's valid turns, as PPO does, so every estimator feeds the loss
     # advantages of unit scale whatever the reward scale.
-    include = batch.valid_sessions()[inputs.turn_session.long().cpu()]
+    include = batch.valid_sessions()[batch.turn_session.cpu()]
     per_turn = estimators.batch_normalize(raw, include, inputs.algo.advantage.eps).float()
     metrics = {
         **_stats("advantage/gae_raw", raw),
-        **_stats("value/mean_prediction", inputs.values.detach().float()),
+        **_stats("value/mean_prediction", batch.values.detach().float()),
     }
     return per_turn, metrics
 
 
 @estimator("proxmo", needs=("turn_features",))
 def _proxmo(inputs: EstimatorInputs):
+    rewards = inputs.rewards
     per_turn = ops.proxmo_advantages(
-        inputs.turn_rewards.float(),
-        inputs.turn_session,
-        inputs.session_rewards.float(),
-        inputs.session_group,
-        inputs.turn_features.float(),
+        rewards.turn_rewards,
+        rewards.turn_session,
+        rewards.session_rewards,
+        rewards.session_group,
+        rewards.turn_features.float(),
         options=inputs.algo.proxmo,
-        turn_index=inputs.turn_index,
-        turn_component_weights=inputs.turn_weights,
-        session_component_weights=inputs.session_weights,
+        turn_index=rewards.turn_index,
+        turn_component_weights=rewards.turn_component_weights,
+        session_component_weights=rewards.session_component_weights,
         num_groups=inputs.num_groups,
     )
     return per_turn, {}
 
 
-@estimator("otb", needs=("turn_logprobs", "turn_sum_p2"))
+@estimator("otb")
 def _otb(inputs: EstimatorInputs):
-    # One token per turn, in session order: the token reward is the turn's weighted reward, plus the
-    # session's on its last turn; a dropped session's turns are masked out (advantage 0).
-    batch = inputs.batch
-    options = inputs.algo.advantage
-    order = torch.argsort(
-        batch.turn_session.long() * (int(batch.turn_index.max()) + 1) + batch.turn_index.long()
-    )
-    session = batch.turn_session.long()[order]
+    # verl's multi-turn optimal token baseline over the agent's tokens (positions counted over them only),
+    # the turn's weighted reward on its last token, the session's added on the session's last.
+    batch = inputs.rewards
+    if batch.agent_token_turn is not None:
+        return _otb_tokens(inputs)
+    if batch.turn_logprobs is None or batch.turn_sum_p2 is None:
+        raise ValueError(
+            "algo.name=otb needs turn_logprobs and turn_sum_p2 (one action per turn) or agent_token_turn, "
+            "agent_token_logprobs and agent_token_sum_p2 (text: one entry per agent token)"
+        )
+    # One action per turn: each turn is one token.
+    turn = torch.arange(batch.turn_rewards.shape[0])
+    advantages, valid = _otb_over(inputs, turn, batch.turn_logprobs, batch.turn_sum_p2)
+    return advantages.float(), _stats("advantage/otb_raw", advantages[valid])
+
+
+def _otb_tokens(inputs: EstimatorInputs):
+    batch = inputs.rewards
+    turn = batch.agent_token_turn.long().cpu()
+    per_token, valid = _otb_over(inputs, turn, batch.agent_token_logprobs, batch.agent_token_sum_p2)
+    # A turn's advantage (metrics, samples): the mean over its tokens; a turn without tokens gets 0.
+    num_turns = batch.turn_rewards.shape[0]
+    sums = torch.zeros(num_turns, dtype=torch.float64).index_add_(0, turn, per_token)
+    counts = torch.bincount(turn, minlength=num_turns).double()
+    per_turn = torch.where(counts > 0, sums / counts.clamp_min(1), 0.0)
+    return per_turn.float(), _stats("advantage/otb_raw", per_token[valid]), per_token.float()
+
+
+def _otb_over(inputs: EstimatorInputs, token_turn, logprobs, sum_p2) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 advantages of the tokens ``token_turn`` (each the turn it belongs to, a turn's tokens in
+    sampling order) and which of them count (their session was not dropped)."""
+    batch, options = inputs.rewards, inputs.algo.advantage
+    session_of_turn = batch.turn_session.long().cpu()
+    turn_index = batch.turn_index.long().cpu()
+    # Stable sort by (session, turn): every session's tokens contiguous and in time order, as the op wants.
+    key = session_of_turn[token_turn] * (int(turn_index.max()) + 1) + turn_index[token_turn]
+    order = torch.sort(key, stable=True).indices
+    turn = token_turn[order]
+    session = session_of_turn[turn]
     valid = batch.valid_sessions()[session]
-    token_rewards = options.turn_weight * batch.turn_totals()[order]
-    is_last = torch.ones_like(valid)
-    is_last[:-1] = session[1:] != session[:-1]
-    token_rewards = token_rewards + torch.where(
-        is_last, options.session_weight * batch.session_totals()[session], 0.0
-    )
+    last_of_turn = torch.ones_like(valid)
+    last_of_turn[:-1] = turn[1:] != turn[:-1]
+    last_of_session = torch.ones_like(valid)
+    last_of_session[:-1] = session[1:] != session[:-1]
+    rewards = torch.where(last_of_turn, options.turn_weight * batch.turn_totals()[turn], 0.0)
+    session_reward = options.session_weight * batch.session_totals()[session]
+    rewards = rewards + torch.where(last_of_session, session_reward, 0.0)
     advantages, _ = ops.optimal_token_baseline_advantages(
-        token_rewards,
-        inputs.turn_logprobs.detach().double().cpu()[order],
-        inputs.turn_sum_p2.detach().double().cpu()[order],
+        rewards,
+        logprobs.detach().double().cpu()[order],
+        sum_p2.detach().double().cpu()[order],
         session,
         batch.session_group.long().cpu(),
         mask=valid,
         positions="loss_tokens",
     )
-    per_turn = torch.zeros_like(advantages)
-    per_turn[order] = advantages
-    return per_turn.float(), _stats("advantage/otb_raw", advantages[valid])
+    out = torch.zeros_like(advantages)
+    out[order] = advantages
+    kept = torch.zeros_like(valid)
+    kept[order] = valid
+    return out, kept
 
 
 def compute_advantages(
@@ -296,38 +313,39 @@ def compute_advantages(
     turn_reward_names: tuple[str, ...],
     session_reward_names: tuple[str, ...],
     token_turn: torch.Tensor | None = None,
-    values: torch.Tensor | None = None,
-    turn_features: torch.Tensor | None = None,
-    turn_logprobs: torch.Tensor | None = None,
-    turn_sum_p2: torch.Tensor | None = None,
+    **optional: torch.Tensor | None,
 ) -> Advantages:
     """Advantages of every agent turn of a batch (and of every token with ``token_turn``).
 
-    The estimator is ``ESTIMATORS[algo.name]``; the inputs it ``needs`` (``values`` for ``ppo_gae``,
-    ``turn_features`` for ``proxmo``, ``turn_logprobs`` and ``turn_sum_p2`` for ``otb``) must be given."""
+    The estimator is ``ESTIMATORS[algo.name]``; ``optional`` holds the optional fields of
+    ``TwoHorizonRewards`` it ``needs`` (``values`` for ``ppo_gae``, ``turn_features`` for ``proxmo``;
+    for ``otb`` ``turn_logprobs`` and ``turn_sum_p2``, or the three ``agent_token_*`` fields)."""
     if algo.name not in ESTIMATORS:
         raise ValueError(f"algo.name must be one of {tuple(ESTIMATORS)}, got {algo.name!r}")
+    unknown = sorted(set(optional) - set(estimators.OPTIONAL_FIELDS + estimators.TOKEN_FIELDS))
+    if unknown:
+        raise TypeError(f"compute_advantages got unknown inputs {unknown}")
     chosen = ESTIMATORS[algo.name]
-    inputs = EstimatorInputs(
-        algo=algo,
-        turn_rewards=turn_rewards,
-        turn_session=turn_session,
-        turn_index=turn_index,
-        session_rewards=session_rewards,
-        session_group=session_group,
-        turn_weights=component_weights(
-            turn_reward_names, algo.turn_component_weights, "algo.turn_component_weights"
-        ),
-        session_weights=component_weights(
-            session_reward_names, algo.session_component_weights, "algo.session_component_weights"
-        ),
-        values=values,
-        turn_features=turn_features,
-        turn_logprobs=turn_logprobs,
-        turn_sum_p2=turn_sum_p2,
+    turn_weights = component_weights(
+        turn_reward_names, algo.turn_component_weights, "algo.turn_component_weights"
+    )
+    session_weights = component_weights(
+        session_reward_names, algo.session_component_weights, "algo.session_component_weights"
+    )
+    rewards = TwoHorizonRewards(
+        turn_rewards=turn_rewards.float(),
+        turn_session=turn_session.long(),
+        turn_index=turn_index.long(),
+        session_rewards=session_rewards.float(),
+        session_group=session_group.long(),
+        turn_component_weights=turn_weights,
+        session_component_weights=session_weights,
+        turn_reward_names=tuple(turn_reward_names),
+        session_reward_names=tuple(session_reward_names),
+        **optional,
     )
     for name in chosen.needs:
-        if getattr(inputs, name) is None:
+        if getattr(rewards, name) is None:
             raise ValueError(f"algo.name={algo.name} needs {name} ({OPTIONAL_INPUTS[name]})")
     metrics: dict[str, float] = {}
     for k, name in enumerate(turn_reward_names):
@@ -337,16 +355,11 @@ def compute_advantages(
         finite = column[torch.isfinite(column)]
         if finite.numel():
             metrics[f"reward/session/{name}"] = finite.mean().item()
+    metrics.update(_stats("reward/turn_total", rewards.turn_rewards @ turn_weights.to(turn_rewards.device)))
     metrics.update(
-        _stats("reward/turn_total", turn_rewards.float() @ inputs.turn_weights.to(turn_rewards.device))
+        _stats("reward/session_total", rewards.session_rewards @ session_weights.to(session_rewards.device))
     )
-    metrics.update(
-        _stats(
-            "reward/session_total",
-            session_rewards.float() @ inputs.session_weights.to(session_rewards.device),
-        )
-    )
-    per_turn, own_metrics = chosen.compute(inputs)
+    per_turn, own_metrics, *per_agent_token = chosen.compute(EstimatorInputs(algo, rewards))
     metrics.update(own_metrics)
     if chosen.per_session:
         # One advantage per session (shared by its turns): its statistics over sessions.
@@ -355,7 +368,7 @@ def compute_advantages(
         metrics.update(_stats("advantage/session_horizon", per_session))
     metrics.update(_stats("advantage/fused", per_turn))
     per_token = None if token_turn is None else broadcast_to_tokens(per_turn, token_turn)
-    return Advantages(per_turn=per_turn, per_token=per_token, metrics=metrics)
+    return Advantages(per_turn, per_token, metrics, per_agent_token[0] if per_agent_token else None)
 
 
 def broadcast_to_tokens(per_turn: torch.Tensor, token_turn: torch.Tensor) -> torch.Tensor:

@@ -182,7 +182,8 @@ class AlgoConfig:
     (outcome plus per-position turn advantages), "ppo_gae" (learned critic, GAE over turns),
     "session_only" (the session reward alone), "gopo" (ranks), "dual_track" (HIAN, population std,
     clamped), "proxmo" (success-weighted episode + proximity-baselined step) or "otb" (optimal token
-    baseline; the twin). The table: ``train/algorithms.py``; formulas: ``docs/algorithms.md``."""
+    baseline: per act on the twin, per token on the text task). The table: ``train/algorithms.py``;
+    formulas: ``docs/algorithms.md``."""
     turn_agg: str = "mean"
     """grpo, gdpo, ppo_gae: a session's turn rewards enter as their "mean" (length-neutral) or "sum"."""
     mt_grpo_lambda: float = 1.0
@@ -466,11 +467,6 @@ def validate(config: TrainConfig) -> None:
     _require(
         r.group_size >= 2 or a.name not in GROUP_ALGORITHMS,
         f"rollout.group_size must be >= 2 for {a.name} (group statistics need 2 members), got {r.group_size}",
-    )
-    _require(
-        a.name != "otb" or e.name == "sales-acts",
-        "algo.name=otb runs on env.name=sales-acts (one action per turn); on the text task its per-token "
-        "advantages are not wired into the update: use it there through the verl adapter or ops directly",
     )
     _require(
         r.allocation in ("fixed", "dynamo"),

@@ -67,6 +67,8 @@ def _check_turn_agg(turn_agg: str) -> None:
 
 OPTIONAL_FIELDS = ("values", "turn_features", "turn_logprobs", "turn_sum_p2")
 """Per-turn inputs only some estimators need (``algorithms.OPTIONAL_INPUTS``)."""
+TOKEN_FIELDS = ("agent_token_turn", "agent_token_logprobs", "agent_token_sum_p2")
+"""Per-agent-token inputs of a token-level estimator (``otb`` on the text task): all three or none."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,13 @@ class TwoHorizonRewards:
     """[T] log-prob of each turn's action under the sampling policy (``otb`` on the twin)."""
     turn_sum_p2: torch.Tensor | None = None
     """[T] sum of squared probabilities of each turn's action distribution (``otb`` on the twin)."""
+    agent_token_turn: torch.Tensor | None = None
+    """[M] int: turn of each agent token (``otb`` on the text task), every turn's tokens contiguous and in
+    the order they were sampled, the turns of a session in order."""
+    agent_token_logprobs: torch.Tensor | None = None
+    """[M] log-prob of each agent token under the policy that sampled it."""
+    agent_token_sum_p2: torch.Tensor | None = None
+    """[M] sum of squared probabilities of the distribution each agent token was sampled from."""
 
     @staticmethod
     def of(batch: Any, **extras: Any) -> TwoHorizonRewards:
@@ -119,16 +128,21 @@ class TwoHorizonRewards:
     @staticmethod
     def concat(parts: list[TwoHorizonRewards]) -> TwoHorizonRewards:
         """One batch from several: session ids offset, group ids kept (they are the step's global ones);
-        an optional per-turn field is kept when every part has it."""
-        sessions, turn_session = 0, []
+        an optional per-turn (or per-agent-token) field is kept when every part has it."""
+        sessions, turns, turn_session, token_turn = 0, 0, [], []
         for part in parts:
             turn_session.append(part.turn_session + sessions)
+            if part.agent_token_turn is not None:
+                token_turn.append(part.agent_token_turn + turns)
             sessions += part.session_rewards.shape[0]
+            turns += part.turn_rewards.shape[0]
         optional = {}
-        for name in OPTIONAL_FIELDS:
+        for name in OPTIONAL_FIELDS + TOKEN_FIELDS[1:]:
             present = [getattr(p, name) for p in parts]
             if all(value is not None for value in present):
                 optional[name] = torch.cat(present)
+        if len(token_turn) == len(parts):
+            optional["agent_token_turn"] = torch.cat(token_turn)
         return TwoHorizonRewards(
             turn_rewards=torch.cat([p.turn_rewards for p in parts]),
             turn_session=torch.cat(turn_session),
@@ -183,6 +197,26 @@ class TwoHorizonRewards:
             value = getattr(self, name)
             if value is not None and value.shape[0] != num_turns:
                 raise ValueError(f"{name} has {value.shape[0]} rows but there are {num_turns} turns")
+        self._check_token_fields(num_turns)
+
+    def _check_token_fields(self, num_turns: int) -> None:
+        given = [name for name in TOKEN_FIELDS if getattr(self, name) is not None]
+        if not given:
+            return
+        if len(given) != len(TOKEN_FIELDS):
+            missing = [name for name in TOKEN_FIELDS if name not in given]
+            raise ValueError(f"{given} given without {missing}: the agent-token fields come together")
+        _check_int_vector("agent_token_turn", self.agent_token_turn)
+        count = self.agent_token_turn.shape[0]
+        for name in TOKEN_FIELDS[1:]:
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.dim() != 1 or not value.is_floating_point():
+                raise ValueError(f"{name} must be a 1-D float tensor")
+            if value.shape[0] != count:
+                raise ValueError(f"{name} has {value.shape[0]} entries but agent_token_turn has {count}")
+        turn = self.agent_token_turn
+        if count and not (int(turn.min()) >= 0 and int(turn.max()) < num_turns):
+            raise ValueError(f"agent_token_turn values must lie in [0, {num_turns}) (T = turn_rewards rows)")
 
     @property
     def num_sessions(self) -> int:

@@ -299,13 +299,18 @@ class Trainer:
         advantages = compute_advantages(config.algo, **played.rewards.as_kwargs())
         metrics.update(advantages.metrics)
         per_turn = advantages.per_turn[played.local_turns]
+        per_token = None
+        if advantages.per_agent_token is not None:
+            if played.local_agent_tokens is None:
+                raise RuntimeError(f"{config.algo.name}: per-token advantages, but the rollout has no tokens")
+            per_token = advantages.per_agent_token[played.local_agent_tokens]
         metrics["time/advantage"] = time.perf_counter() - phase
 
         # 3. update: algo.ppo_epochs passes, each one optimizer step; then the schedule
         _fault_point(step, "update")
         phase = time.perf_counter()
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
-        metrics.update(self.update(played, per_turn))
+        metrics.update(self.update(played, per_turn, per_token))
         metrics["time/train"] = time.perf_counter() - phase
 
         # 4. sync: the rollout side gets the new weights
@@ -344,8 +349,10 @@ class Trainer:
         self.step_failed = failed > 0 and failed >= self.config.train.max_failed_share * sessions
         self.failed_streak = self.failed_streak + 1 if self.step_failed else 0
 
-    def update(self, played: StepRollout, per_turn: torch.Tensor) -> dict[str, float]:
-        prepared = self.task.prepare_update(played.data, per_turn)
+    def update(
+        self, played: StepRollout, per_turn: torch.Tensor, per_agent_token: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        prepared = self.task.prepare_update(played.data, per_turn, per_agent_token)
         if prepared is None:
             return {"loss/skipped_empty_batch": 1.0}
         epochs = self.config.algo.ppo_epochs

@@ -76,6 +76,9 @@ class StepRollout:
     """Rollout diagnostics (``rollout/``) of the whole step."""
     failure_summary: str = "no session failed"
     """One console line: failed and truncated sessions by reason (``RolloutBatch.failure_summary``)."""
+    local_agent_tokens: slice | None = None
+    """This rank's agent tokens within ``rewards.agent_token_turn``, when the rollout gave per-token inputs
+    (a token-level estimator: ``otb`` on the text task)."""
 
 
 @dataclass
@@ -100,8 +103,12 @@ class Task(Protocol):
 
     def rollout(self, step: int, scenarios: list[Scenario]) -> StepRollout: ...
 
-    def prepare_update(self, data: Any, per_turn: torch.Tensor) -> Any | None:
-        """Everything the passes of this step share (old and reference log-probs); None: nothing to learn."""
+    def prepare_update(
+        self, data: Any, per_turn: torch.Tensor, per_agent_token: torch.Tensor | None = None
+    ) -> Any | None:
+        """Everything the passes of this step share (old and reference log-probs); None: nothing to learn.
+        ``per_agent_token``: this rank's agent tokens' own advantages (a token-level estimator), which
+        then replace ``per_turn`` broadcast to the turn's tokens."""
 
     def backward(self, prepared: Any) -> dict[str, float]:
         """One pass: loss over the step's batch, ``backward()``; returns the loss metrics (whole step)."""

@@ -231,6 +231,78 @@ def test_proxmo_and_otb_need_their_inputs_and_match_the_ops():
     assert got.per_turn.tolist() == pytest.approx(expected, abs=1e-5)
 
 
-def test_otb_is_refused_on_the_text_task():
-    with pytest.raises(ConfigError, match=r"algo\.name=otb runs on env\.name=sales-acts"):
-        load_config(None, ["algo.name=otb"])
+def test_otb_per_agent_token_matches_the_loop_reference():
+    """The text task's form: every agent token its own advantage (verl's multi-turn OTB over the agent's
+    tokens), the turn reward on a turn's last token and the session reward added on the session's last;
+    tokens may come in any session order; a dropped session's tokens get 0."""
+    from duca_fast.ops.advantages.reference import reference_optimal_token_baseline
+
+    rewards = dict(
+        turn_rewards=torch.tensor([[-1.0], [-0.5], [-1.5], [0.2], [0.7]]),
+        turn_session=torch.tensor([0, 0, 1, 2, 3]),
+        turn_index=torch.tensor([0, 1, 0, 0, 0]),
+        session_rewards=torch.tensor([[0.4], [0.0], [1.0], [float("nan")]]),
+        session_group=torch.tensor([0, 0, 1, 1]),
+        turn_reward_names=("compliance",),
+        session_reward_names=("conversion",),
+    )
+    # Packed order: session 1's turn first, then session 0's two turns, then sessions 2 and 3.
+    token_turn = torch.tensor([2, 2, 2, 2, 0, 0, 0, 1, 1, 3, 3, 4, 4])
+    generator = torch.Generator().manual_seed(0)
+    logprobs = -torch.rand(13, generator=generator, dtype=torch.float64) * 3
+    sum_p2 = torch.rand(13, generator=generator, dtype=torch.float64) * 0.9 + 0.05
+    algo = AlgoConfig(name="otb", advantage=ops.AdvantageOptions(turn_weight=0.5))
+    got = compute_advantages(
+        algo,
+        **rewards,
+        agent_token_turn=token_turn,
+        agent_token_logprobs=logprobs.float(),
+        agent_token_sum_p2=sum_p2.float(),
+    )
+    # The reference in session order: session 0 (tokens 4..8), 1 (0..3), 2 (9, 10), 3 (11, 12).
+    order = [4, 5, 6, 7, 8, 0, 1, 2, 3, 9, 10, 11, 12]
+    sessions = [0] * 5 + [1] * 4 + [2] * 2 + [3] * 2
+    token_rewards = [0.0] * 13
+    token_rewards[2], token_rewards[4] = 0.5 * -1.0, 0.5 * -0.5 + 0.4  # session 0: turns 0, 1
+    token_rewards[8] = 0.5 * -1.5 + 0.0  # session 1
+    token_rewards[10] = 0.5 * 0.2 + 1.0  # session 2
+    expected, _ = reference_optimal_token_baseline(
+        torch.tensor(token_rewards, dtype=torch.float64),
+        logprobs.float().double()[order],
+        sum_p2.float().double()[order],
+        torch.tensor(sessions),
+        torch.tensor([0, 0, 1, 1]),
+        mask=torch.tensor([True] * 11 + [False] * 2),
+    )
+    per_token = torch.zeros(13, dtype=torch.float64)
+    per_token[order] = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(got.per_agent_token.double(), per_token, rtol=0, atol=1e-6)
+    assert got.per_agent_token[11:].abs().max() == 0
+    # A group of one valid session (group 1): baseline 0, the advantage is the return.
+    assert got.per_agent_token[9].item() == pytest.approx(0.5 * 0.2 + 1.0, abs=1e-6)
+    means = [per_token[token_turn == t].mean().item() for t in range(5)]
+    assert got.per_turn.tolist() == pytest.approx(means, abs=1e-6)
+    assert "advantage/otb_raw/std" in got.metrics
+
+
+def test_otb_agent_token_fields_are_checked():
+    with pytest.raises(ValueError, match=r"agent-token fields come together"):
+        compute_advantages(AlgoConfig(name="otb"), **batch(), agent_token_turn=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"agent_token_turn values must lie in \[0, 3\)"):
+        compute_advantages(
+            AlgoConfig(name="otb"),
+            **batch(),
+            agent_token_turn=torch.tensor([0, 3]),
+            agent_token_logprobs=torch.zeros(2),
+            agent_token_sum_p2=torch.ones(2),
+        )
+    with pytest.raises(ValueError, match=r"agent_token_sum_p2 has 1 entries but agent_token_turn has 2"):
+        compute_advantages(
+            AlgoConfig(name="otb"),
+            **batch(),
+            agent_token_turn=torch.tensor([0, 1]),
+            agent_token_logprobs=torch.zeros(2),
+            agent_token_sum_p2=torch.ones(1),
+        )
+    with pytest.raises(TypeError, match=r"unknown inputs \['token_logprobs'\]"):
+        compute_advantages(AlgoConfig(name="otb"), **batch(), token_logprobs=torch.zeros(3))

@@ -1,6 +1,7 @@
 """The LLM sales task through the training loop on a tiny random model: outputs, options, micro-batching."""
 
 import errno
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -99,8 +100,15 @@ def test_two_step_run_writes_everything(tmp_path, cache_dir, engine):
         ["algo.name=grpo", "model.lora_rank=0", "algo.loss.kl_coef=0.05", "algo.loss.entropy_coef=0.01"],
         ["algo.name=gdpo", "algo.advantage.turn_scope=group_turn", "algo.advantage.scale=batch"],
         ["algo.name=proxmo", "algo.proxmo.gamma=0.9"],
+        ["algo.name=otb", "algo.ppo_epochs=2"],
     ],
-    ids=["duca-kl-to-base-two-epochs", "grpo-full-finetune-kl-to-frozen-copy", "gdpo", "proxmo-tfidf"],
+    ids=[
+        "duca-kl-to-base-two-epochs",
+        "grpo-full-finetune-kl-to-frozen-copy",
+        "gdpo",
+        "proxmo-tfidf",
+        "otb-per-token-two-epochs",
+    ],
 )
 def test_algorithm_and_loss_options_train(tmp_path, cache_dir, extra):
     run_dir = tmp_path / "run"
@@ -112,6 +120,8 @@ def test_algorithm_and_loss_options_train(tmp_path, cache_dir, extra):
     if any(e.startswith("algo.loss.kl_coef") for e in extra):
         # KL to the reference: the base model (LoRA adapters off) or a frozen copy (full fine-tune).
         assert row["loss/kl_ref"] >= 0
+    if "algo.name=otb" in extra:
+        assert math.isfinite(row["advantage/otb_raw/std"])
     if "algo.name=grpo" in extra or "algo.name=gdpo" in extra:
         # One advantage per session: no turn-horizon statistics are logged.
         assert "advantage/turn_horizon/std" not in row and "advantage/session_horizon/std" in row
@@ -152,6 +162,49 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path, cache_dir):
                     after[agg, 40][name], after[agg, 10_000][name], rtol=1e-4, atol=1e-6
                 )
             assert any(not torch.equal(after[agg, 40][name], start[name]) for name in start)
+    finally:
+        trainer.close()
+
+
+def test_otb_gives_every_agent_token_its_own_advantage_on_the_text_task(tmp_path, cache_dir):
+    """otb's inputs are the policy's own log-prob and sum p^2 of each agent token (checked against full
+    logits here), its per-token advantages reach the loss unchanged, and the rollout's log-probs are the
+    old log-probs of the second epoch (what a fresh pass gives)."""
+    from duca_fast.train.algorithms import compute_advantages
+
+    overrides = tiny_overrides(tmp_path / "otb", cache_dir, "hf", steps=1)
+    config = load_config("configs/demo.yaml", [*overrides, "algo.name=otb", "algo.ppo_epochs=2"])
+    trainer = Trainer(config)
+    task = trainer.task
+    try:
+        played = task.rollout(1, trainer.scenarios[: config.rollout.groups_per_step])
+        batch, rewards = played.data.batch, played.rewards
+        agent = batch.token_turn >= 0
+        assert rewards.agent_token_turn.tolist() == batch.token_turn[agent].tolist()
+        assert played.local_agent_tokens == slice(0, int(agent.sum()))
+        bounds = batch.cu_seqlens.tolist()
+        logprobs, sum_p2 = [], []
+        with torch.no_grad():
+            for start, stop in itertools.pairwise(bounds):
+                ids = batch.input_ids[start:stop]
+                logits = task.policy(input_ids=ids[None]).logits[0].float() / config.rollout.temperature
+                log_p = torch.log_softmax(logits, -1)
+                for q in range(1, stop - start):
+                    if batch.token_turn[start + q] >= 0:
+                        logprobs.append(log_p[q - 1, ids[q]])
+                        sum_p2.append(log_p[q - 1].exp().square().sum())
+        torch.testing.assert_close(rewards.agent_token_logprobs, torch.stack(logprobs), rtol=0, atol=2e-4)
+        torch.testing.assert_close(rewards.agent_token_sum_p2, torch.stack(sum_p2), rtol=0, atol=2e-5)
+
+        advantages = compute_advantages(config.algo, **rewards.as_kwargs())
+        per_token = advantages.per_agent_token[played.local_agent_tokens]
+        assert per_token.unique().numel() > len(rewards.turn_index)  # not one value per turn
+        prepared = task.prepare_update(played.data, advantages.per_turn[played.local_turns], per_token)
+        # Row p of the loss holds token p + 1's advantage.
+        at_tokens = torch.roll(prepared.advantages, 1)
+        assert torch.equal(at_tokens[agent], per_token.float())
+        assert not at_tokens[~agent].any()
+        torch.testing.assert_close(prepared.old_logprobs, task._policy_logprobs(batch, prepared.passes))
     finally:
         trainer.close()
 

@@ -272,7 +272,11 @@ class ActsTask:
         metrics = {"rollout/turns": float(len(batch.actions)), **allocation_metrics}
         return StepRollout(batch.rewards, slice(0, len(batch.actions)), batch, batch.outcomes, metrics)
 
-    def prepare_update(self, data: ActsBatch, per_turn: torch.Tensor) -> PreparedUpdate:
+    def prepare_update(
+        self, data: ActsBatch, per_turn: torch.Tensor, per_agent_token: torch.Tensor | None = None
+    ) -> PreparedUpdate:
+        if per_agent_token is not None:
+            raise ValueError("the twin takes per-turn advantages (one act per turn), not per_agent_token")
         temperature = self.config.rollout.temperature
         self.model.train()
         with torch.no_grad():

@@ -240,8 +240,10 @@ class PolicyObjective(torch.nn.Module):
         loss_inputs: dict[str, Any] | None = None,
         temperature: float = 1.0,
         value_rows: torch.Tensor | None = None,
+        return_sum_p2: bool = False,
     ):
-        """``(loss, metrics)`` of the micro-batch when ``loss_inputs`` is given, else its log-probs.
+        """``(loss, metrics)`` of the micro-batch when ``loss_inputs`` is given, else its log-probs (with
+        ``return_sum_p2``: ``(log-probs, sum p^2)``).
 
         With ``value_rows`` (token indices within the micro-batch) the critic's ``[M]`` values at those
         tokens come too, from the same hidden states: ``(loss, metrics, values)``, or the values alone
@@ -260,7 +262,9 @@ class PolicyObjective(torch.nn.Module):
         weight = base.get_output_embeddings().weight
         if loss_inputs is None:
             target = torch.roll(batch.input_ids, -1)[rows].to(device)
-            return ops.token_logprobs(hidden, weight, target, temperature=temperature)
+            return ops.token_logprobs(
+                hidden, weight, target, temperature=temperature, return_sum_p2=return_sum_p2
+            )
         loss, metrics = ops.fused_policy_loss(hidden, weight, **loss_inputs)
         return (loss, metrics) if values is None else (loss, metrics, values)
 
@@ -273,6 +277,9 @@ class SalesRollout:
     """The ``RolloutBatch`` of this rank's sessions."""
     values: torch.Tensor | None = None
     """ppo_gae: ``[T]`` the value head's value of each of the batch's turns, taken at rollout time."""
+    policy_logprobs: torch.Tensor | None = None
+    """otb: ``[N]`` the policy's log-prob of token p + 1 at row p, taken at rollout time (the weights that
+    sampled): the PPO "old" log-probs of later epochs too."""
 
 
 @dataclass
@@ -406,6 +413,9 @@ class SalesTask:
             # Seeded per session over the whole step, so a rank's sessions are those a single process plays.
             specs = make_session_specs(scenarios, config.rollout.group_size, seed=customer_seed)
             batch = rollout(self.engine, envs, [s for s in specs if s.group in mine], rollout_config)
+        policy_logprobs, token_fields = None, {}
+        if config.algo.name == "otb":
+            policy_logprobs, token_fields = self._agent_token_inputs(batch)
         everyone = all_gather_objects(
             dist,
             {
@@ -413,7 +423,7 @@ class SalesTask:
                 "failed": int(batch.failed.sum()),
                 "truncated": int(batch.truncated.sum()),
                 "tokens": int(batch.input_ids.numel()),
-                "rewards": TwoHorizonRewards.of(batch),
+                "rewards": TwoHorizonRewards.of(batch, **token_fields),
                 "stats": batch.stats,
                 "customer_messages": (
                     customer_messages(batch.transcripts, batch.turn_session, batch.turn_index)
@@ -452,7 +462,27 @@ class SalesTask:
             part["summary"] if len(everyone) == 1 else f"rank {rank}: {part['summary']}"
             for rank, part in enumerate(everyone)
         )
-        return StepRollout(rewards, local, SalesRollout(batch, values), outcomes, metrics, summary)
+        local_tokens = None
+        if token_fields:
+            first_token = sum(part["rewards"].agent_token_turn.shape[0] for part in everyone[: dist.rank])
+            local_tokens = slice(first_token, first_token + token_fields["agent_token_turn"].shape[0])
+        data = SalesRollout(batch, values, policy_logprobs)
+        return StepRollout(rewards, local, data, outcomes, metrics, summary, local_tokens)
+
+    def _agent_token_inputs(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """otb: the policy's ``[N]`` log-probs (row p: token p + 1) and the ``agent_token_*`` fields of
+        ``batch``'s agent tokens in packed order: their turn, log-prob and sum p^2 at the sampling weights
+        and temperature (verl takes them from its actor's old-log-prob pass too)."""
+        passes = self._pad_for_ranks(micro_batches(batch.cu_seqlens, self.config.optim.micro_batch_tokens))
+        logprobs, sum_p2 = self._policy_logprobs(batch, passes, return_sum_p2=True)
+        agent = batch.token_turn >= 0
+        # Row p holds what predicts token p + 1: token q's values sit at row q - 1.
+        fields = {
+            "agent_token_turn": batch.token_turn[agent].long(),
+            "agent_token_logprobs": torch.roll(logprobs, 1)[agent],
+            "agent_token_sum_p2": torch.roll(sum_p2, 1)[agent],
+        }
+        return logprobs, fields
 
     def _dynamo_rollout(self, scenarios, mine: range, envs, customer_seed: int, rollout_config):
         """DynaMO's allocation on this rank's groups: a pilot of ``allocation_min`` sessions per scenario,
@@ -499,7 +529,9 @@ class SalesTask:
 
     # -- update ----------------------------------------------------------------------------------------
 
-    def prepare_update(self, data: SalesRollout, per_turn: torch.Tensor) -> PreparedUpdate | None:
+    def prepare_update(
+        self, data: SalesRollout, per_turn: torch.Tensor, per_agent_token: torch.Tensor | None = None
+    ) -> PreparedUpdate | None:
         batch = data.batch
         self.weight_sync.sleep_for_training()
         # Token p predicts token p + 1 of the same session; the last token of a session predicts nothing.
@@ -507,7 +539,12 @@ class SalesTask:
         same_session = torch.roll(batch.seq_ids, -1) == batch.seq_ids
         same_session[-1:] = False
         loss_mask = same_session & (torch.roll(batch.token_turn, -1) >= 0)
-        advantages = torch.roll(broadcast_to_tokens(per_turn, batch.token_turn), -1).float()
+        if per_agent_token is None:
+            per_token = broadcast_to_tokens(per_turn, batch.token_turn)
+        else:  # a token-level estimator: each agent token its own advantage, in packed order
+            per_token = torch.zeros(batch.token_turn.shape, dtype=per_agent_token.dtype)
+            per_token[batch.token_turn >= 0] = per_agent_token
+        advantages = torch.roll(per_token, -1).float()
         behavior = torch.roll(batch.behavior_logprobs, -1).float()
         session_has_loss = torch.zeros(len(batch.outcomes), dtype=torch.bool)
         session_has_loss[batch.seq_ids[loss_mask].unique()] = True
@@ -517,7 +554,10 @@ class SalesTask:
         if num_loss_tokens == 0:
             return None
         passes = self._pad_for_ranks(micro_batches(batch.cu_seqlens, self.config.optim.micro_batch_tokens))
-        old = self._old_logprobs(batch, passes) if self.config.algo.ppo_epochs > 1 else None
+        old = None
+        if self.config.algo.ppo_epochs > 1:  # otb took them at rollout time, at these weights
+            old = data.policy_logprobs
+            old = self._policy_logprobs(batch, passes) if old is None else old
         returns = None
         if data.values is not None:
             rewards = TwoHorizonRewards.of(batch, values=data.values)
@@ -647,14 +687,19 @@ class SalesTask:
             return self.objective(batch, rows, temperature=temperature)
 
     @torch.no_grad()
-    def _old_logprobs(self, batch, passes) -> torch.Tensor:
-        """Current-policy log-probs before the first epoch (the PPO "old" policy for later epochs)."""
-        old = torch.zeros(batch.input_ids.shape[0])
+    def _policy_logprobs(self, batch, passes, *, return_sum_p2: bool = False):
+        """Current-policy ``[N]`` log-probs (row p: token p + 1) at the rollout temperature: the PPO "old"
+        policy of later epochs; with ``return_sum_p2`` also each row's sum p^2 (``otb``)."""
+        temperature = self.config.rollout.temperature
+        logprobs = torch.zeros(batch.input_ids.shape[0])
+        sum_p2 = torch.zeros(batch.input_ids.shape[0]) if return_sum_p2 else None
         for chunk, padding in passes:
-            logprobs = self.objective(batch, chunk.rows, temperature=self.config.rollout.temperature)
+            out = self.objective(batch, chunk.rows, temperature=temperature, return_sum_p2=return_sum_p2)
             if not padding:
-                old[chunk.rows] = logprobs.cpu()
-        return old
+                logprobs[chunk.rows] = (out[0] if return_sum_p2 else out).cpu()
+                if return_sum_p2:
+                    sum_p2[chunk.rows] = out[1].cpu()
+        return (logprobs, sum_p2) if return_sum_p2 else logprobs
 
     # -- sync, records, evaluation ----------------------------------------------------------------------
 
