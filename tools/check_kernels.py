@@ -194,10 +194,11 @@ def advantage_launches() -> Iterator[tuple[str, str, Callable[[], None], list]]:
 
 
 def estimator_launches() -> Iterator[tuple[str, str, Callable[[], None], list]]:
-    """Dual-Track's HIAN variant, ProxMO's two kernels (16 and 1,024 TF-IDF features) and GOPO's."""
+    """Dual-Track's HIAN variant, ProxMO's two kernels (16 and 1,024 TF-IDF features), GOPO's and the
+    optimal token baseline's."""
     import torch
 
-    from duca_fast.ops.advantages import gopo_triton, proxmo_triton, triton_path
+    from duca_fast.ops.advantages import gopo_triton, optimal_baseline_triton, proxmo_triton, triton_path
     from duca_fast.ops.advantages.options import AdvantageOptions
     from duca_fast.ops.advantages.proxmo import ProxmoOptions, ProxmoProblem
 
@@ -233,6 +234,19 @@ def estimator_launches() -> Iterator[tuple[str, str, Callable[[], None], list]]:
             torch.empty(SESSIONS, device=meta), torch.empty(SESSIONS, dtype=torch.long, device=meta)
         ),
         [gopo_triton._gopo_kernel],
+    )
+    tokens = turns * 16  # 16 agent tokens a turn
+    yield (
+        "optimal token baseline",
+        "float64",
+        "",
+        lambda: optimal_baseline_triton.otb_advantages_triton(
+            torch.empty(tokens, dtype=torch.long, device=meta),
+            *(torch.empty(tokens, dtype=torch.float64, device=meta) for _ in range(3)),
+            torch.empty(tokens, dtype=torch.bool, device=meta),
+            1e-8,
+        ),
+        [optimal_baseline_triton._otb_kernel],
     )
 
 

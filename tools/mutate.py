@@ -464,14 +464,20 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "otb Triton path: masked tokens' path weights enter the bucket sums",
+        ADV + "optimal_baseline_triton.py",
+        """weight = tl.load(path_ptr + other, mask=inside, other=0.0) * tl.load(
+            loss_ptr + other, mask=inside, other=0.0
+        )""",
+        "weight = tl.load(path_ptr + other, mask=inside, other=0.0)",
+        ("tests/ops/test_otb_reference.py",),
+    ),
+    Mutant(
         "otb on the text task: each agent token's log-prob and sum p^2 taken one row late",
         "duca_fast/train/tasks/sales.py",
         '"agent_token_logprobs": torch.roll(logprobs, 1)[agent],',
         '"agent_token_logprobs": logprobs[agent],',
-        (
-            "tests/train/test_trainer.py::"
-            "test_otb_gives_every_agent_token_its_own_advantage_on_the_text_task",
-        ),
+        ("tests/train/test_trainer.py::test_otb_gives_every_agent_token_its_own_advantage_on_the_text_task",),
     ),
     Mutant(
         "verl duca_tir_otb counts positions over every token (the single-turn form)",

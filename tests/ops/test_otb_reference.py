@@ -5,6 +5,7 @@ import torch
 
 from duca_fast import ops
 from duca_fast.ops.advantages.reference import reference_optimal_token_baseline
+from tests.conftest import KERNEL_DEVICE
 
 
 def random_case(seed: int):
@@ -32,15 +33,18 @@ def random_case(seed: int):
     )
 
 
+@pytest.mark.parametrize("backend,device", [("torch", "cpu"), ("triton", KERNEL_DEVICE)])
 @pytest.mark.parametrize("positions", ["loss_tokens", "all"])
 @pytest.mark.parametrize("zero_tail", [True, False])
-def test_op_equals_the_float64_reference(positions, zero_tail):
+def test_op_equals_the_float64_reference(positions, zero_tail, backend, device):
     zero_tails_hit = 0
     for seed in range(40):
         case = random_case(seed)
+        on_device = {k: None if v is None else v.to(device) for k, v in case.items()}
         got, got_returns = ops.optimal_token_baseline_advantages(
-            **case, positions=positions, handle_zero_tail=zero_tail
+            **on_device, positions=positions, handle_zero_tail=zero_tail, backend=backend
         )
+        got, got_returns = got.cpu(), got_returns.cpu()
         want, want_returns = reference_optimal_token_baseline(
             **case, positions=positions, handle_zero_tail=zero_tail
         )

@@ -16,17 +16,18 @@ multi-turn form: one sequence that has loss tokens) gets baseline 0. ``handle_ze
 sequence of a group is strictly the longest, its baseline past the second-longest length is 0.
 
 Packed layout: tokens ``[N]``, each sequence's tokens contiguous and in time order (``seq_ids``),
-``seq_group [S]`` the group of each sequence. Torch only (no Triton kernel), but after validation (one host
-sync) it runs without a host synchronisation: per-sequence scans, and sums per (group, position) through a
-stable sort and scatters into buffers bounded by the token and sequence counts, so sparse group ids and
-any lengths cost no round trip on CUDA. No gradient.
+``seq_group [S]`` the group of each sequence. After validation (one host sync) it runs without a host
+synchronisation: per-sequence scans, and sums per (group, position) through a stable sort and scatters
+into buffers bounded by the token and sequence counts (torch), or one Triton launch that walks each
+token's (group, position) bucket (``optimal_baseline_triton.py``; "auto" picks it on CUDA), so sparse
+group ids and any lengths cost no round trip on CUDA. No gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
-from duca_fast.ops._checks import ValueChecks, check_choice, check_tensor
+from duca_fast.ops._checks import ValueChecks, check_choice, check_tensor, select_backend
 from duca_fast.ops.advantages.runs import run_bounds
 
 
@@ -43,10 +44,13 @@ def optimal_token_baseline_advantages(
     positions: str = "loss_tokens",
     handle_zero_tail: bool = True,
     eps: float = 1e-8,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(advantages [N], returns [N])`` in the dtype of ``token_rewards`` (see the module docstring);
-    ``returns`` is ``G_t`` at every token (masked ones included), as verl returns it."""
+    ``returns`` is ``G_t`` at every token (masked ones included), as verl returns it. ``backend``: "auto"
+    (CUDA -> triton, else torch), "torch" or "triton"."""
     check_choice("positions", positions, ("loss_tokens", "all"))
+    check_choice("backend", backend, ("auto", "torch", "triton"))
     check_tensor("token_rewards", token_rewards, ndims=(1,), kind="float")
     count = token_rewards.shape[0]
     for name, values in (("old_logprobs", old_logprobs), ("sum_p2", sum_p2), ("is_weights", is_weights)):
@@ -118,8 +122,20 @@ def optimal_token_baseline_advantages(
     present[seq] = True
     member = present & (lengths > 0) if positions == "loss_tokens" else present
     members = torch.zeros(num_sequences, dtype=torch.long, device=device).index_add_(0, groups, member.long())
-    # One bucket per (group, position): tokens sorted by that key, buckets numbered by their runs.
+    has_peers = members[group] > 1
+    cut = (
+        _zero_tail(seq, groups, lengths, member, position, num_sequences)
+        if handle_zero_tail
+        else torch.zeros_like(has_peers)
+    )
+    # One bucket per (group, position).
     key = group * (count + 1) + position
+    if select_backend(backend, token_rewards.device) == "triton":
+        from duca_fast.ops.advantages.optimal_baseline_triton import otb_advantages_triton
+
+        advantages = otb_advantages_triton(key, returns, path, loss, has_peers & ~cut, eps)
+        return advantages.to(token_rewards.dtype), returns.to(token_rewards.dtype)
+    # Tokens sorted by their key, buckets numbered by their runs.
     order = torch.argsort(key, stable=True)
     sorted_key = key[order]
     new_bucket = torch.ones(count, dtype=torch.long, device=device)
@@ -129,9 +145,7 @@ def optimal_token_baseline_advantages(
     numerator = torch.zeros(count, dtype=dtype, device=device).index_add_(0, bucket, returns * path * loss)
     denominator = torch.zeros(count, dtype=dtype, device=device).index_add_(0, bucket, path * loss)
     baseline = numerator[bucket] / (denominator[bucket] + eps)
-    baseline = torch.where(members[group] > 1, baseline, torch.zeros_like(baseline))
-    if handle_zero_tail:
-        baseline = _zero_tail(baseline, seq, groups, lengths, member, position, num_sequences)
+    baseline = torch.where(has_peers & ~cut, baseline, torch.zeros_like(baseline))
     advantages = (returns - baseline) * loss
     return advantages.to(token_rewards.dtype), returns.to(token_rewards.dtype)
 
@@ -149,8 +163,9 @@ def _dense(ids: torch.Tensor) -> torch.Tensor:
     return dense
 
 
-def _zero_tail(baseline, seq, groups, lengths, member, position, num_sequences):
-    """Baseline 0 past the second-longest length for a group's strictly longest sequence."""
+def _zero_tail(seq, groups, lengths, member, position, num_sequences):
+    """``[N]`` bool: tokens whose baseline is 0, past the second-longest length of a group's strictly
+    longest sequence."""
     device = lengths.device
     counted = torch.where(member, lengths, torch.full_like(lengths, -1))
     longest = torch.full((num_sequences,), -1, dtype=torch.long, device=device).scatter_reduce(
@@ -166,5 +181,4 @@ def _zero_tail(baseline, seq, groups, lengths, member, position, num_sequences):
     )
     # The strictly longest member of a group of >= 2 members (a tie at the top, or one member: none).
     winner = at_longest & (ties[groups] == 1) & (second[groups] >= 0)
-    cut = winner[seq] & (position >= second[groups][seq])
-    return torch.where(cut, torch.zeros_like(baseline), baseline)
+    return winner[seq] & (position >= second[groups][seq])
