@@ -9,7 +9,7 @@ groups of 8, the size of the issue), median wall time with validation, as users 
 - ``proxmo``: ``ops.proxmo_advantages`` with ``--features``-dimensional state features (torch);
 - ``otb``: ``ops.optimal_token_baseline_advantages`` with one token per turn (the twin's layout).
 
-The Triton paths of HIAN/Dual-Track and ProxMO run in a second process under ``TRITON_INTERPRET=1``
+The Triton paths of HIAN/Dual-Track, GOPO, ProxMO and OTB run in a second process under ``TRITON_INTERPRET=1``
 (numpy on the CPU: a correctness-path cost, not a GPU number). ``proxmo_official_dense`` is the official
 code's soft baseline (``step_soft_reward``: one ``[rows, rows]`` similarity matrix over the whole batch,
 masked by group) at ``--official-sessions`` sessions, beside ``proxmo`` at that size: at 16k x 4 it would
@@ -62,14 +62,14 @@ def calls(x: dict, num_groups: int, backend: str) -> dict:
         ),
     }
     out["gopo"] = lambda: ops.gopo_advantages(x["session_rewards"], x["session_group"], backend=backend)
-    if backend == "torch":
-        out["otb"] = lambda: ops.optimal_token_baseline_advantages(
-            x["turn_rewards"] + torch.where(x["turn_index"] == x["turn_index"].max(), 1.0, 0.0),
-            x["logprobs"],
-            x["sum_p2"],
-            x["turn_session"],
-            x["session_group"],
-        )
+    out["otb"] = lambda: ops.optimal_token_baseline_advantages(
+        x["turn_rewards"] + torch.where(x["turn_index"] == x["turn_index"].max(), 1.0, 0.0),
+        x["logprobs"],
+        x["sum_p2"],
+        x["turn_session"],
+        x["session_group"],
+        backend=backend,
+    )
     return out
 
 
