@@ -222,14 +222,22 @@ def _execute_all(
     configs = [_run_config(config, run, out_dir) for run in runs]
     bar = tqdm(total=len(runs), desc=f"compare {what}", unit="run", disable=not progress, dynamic_ncols=True)
     done: list[Run] = []
+    # The LLM task's runs each get a fresh process: the memory of a run's engines and models is not all
+    # given back in-process (one process held 24 GiB after 8 demo runs and was killed for memory).
+    fresh = config.env.name == "sales"
     try:
-        if workers <= 1:
+        if workers <= 1 and not fresh:
             for run, run_config in zip(runs, configs):
                 done.append(_execute(run, run_config, *args))
                 bar.update()
         else:
             context = get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+            with ProcessPoolExecutor(
+                max(workers, 1),
+                mp_context=context,
+                initializer=_worker_init if workers > 1 else None,
+                max_tasks_per_child=1 if fresh else None,
+            ) as pool:
                 futures = [pool.submit(_execute, run, c, *args) for run, c in zip(runs, configs)]
                 for future in futures:
                     done.append(future.result())

@@ -36,6 +36,31 @@ def fake_eval(config, checkpoint, num_sessions, seed, *, sampled):
     return {key: value for key, _ in TABLE_COLUMNS}
 
 
+def pid_eval(config, checkpoint, num_sessions, seed, *, sampled):
+    """Every metric is the id of the process that evaluated the run."""
+    import os
+
+    return {key: float(os.getpid()) for key, _ in TABLE_COLUMNS}
+
+
+def test_llm_task_runs_each_get_a_fresh_process_even_with_one_worker(tmp_path):
+    """An LLM run's engines do not give all their memory back in-process (a demo study was killed for
+    memory after 8 runs): each run trains and evaluates in its own process; the twin's stay in-process."""
+    import os
+
+    from duca_fast.train.config import load_config
+
+    config = load_config("configs/demo.yaml", [f"run_dir={tmp_path / 'unused'}"])
+    compare(config, ["grpo", "duca"], [0, 1], tmp_path / "llm", fake_train, pid_eval, 1, eval_seeds=[0])
+    rows = json.loads((tmp_path / "llm" / "compare.json").read_text())["runs"]
+    pids = {row["greedy/conversion_rate"] for row in rows}
+    assert len(pids) == 4 and os.getpid() not in pids
+    twin = tiny_acts_config(tmp_path / "unused")
+    compare(twin, ["grpo", "duca"], [0, 1], tmp_path / "twin", fake_train, pid_eval, 1, eval_seeds=[0])
+    rows = json.loads((tmp_path / "twin" / "compare.json").read_text())["runs"]
+    assert {row["greedy/conversion_rate"] for row in rows} == {os.getpid()}
+
+
 def test_statistics_of_a_study_with_known_numbers(tmp_path):
     config = tiny_acts_config(tmp_path / "unused")
     markdown = compare(
