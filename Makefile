@@ -47,8 +47,11 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(PY) -m duca_fast.cli train --config configs/demo.yaml $(DEMO_ARGS)
 
+# Two pytest workers (pytest-xdist), each test file on one worker (its fixtures built once): most of the
+# suite's time is subprocess start-up and single-threaded Python. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) tests
 	$(MAKE) native
 	PATH="$(abspath $(VENV))/bin:$$PATH" ctest --test-dir build --output-on-failure
 	$(MAKE) check-kernels
