@@ -285,24 +285,26 @@ def test_otb_per_agent_token_matches_the_loop_reference():
     assert "advantage/otb_raw/std" in got.metrics
 
 
-def test_otb_agent_token_fields_are_checked():
+@pytest.mark.parametrize(
+    "turn,sum_p2,message",
+    [
+        ([0, 3], 2, r"agent_token_turn values must lie in \[0, 3\)"),
+        ([0, 1], 1, r"agent_token_sum_p2 has 1 entries but agent_token_turn has 2"),
+    ],
+)
+def test_otb_agent_token_fields_are_checked(turn, sum_p2, message):
+    with pytest.raises(ValueError, match=message):
+        compute_advantages(
+            AlgoConfig(name="otb"),
+            **batch(),
+            agent_token_turn=torch.tensor(turn),
+            agent_token_logprobs=torch.zeros(2),
+            agent_token_sum_p2=torch.ones(sum_p2),
+        )
+
+
+def test_otb_agent_token_fields_come_together_and_unknown_inputs_are_refused():
     with pytest.raises(ValueError, match=r"agent-token fields come together"):
         compute_advantages(AlgoConfig(name="otb"), **batch(), agent_token_turn=torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match=r"agent_token_turn values must lie in \[0, 3\)"):
-        compute_advantages(
-            AlgoConfig(name="otb"),
-            **batch(),
-            agent_token_turn=torch.tensor([0, 3]),
-            agent_token_logprobs=torch.zeros(2),
-            agent_token_sum_p2=torch.ones(2),
-        )
-    with pytest.raises(ValueError, match=r"agent_token_sum_p2 has 1 entries but agent_token_turn has 2"):
-        compute_advantages(
-            AlgoConfig(name="otb"),
-            **batch(),
-            agent_token_turn=torch.tensor([0, 1]),
-            agent_token_logprobs=torch.zeros(2),
-            agent_token_sum_p2=torch.ones(1),
-        )
     with pytest.raises(TypeError, match=r"unknown inputs \['token_logprobs'\]"):
         compute_advantages(AlgoConfig(name="otb"), **batch(), token_logprobs=torch.zeros(3))
