@@ -5,6 +5,7 @@ Nothing here imports vLLM until a ``VLLMEngine`` is created.
 
 from duca_fast.rollout.driver import (
     DRIVERS,
+    CarriedSessions,
     IncrementalChat,
     RolloutBatch,
     RolloutConfig,
@@ -39,6 +40,7 @@ from duca_fast.rollout.sync import (
 
 __all__ = [
     "DRIVERS",
+    "CarriedSessions",
     "Completion",
     "HFEngine",
     "IncrementalChat",

@@ -32,6 +32,7 @@ agent turn is empty has the session nothing to learn from, and it fails with tha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -108,6 +109,15 @@ class RolloutConfig:
     more groups than a step needs, keep the first complete ones). The other groups' requests are aborted
     and their sessions left out of the batch (``stats["rollout/aborted_sessions"]``). None = every group.
     Which groups finish first depends on timing when customers are remote: runs then stop reproducing."""
+    carry_over: bool = False
+    """With ``complete_groups``: the groups left out are not aborted but suspended and handed back in
+    ``RolloutBatch.carried``, to be resumed by the next ``rollout(..., carried=...)`` with the weights of
+    that time (partial rollouts). A session is suspended between two agent turns: a turn being generated
+    is aborted and taken back (it is sampled again on resume), a customer answering finishes first."""
+    weight_version: int | None = None
+    """The label recorded on this rollout's agent turns (``RolloutBatch.turn_weight_version``) and against
+    which carried turns' staleness is measured; None = the engine's ``weight_version`` (which restarts with
+    the process: a trainer passes its own step count so that resumed runs label alike)."""
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:
@@ -120,6 +130,8 @@ class RolloutConfig:
             )
         if self.complete_groups is not None and self.driver != "async":
             raise ValueError("RolloutConfig.complete_groups (over-sampling) needs driver='async'")
+        if self.carry_over and self.complete_groups is None:
+            raise ValueError("RolloutConfig.carry_over needs complete_groups (over-sampling)")
         if self.max_sessions_in_flight is not None and self.max_sessions_in_flight < 1:
             raise ValueError(
                 "RolloutConfig.max_sessions_in_flight must be >= 1 or None, got "
@@ -151,6 +163,9 @@ class RolloutBatch:
     """[T] int64: position of the turn within its session (0, 1, ...)."""
     turn_spans: torch.Tensor
     """[T, 2] int64: [start, end) of the turn's sampled tokens in packed coordinates."""
+    turn_weight_version: torch.Tensor
+    """[T] int64: the weight version each agent turn was sampled with (``RolloutConfig.weight_version``);
+    older than ``weight_version`` for the turns of sessions carried over from an earlier rollout."""
     session_rewards: torch.Tensor
     """[S, Ks] float32: session reward components; NaN when the environment gave none (cut or failed)."""
     session_group: torch.Tensor
@@ -187,6 +202,9 @@ class RolloutBatch:
     """Wall time spent in the environments."""
     stats: dict[str, float] = field(default_factory=dict)
     """Per-rollout engine and driver statistics (``rollout/...``, see ``rollout_stats``)."""
+    carried: CarriedSessions | None = None
+    """``RolloutConfig.carry_over``: the sessions of the groups this rollout left unfinished (or finished
+    but not needed), to pass to the next ``rollout``; None otherwise."""
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -220,6 +238,8 @@ def concat_batches(first: RolloutBatch, second: RolloutBatch) -> RolloutBatch:
 
     Statistics: times, calls, preemptions and aborted sessions add up; the engine idle share is recomputed
     from the summed times; the per-call and per-token rates are averaged weighted by sessions."""
+    if first.carried is not None or second.carried is not None:
+        raise ValueError("concat_batches: a batch that carries sessions over cannot be concatenated")
     if first.weight_version != second.weight_version:
         raise ValueError(
             f"concat_batches: weight versions differ ({first.weight_version} vs {second.weight_version})"
@@ -234,7 +254,7 @@ def concat_batches(first: RolloutBatch, second: RolloutBatch) -> RolloutBatch:
     for key in sorted(set(first.stats) | set(second.stats)):
         values = [part.stats.get(key) for part in (first, second)]
         present = [(v, w) for v, w in zip(values, weights, strict=True) if v is not None]
-        if key.endswith(("_s", "rounds", "engine_steps", "preemptions", "aborted_sessions")):
+        if key.endswith(("_s", "rounds", "engine_steps", "preemptions", "_sessions")):
             stats[key] = float(sum(v for v, _ in present))
         else:
             stats[key] = sum(v * w for v, w in present) / max(sum(w for _, w in present), 1)
@@ -252,6 +272,7 @@ def concat_batches(first: RolloutBatch, second: RolloutBatch) -> RolloutBatch:
         turn_session=torch.cat([first.turn_session, second.turn_session + sessions]),
         turn_index=torch.cat([first.turn_index, second.turn_index]),
         turn_spans=torch.cat([first.turn_spans, second.turn_spans + tokens]),
+        turn_weight_version=torch.cat([first.turn_weight_version, second.turn_weight_version]),
         session_rewards=torch.cat([first.session_rewards, second.session_rewards]),
         session_group=torch.cat([first.session_group, second.session_group]),
         failed=torch.cat([first.failed, second.failed]),
@@ -289,6 +310,14 @@ class IncrementalChat:
             [{"role": "user", "content": "u"}, {"role": "assistant", "content": self._MARKER}]
         )
         self._assistant_suffix = self._encode(rendered.split(self._MARKER, 1)[1])
+
+    @classmethod
+    def restore(cls, tokenizer, messages: Sequence[dict[str, str]]) -> IncrementalChat:
+        """The chat after ``messages`` (a suspended session's, read back from a checkpoint)."""
+        chat = cls(tokenizer)
+        chat.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        chat._rendered = chat._render(chat.messages) if chat.messages else ""
+        return chat
 
     def append(self, role: str, content: str) -> list[int]:
         """Add a message; return the tokens it appends to the conversation."""
@@ -339,7 +368,8 @@ class _Session:
 
     index: int
     spec: SessionSpec
-    env: DialogueEnv
+    env: DialogueEnv | None
+    """None until a session read back from a checkpoint gets its environment (``rollout``)."""
     chat: IncrementalChat
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -353,11 +383,21 @@ class _Session:
     live: bool = True
     dropped: bool = False
     """Left out of the batch: its group did not complete before the step had enough complete groups."""
+    versions: list[int] = field(default_factory=list)
+    """Per agent turn, the weight version it was sampled with."""
+    suspended: bool = False
+    """Stopped between two turns by over-sampling with carry-over: it goes on in the next rollout."""
+    replay: bool = False
+    """Read back from a checkpoint: its environment must replay the recorded agent turns first."""
 
     def extend(self, ids: Sequence[int], turn: int = -1, logprobs: Sequence[float] | None = None) -> None:
         self.ids.extend(ids)
         self.local_turn.extend([turn] * len(ids))
         self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
+
+    def take_back(self, length: int) -> None:
+        """Drop the tokens after the first ``length`` (an opened turn whose generation was aborted)."""
+        del self.ids[length:], self.local_turn[length:], self.logprobs[length:]
 
     def end(self, outcome: Outcome, error: str | None = None) -> None:
         self.outcome, self.error, self.live = outcome, error, False
@@ -372,17 +412,110 @@ class _Session:
         self.failure_reason = reason
 
 
+_RECORD_KEYS = (
+    "scenario", "group", "seed", "ids", "logprobs", "local_turn", "turn_spans", "turn_rewards", "versions",
+    "session_rewards", "outcome", "error", "failure_reason", "live", "messages",
+)  # fmt: skip
+
+
+class CarriedSessions:
+    """The sessions an over-sampled rollout left for the next one (``RolloutConfig.carry_over``), whole
+    groups of them: their tokens, sampler log-probs and weight version per turn so far, and their live
+    environments. Pass them to the next ``rollout(..., carried=...)``; ``records`` / ``from_records``
+    turn them into plain data for a checkpoint and back (environments are then rebuilt by replaying the
+    recorded agent turns, see ``rollout``)."""
+
+    def __init__(self, sessions: Sequence[_Session]) -> None:
+        self._sessions = list(sessions)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def groups(self) -> list[int]:
+        """The carried groups' ids, in order."""
+        return list(dict.fromkeys(s.spec.group for s in self._sessions))
+
+    def regrouped(self, groups: dict[int, int]) -> CarriedSessions:
+        """The same sessions with group ids mapped by ``groups`` (the next rollout's numbering)."""
+        missing = sorted(set(self.groups) - set(groups))
+        if missing:
+            raise ValueError(f"CarriedSessions.regrouped: no new id for groups {missing}")
+        for session in self._sessions:
+            session.spec = dataclasses.replace(session.spec, group=groups[session.spec.group])
+        return self
+
+    def records(self, scenario_key: Callable[[Any], Any] = lambda scenario: scenario) -> list[dict[str, Any]]:
+        """Plain data (JSON-ready when ``scenario_key`` maps scenarios to JSON values), one dict a session."""
+        out = []
+        for s in self._sessions:
+            outcome = None if s.outcome is None else dataclasses.asdict(s.outcome)
+            out.append({
+                "scenario": scenario_key(s.spec.scenario), "group": s.spec.group, "seed": s.spec.seed,
+                "ids": list(s.ids), "logprobs": list(s.logprobs), "local_turn": list(s.local_turn),
+                "turn_spans": [list(span) for span in s.turn_spans], "turn_rewards": s.turn_rewards,
+                "versions": list(s.versions), "session_rewards": s.session_rewards, "outcome": outcome,
+                "error": s.error, "failure_reason": s.failure_reason, "live": s.live,
+                "messages": [dict(m) for m in s.chat.messages],
+            })  # fmt: skip
+        return out
+
+    @classmethod
+    def from_records(
+        cls, records: Sequence[dict[str, Any]], tokenizer, scenario_of: Callable[[Any], Any] = lambda key: key
+    ) -> CarriedSessions:
+        """Sessions from ``records`` (``scenario_of`` maps a record's scenario key back to the scenario);
+        malformed records raise ValueError naming the session."""
+        sessions = []
+        for number, record in enumerate(records):
+            where = f"carried session {number}"
+            if not isinstance(record, dict) or set(record) != set(_RECORD_KEYS):
+                raise ValueError(f"{where}: expected the keys {sorted(_RECORD_KEYS)}")
+            if not len(record["ids"]) == len(record["logprobs"]) == len(record["local_turn"]):
+                raise ValueError(f"{where}: ids, logprobs and local_turn differ in length")
+            if not len(record["turn_spans"]) == len(record["turn_rewards"]) == len(record["versions"]):
+                raise ValueError(f"{where}: turn_spans, turn_rewards and versions differ in length")
+            outcome = record["outcome"]
+            spec = SessionSpec(scenario_of(record["scenario"]), int(record["group"]), int(record["seed"]))
+            session = _Session(
+                number, spec, None, IncrementalChat.restore(tokenizer, record["messages"]),
+                ids=[int(t) for t in record["ids"]], logprobs=[float(x) for x in record["logprobs"]],
+                local_turn=[int(t) for t in record["local_turn"]],
+                turn_spans=[(int(a), int(b)) for a, b in record["turn_spans"]],
+                turn_rewards=[[float(x) for x in row] for row in record["turn_rewards"]],
+                session_rewards=record["session_rewards"],
+                outcome=None if outcome is None else Outcome(**outcome),
+                error=record["error"], failure_reason=record["failure_reason"], live=bool(record["live"]),
+                versions=[int(v) for v in record["versions"]], replay=bool(record["live"]),
+            )  # fmt: skip
+            sessions.append(session)
+        return cls(sessions)
+
+
 def rollout(
     engine: RolloutEngine,
     env_factory: Callable[[], DialogueEnv],
     sessions: Sequence[SessionSpec],
     config: RolloutConfig | None = None,
+    carried: CarriedSessions | None = None,
 ) -> RolloutBatch:
-    """Roll out ``sessions`` (one fresh environment each) until every one has ended; pack the result."""
+    """Roll out ``sessions`` (one fresh environment each) until every one has ended; pack the result.
+
+    ``carried``: sessions an earlier rollout suspended (``RolloutConfig.carry_over``, async driver only);
+    they go first, each from where it stopped, and their groups must not reuse ``sessions``' group ids.
+    Sessions read back from a checkpoint (``CarriedSessions.from_records``) first replay their recorded
+    agent turns in a fresh environment; one whose customer then answers differently (a customer that is
+    not deterministic) fails with reason ``carry_replay``, the others go on."""
     config = config or RolloutConfig()
-    if not sessions:
+    carried_in = list(carried._sessions) if carried is not None else []
+    if not sessions and not carried_in:
         raise ValueError("rollout: no sessions given")
-    groups = len({s.group for s in sessions})
+    if carried_in and config.driver != "async":
+        raise ValueError("rollout: carried sessions resume under driver='async' only")
+    clash = sorted({s.spec.group for s in carried_in} & {s.group for s in sessions})
+    if clash:
+        raise ValueError(f"rollout: carried sessions and new sessions share group ids {clash}")
+    groups = len({s.group for s in sessions} | {s.spec.group for s in carried_in})
     if config.complete_groups is not None and groups < config.complete_groups:
         raise ValueError(
             f"rollout: complete_groups={config.complete_groups} but only {groups} groups were given"
@@ -391,9 +524,15 @@ def rollout(
     budget_source = (
         f"engine max_model_len={engine.max_model_len}, max_context_tokens={config.max_context_tokens}"
     )
-    states = [
-        _Session(i, spec, env_factory(), IncrementalChat(engine.tokenizer)) for i, spec in enumerate(sessions)
+    fresh = [
+        _Session(i, spec, env_factory(), IncrementalChat(engine.tokenizer))
+        for i, spec in enumerate(sessions, start=len(carried_in))
     ]
+    for index, state in enumerate(carried_in):
+        state.index, state.suspended, state.dropped = index, False, False
+        if state.env is None:
+            state.env = env_factory()
+    states = carried_in + fresh
     turn_names = tuple(states[0].env.turn_reward_names)
     session_names = tuple(states[0].env.session_reward_names)
     clock = {
@@ -401,14 +540,18 @@ def rollout(
         "prompt_tokens": 0, "cached_tokens": 0, "cache_reported": True, "engine_idle": 0.0,
         "preemptions": None,
     }  # fmt: skip
-    for state in states:
+    for state in fresh:
         _start(state, turn_names, session_names)
-    context = _Context(engine, config, budget, budget_source, turn_names, session_names, clock)
+    version = engine.weight_version if config.weight_version is None else config.weight_version
+    context = _Context(engine, config, budget, budget_source, turn_names, session_names, clock, version)
     # One event loop for the whole rollout: an LLM customer's HTTP client lives in it across turns and
     # is closed in it at the end (aclose_all), never left open on a finished loop.
     loop = asyncio.new_event_loop()
     wall = time.perf_counter()
     try:
+        replaying = [s for s in carried_in if s.replay]
+        if replaying:
+            loop.run_until_complete(_replay_all(replaying, context))
         run = _run_async if config.driver == "async" else _run_rounds
         loop.run_until_complete(run(states, context))
         clock["wall"] = time.perf_counter() - wall
@@ -419,13 +562,60 @@ def rollout(
             logger.warning("rollout: closing the environments' clients failed: %s", error)
         finally:
             loop.close()
+    for state in states:
+        if state.live and not state.suspended:
+            state.cut("max_turns")
     kept = [s for s in states if not s.dropped]
+    left = [s for s in states if s.dropped]
     for index, state in enumerate(kept):  # sessions of groups left out by over-sampling go; renumber
         state.index = index
-        if state.live:
-            state.cut("max_turns")
-    clock["aborted"] = None if config.complete_groups is None else len(states) - len(kept)
-    return _pack(kept, turn_names, session_names, engine.weight_version, clock, config.driver)
+    clock["aborted"] = None
+    if config.complete_groups is not None:
+        clock["aborted"] = 0 if config.carry_over else len(left)
+    if config.carry_over or carried_in:
+        clock["carried"] = len(left) if config.carry_over else 0
+        clock["resumed"] = len(carried_in)
+    batch = _pack(kept, turn_names, session_names, engine.weight_version, clock, config.driver, version)
+    if config.carry_over:
+        batch.carried = CarriedSessions(left)
+    return batch
+
+
+async def _replay_all(states: list[_Session], ctx: _Context) -> None:
+    """Rebuild read-back sessions' environments: reset, then every recorded agent turn, concurrently."""
+    start = time.perf_counter()
+    await asyncio.gather(*(_replay(state) for state in states))
+    ctx.clock["env"] += time.perf_counter() - start
+
+
+async def _replay(state: _Session) -> None:
+    """Reset the environment and step it through the session's agent turns; the customer must answer as
+    recorded. Every message of a suspended session's chat after the opening is an agent turn and the
+    customer's reply to it."""
+    state.replay = False
+    env, messages = state.env, state.chat.messages
+    try:
+        observation = env.reset(state.spec.scenario, state.spec.seed)
+        opening = [observation.system_prompt]
+        if observation.customer_message is not None:
+            opening.append(observation.customer_message)
+        recorded = [m["content"] for m in messages]
+        if recorded[: len(opening)] != opening:
+            state.fail("carry_replay", "replay: the environment opened the session differently")
+            return
+        for turn, position in enumerate(range(len(opening), len(messages), 2)):
+            result = await env.astep(messages[position]["content"])
+            answer = messages[position + 1]["content"] if position + 1 < len(messages) else None
+            if result.done or result.customer_message != answer:
+                state.fail(
+                    "carry_replay",
+                    f"replay: the customer answered agent turn {turn} differently than recorded "
+                    "(a customer that is not deterministic; the session is dropped)",
+                )
+                return
+    except Exception as error:
+        reason = "customer_error" if isinstance(error, CustomerEndpointError) else "env_error"
+        state.fail(reason, error)
 
 
 @dataclass
@@ -439,6 +629,10 @@ class _Context:
     turn_names: tuple[str, ...]
     session_names: tuple[str, ...]
     clock: dict
+    version: int
+    """The weight version label of this rollout's turns."""
+    suspending: bool = False
+    """Over-sampling with carry-over has enough complete groups: sessions stop at their next turn."""
 
     def seed(self, state: _Session, turn: int) -> int | None:
         # Seeded by the session spec (global), not its slot in a call or the order sessions finish in:
@@ -458,7 +652,7 @@ async def _run_rounds(states: list[_Session], ctx: _Context) -> None:
         if not live:
             break
         completions = _generate(ctx, live, turn)
-        messages = [_close_turn(s, c) for s, c in zip(live, completions, strict=True)]
+        messages = [_close_turn(s, c, ctx.version) for s, c in zip(live, completions, strict=True)]
         spoke = [(s, m) for s, m in zip(live, messages, strict=True) if m is not None]
         if not spoke:
             continue
@@ -492,15 +686,19 @@ async def _run_async(states: list[_Session], ctx: _Context) -> None:
 
     async def play(state: _Session) -> None:
         async with gate:
+            if ctx.suspending:  # not started before the step had enough: carried as it is
+                state.suspended = True
+                return
             pump.active += 1
             try:
                 await _play_session(state, ctx, pump)
             finally:
                 pump.active -= 1
-        ended(state)
+        if not state.suspended:
+            ended(state)
 
     for state in states:
-        if not state.live:  # failed before its first turn
+        if not state.live:  # failed before its first turn, or carried over already ended
             ended(state)
     sessions = [asyncio.ensure_future(play(s)) for s in states if s.live]
     pumping = asyncio.ensure_future(pump.run())
@@ -511,6 +709,12 @@ async def _run_async(states: list[_Session], ctx: _Context) -> None:
             await asyncio.wait({everyone, watcher, pumping}, return_when=asyncio.FIRST_COMPLETED)
             if everyone.done():
                 everyone.result()  # a bug in the driver itself surfaces here
+        if ctx.config.carry_over and everyone is not None and not everyone.done() and not pumping.done():
+            # Suspend rather than cancel: turns being generated are aborted and taken back, sessions
+            # with their customer finish that exchange, then every session stops before its next turn.
+            ctx.suspending = True
+            pump.suspend()
+            await everyone
     finally:
         watcher.cancel()
         pump.stop()
@@ -527,12 +731,25 @@ async def _run_async(states: list[_Session], ctx: _Context) -> None:
             state.dropped = state.spec.group not in chosen
 
 
+class _Suspended(Exception):
+    """Raised into a session awaiting the engine when over-sampling suspends the rollout."""
+
+
 async def _play_session(state: _Session, ctx: _Context, pump: _Pump) -> None:
-    for turn in range(ctx.config.max_turns):
+    for turn in range(len(state.turn_spans), ctx.config.max_turns):  # a carried session goes on
+        if ctx.suspending:
+            state.suspended = state.live
+            return
+        length = len(state.ids)
         if not state.live or not _open_turn(state, ctx.budget, ctx.budget_source):
             return
-        completion = await pump.generate(state, turn)
-        message = _close_turn(state, completion)
+        try:
+            completion = await pump.generate(state, turn)
+        except _Suspended:
+            state.take_back(length)  # the turn is sampled again, with the weights of its next rollout
+            state.suspended = True
+            return
+        message = _close_turn(state, completion, ctx.version)
         if message is None:
             return
         start = time.perf_counter()
@@ -570,6 +787,15 @@ class _Pump:
     def stop(self) -> None:
         self.stopped = True
         self.wake.set()
+
+    def suspend(self) -> None:
+        """Abort every request in flight; their sessions get ``_Suspended`` instead of a completion."""
+        self.ctx.engine.abort(list(self.waiting))
+        waiting, self.waiting = self.waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(_Suspended())
+        self.stop()
 
     async def run(self) -> None:
         clock, engine = self.ctx.clock, self.ctx.engine
@@ -668,6 +894,11 @@ def rollout_stats(clock: dict, driver: str = "rounds") -> dict[str, float]:
     - ``rollout/rounds`` (rounds) or ``rollout/engine_steps`` (async): generation calls / engine steps;
     - ``rollout/sessions_in_flight``: mean sessions under way per call (rounds) or per engine step (async);
     - ``rollout/preemptions`` (async on vLLM): requests vLLM's scheduler evicted for lack of KV cache;
+    - ``rollout/aborted_sessions`` (over-sampling): sessions of groups left out and dropped;
+    - ``rollout/carried_sessions`` / ``rollout/resumed_sessions`` (carry-over): sessions handed to the next
+      rollout / taken over from the previous one; ``rollout/stale_turn_share`` and
+      ``rollout/max_staleness`` (set by ``_pack``): turns sampled with older weights, and by how many
+      versions at most;
     - ``rollout/prefix_cache_hit_rate`` (vLLM): prompt tokens served from the prefix cache."""
     idle = clock["env"] if driver == "rounds" else clock["engine_idle"]
     busy = clock["generate"] + idle
@@ -684,12 +915,15 @@ def rollout_stats(clock: dict, driver: str = "rounds") -> dict[str, float]:
         stats["rollout/preemptions"] = float(clock["preemptions"])
     if clock.get("aborted") is not None:
         stats["rollout/aborted_sessions"] = float(clock["aborted"])
+    if clock.get("resumed") is not None:
+        stats["rollout/carried_sessions"] = float(clock["carried"])
+        stats["rollout/resumed_sessions"] = float(clock["resumed"])
     if clock["cache_reported"] and clock["prompt_tokens"]:
         stats["rollout/prefix_cache_hit_rate"] = clock["cached_tokens"] / clock["prompt_tokens"]
     return stats
 
 
-def _close_turn(state: _Session, completion: Completion) -> str | None:
+def _close_turn(state: _Session, completion: Completion, version: int) -> str | None:
     """Append the agent's turn; return its text, or None when it is empty and ended the session."""
     text, closing = state.chat.append_agent(completion.token_ids)
     if not text.strip():
@@ -703,6 +937,7 @@ def _close_turn(state: _Session, completion: Completion) -> str | None:
     start = len(state.ids)
     state.extend(completion.token_ids, turn=len(state.turn_spans), logprobs=completion.logprobs)
     state.turn_spans.append((start, len(state.ids)))
+    state.versions.append(version)
     state.extend(closing)
     return text
 
@@ -750,8 +985,10 @@ def _pack(
     weight_version: int,
     clock: dict,
     driver: str,
+    version: int,
 ) -> RolloutBatch:
     input_ids, positions, seq_ids, token_turn, logprobs = [], [], [], [], []
+    versions: list[int] = []
     cu_seqlens = [0]
     turn_rewards, turn_session, turn_index, turn_spans = [], [], [], []
     nan_row = [math.nan] * len(session_names)
@@ -768,7 +1005,12 @@ def _pack(
                 turn_index.append(local)
                 turn_spans.append((offset + start, offset + end))
             turn_rewards += state.turn_rewards
+            versions += state.versions
         cu_seqlens.append(len(input_ids))
+    stats = rollout_stats(clock, driver)
+    if clock.get("resumed") is not None:
+        stats["rollout/stale_turn_share"] = sum(v < version for v in versions) / max(len(versions), 1)
+        stats["rollout/max_staleness"] = float(max((version - v for v in versions), default=0))
     return RolloutBatch(
         input_ids=torch.tensor(input_ids, dtype=torch.int64),
         position_ids=torch.tensor(positions, dtype=torch.int64),
@@ -780,6 +1022,7 @@ def _pack(
         turn_session=torch.tensor(turn_session, dtype=torch.int64),
         turn_index=torch.tensor(turn_index, dtype=torch.int64),
         turn_spans=torch.tensor(turn_spans, dtype=torch.int64).reshape(-1, 2),
+        turn_weight_version=torch.tensor(versions, dtype=torch.int64),
         session_rewards=torch.tensor(
             [s.session_rewards if s.session_rewards is not None else nan_row for s in states],
             dtype=torch.float32,
@@ -801,5 +1044,5 @@ def _pack(
         num_generated_tokens=clock["tokens"],
         generate_seconds=clock["generate"],
         env_seconds=clock["env"],
-        stats=rollout_stats(clock, driver),
+        stats=stats,
     )

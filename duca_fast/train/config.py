@@ -138,8 +138,14 @@ class RolloutSettings:
     oversample_groups: int = 0
     """Over-sampling (sales, async driver): start this many groups more than ``groups_per_step`` (over all
     ranks, a multiple of the world size) and keep the first ``groups_per_step`` that complete; the rest are
-    aborted and do not train (``rollout/aborted_sessions``). 0 = off. With LLM customers which groups
-    finish first depends on timing, so runs no longer reproduce exactly."""
+    aborted and do not train (``rollout/aborted_sessions``), or carried over (``carry_over``). 0 = off.
+    With LLM customers which groups finish first depends on timing, so runs no longer reproduce exactly."""
+    carry_over: bool = False
+    """With ``oversample_groups``: the groups a step leaves unfinished are suspended between two turns and
+    finished in the next step with its weights (partial rollouts), instead of aborted: their earlier turns
+    keep the sampler log-probs of the weights that sampled them (weight them with ``algo.loss.tis_cap`` or
+    ``algo.loss.correction``). The step then draws only as many new scenarios as it needs. Checkpoints
+    keep the carried sessions; a resumed run replays their environments (docs/rollout.md)."""
     per_request_seeds: bool = True
     """Seed each request (session x turn) so runs reproduce whatever the batching; false: vLLM samples the
     batch at once with its engine seed (docs/rollout.md has the measured cost)."""
@@ -429,6 +435,10 @@ def validate(config: TrainConfig) -> None:
         "rollout.oversample_groups needs env.name=sales and rollout.driver=async",
     )
     _require(
+        not r.carry_over or r.oversample_groups > 0,
+        "rollout.carry_over needs rollout.oversample_groups > 0 (it carries the groups over-sampling leaves)",
+    )
+    _require(
         r.max_sessions_in_flight >= 0,
         f"rollout.max_sessions_in_flight must be >= 0 (0 = no bound), got {r.max_sessions_in_flight}",
     )
@@ -589,6 +599,7 @@ RUN_DEFINING_KEYS = (
     "rollout.allocation_min",
     "rollout.allocation_max",
     "rollout.oversample_groups",
+    "rollout.carry_over",
     "seed",
 )
 """Keys (or key prefixes ending in ".") whose change on ``--resume`` would make it another run: refused

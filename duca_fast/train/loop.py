@@ -129,6 +129,12 @@ def scenario_pool(config: TrainConfig) -> list[Scenario]:
     )
 
 
+def cursor_state(position: int, carried: list | None) -> dict:
+    """What a checkpoint's ``cursor.json`` holds: the scenario position, and the sessions carried into the
+    next step (``rollout.carry_over``) when there are any."""
+    return {"scenario_position": position, **({"carried": carried} if carried else {})}
+
+
 def held_out_sessions(config: TrainConfig, num_sessions: int, seed: int) -> tuple[list[Scenario], list[int]]:
     """Evaluation scenarios (a held-out generator seed, or ``env.scenarios_path`` cycled) and customers."""
     if config.env.scenarios_path:
@@ -246,6 +252,7 @@ class Trainer:
                 trust_pickle=self.trust_checkpoint,
             )
             self.cursor.position = state["scenario_position"]
+            self.task.restore_carry(state.get("carried"), self.scenarios)
             self.start_step = state["step"] + 1
             self._apply_optimizer_settings()
             self.task.sync(0)  # the rollout side still holds the initial weights
@@ -287,7 +294,9 @@ class Trainer:
 
         # 1. rollout: this step's scenarios, each a group of rollout.group_size sessions
         _fault_point(step, "rollout")
-        picked = self.cursor.take(config.rollout.groups_per_step + config.rollout.oversample_groups)
+        # Groups carried over from the last step (rollout.carry_over) take the place of new ones.
+        wanted = config.rollout.groups_per_step + config.rollout.oversample_groups
+        picked = self.cursor.take(wanted - task.carried_groups())
         played: StepRollout = task.rollout(step, [self.scenarios[i] for i in picked])
         metrics = {**task_metrics(played.outcomes), **played.metrics}
         metrics["time/rollout"] = time.perf_counter() - started
@@ -375,7 +384,7 @@ class Trainer:
             model=self.task.model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            data_cursor={"scenario_position": self.cursor.position},
+            data_cursor=cursor_state(self.cursor.position, self.task.carry_state()),
             keep=self.config.keep_checkpoints,
             export=self.task.export(),
             sharded=self.task.sharded,

@@ -115,6 +115,16 @@ class Task(Protocol):
 
     def sync(self, step: int) -> dict[str, float]: ...
 
+    def carried_groups(self) -> int:
+        """Groups the last rollout carried into the next step (over all ranks): the loop draws that many
+        fewer new scenarios (``rollout.carry_over``; 0 for tasks without it)."""
+
+    def carry_state(self) -> Any:
+        """The carried sessions as plain data for the checkpoint (a collective), or None."""
+
+    def restore_carry(self, state: Any, pool: list[Scenario]) -> None:
+        """Take ``carry_state``'s data back on resume (``pool``: the run's scenarios)."""
+
     def samples(self, data: Any, per_turn: torch.Tensor) -> list[dict[str, Any]]: ...
 
     def export(self) -> Callable[[Any], None] | None: ...

@@ -245,3 +245,107 @@ def test_over_sampling_options_are_checked():
             [SessionSpec({"turns": 1}, 0, 0)],
             dataclasses.replace(CONFIG, complete_groups=3),
         )
+
+
+def carry_specs(first_group: int = 0) -> list[SessionSpec]:
+    """Group ``first_group`` plays 6 quick turns, the two after it 2 turns each: asked for 2 complete groups,
+    the rollout stops while the long group is still under way."""
+    return [
+        SessionSpec({"turns": 6 if group == first_group else 2}, group, 10 * group + member)
+        for group in range(first_group, first_group + 3)
+        for member in range(2)
+    ]
+
+
+def ends_after_a_customer_message(tokenizer, record) -> bool:
+    """The session's tokens stop right after the customer's last message (no half-opened agent turn)."""
+    messages = record["messages"]
+    assert messages[-1]["role"] == "user"
+    from duca_fast.rollout.driver import IncrementalChat
+
+    tail = IncrementalChat.restore(tokenizer, messages[:-1]).append("user", messages[-1]["content"])
+    return record["ids"][-len(tail) :] == tail
+
+
+def test_carry_over_suspends_the_unfinished_group_and_the_next_rollout_finishes_it(engine, tokenizer):
+    """complete_groups=2 with carry_over: groups 1 and 2 train, group 0 stops between two turns (a turn in
+    generation is aborted and taken back) and comes back in the next rollout, where it goes on from where it
+    stopped under the next weight version; its earlier tokens and sampler log-probs are kept as they were."""
+    over = dataclasses.replace(CONFIG, max_turns=6, complete_groups=2, carry_over=True, weight_version=4)
+    first = rollout(engine, EchoCustomer, carry_specs(), over)
+    assert first.session_group.tolist() == [1, 1, 2, 2]
+    assert first.stats["rollout/carried_sessions"] == 2.0 and first.stats["rollout/aborted_sessions"] == 0.0
+    assert first.stats["rollout/resumed_sessions"] == 0.0 and first.stats["rollout/max_staleness"] == 0.0
+    assert first.turn_weight_version.tolist() == [4] * first.turn_session.numel()
+    assert engine.num_pending == 0
+    carried = first.carried
+    assert len(carried) == 2 and carried.groups == [0]
+    records = carried.records()
+    for record in records:
+        assert record["live"] and 1 <= len(record["turn_spans"]) < 6
+        assert ends_after_a_customer_message(tokenizer, record)
+
+    carried.regrouped({0: 7})
+    resume = dataclasses.replace(CONFIG, max_turns=6, weight_version=5)
+    second = rollout(engine, EchoCustomer, [SessionSpec({"turns": 1}, 8, 99)], resume, carried=carried)
+    assert second.session_group.tolist() == [7, 7, 8] and not second.failed.any()
+    assert second.stats["rollout/resumed_sessions"] == 2.0 and second.stats["rollout/carried_sessions"] == 0.0
+    assert second.stats["rollout/max_staleness"] == 1.0 and second.carried is None
+    bounds = second.cu_seqlens.tolist()
+    for session, record in enumerate(records):
+        ids = second.input_ids[bounds[session] : bounds[session + 1]].tolist()
+        assert ids[: len(record["ids"])] == record["ids"]  # the carried part, untouched
+        logprobs = second.behavior_logprobs[bounds[session] : bounds[session] + len(record["ids"])]
+        assert logprobs.tolist() == torch.tensor(record["logprobs"]).tolist()
+        turns = second.turn_weight_version[second.turn_session == session].tolist()
+        done = len(record["turn_spans"])
+        assert turns == [4] * done + [5] * (6 - done)  # finished its 6 turns under the new version
+    assert second.stats["rollout/stale_turn_share"] == pytest.approx(
+        sum(len(r["turn_spans"]) for r in records) / second.turn_session.numel()
+    )
+
+
+def test_carried_sessions_read_back_from_records_replay_and_go_on_alike(engine, tokenizer):
+    """Records (what a checkpoint keeps) -> JSON -> sessions with fresh environments that replay their
+    recorded turns: the next rollout is the same as with the live sessions. A customer that answers
+    differently on replay fails that session only (reason carry_replay)."""
+    import json
+
+    from duca_fast.rollout import CarriedSessions
+
+    over = dataclasses.replace(CONFIG, max_turns=6, complete_groups=2, carry_over=True)
+    records = json.loads(json.dumps(rollout(engine, EchoCustomer, carry_specs(), over).carried.records()))
+    live = rollout(engine, EchoCustomer, carry_specs(), over).carried  # the same suspension again
+    assert live.records() == records
+    resume = dataclasses.replace(CONFIG, max_turns=6)
+    expected = rollout(engine, EchoCustomer, [], resume, carried=live)
+    read_back = CarriedSessions.from_records(records, tokenizer)
+    assert_same_rollouts(rollout(engine, EchoCustomer, [], resume, carried=read_back), expected)
+
+    records[1]["messages"][-1]["content"] = "Something the customer never said."
+    changed = CarriedSessions.from_records(records, tokenizer)
+    mixed = rollout(engine, EchoCustomer, [], resume, carried=changed)
+    assert mixed.failed.tolist() == [False, True] and mixed.failure_reasons[1] == "carry_replay"
+    assert mixed.input_ids.tolist() == expected.input_ids[: expected.cu_seqlens[1]].tolist()
+
+
+def test_carry_over_options_and_records_are_checked(tokenizer):
+    from duca_fast.rollout import CarriedSessions
+
+    with pytest.raises(ValueError, match="carry_over needs complete_groups"):
+        RolloutConfig(driver="async", carry_over=True)
+    record = {"scenario": {"turns": 1}, "group": 0, "seed": 0, "ids": [1, 2], "logprobs": [0.0],
+              "local_turn": [-1, -1], "turn_spans": [], "turn_rewards": [], "versions": [],
+              "session_rewards": None, "outcome": None, "error": None, "failure_reason": None,
+              "live": True, "messages": []}  # fmt: skip
+    with pytest.raises(ValueError, match="carried session 0: ids, logprobs and local_turn differ"):
+        CarriedSessions.from_records([record], tokenizer)
+    with pytest.raises(ValueError, match="carried session 0: expected the keys"):
+        CarriedSessions.from_records([{"ids": []}], tokenizer)
+    carried = CarriedSessions.from_records([{**record, "logprobs": [0.0, 0.0]}], tokenizer)
+    with pytest.raises(ValueError, match="share group ids \\[0\\]"):
+        rollout(None, EchoCustomer, [SessionSpec({"turns": 1}, 0, 1)], CONFIG, carried=carried)
+    with pytest.raises(ValueError, match="resume under driver='async' only"):
+        rollout(None, EchoCustomer, [], dataclasses.replace(CONFIG, driver="rounds"), carried=carried)
+    with pytest.raises(ValueError, match="no new id for groups \\[0\\]"):
+        carried.regrouped({1: 2})

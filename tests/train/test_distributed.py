@@ -116,6 +116,29 @@ def test_two_ranks_match_one_and_resume_on_one(tmp_path, cache_dir):
     assert resumed["task/conversion_rate"] == one[2]["task/conversion_rate"]
 
 
+def test_carried_groups_are_split_over_the_ranks_and_resume_on_one(tmp_path, cache_dir):
+    """rollout.carry_over on 2 ranks: each rank starts 2 groups, trains the first complete one and carries
+    the other; the checkpoint holds both ranks' carried groups, and one process resuming it takes both."""
+    run_dir = tmp_path / "carry"
+    carry = ["rollout.oversample_groups=2", "rollout.driver=async", "rollout.carry_over=true"]
+    args = ["train", "--config", "configs/demo.yaml", *carry]
+    result = launch([*args, *overrides(run_dir, cache_dir, steps=2)], ranks=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(run_dir)
+    assert [row["rollout/carried_sessions"] for row in rows] == [4.0, 4.0]  # 2 ranks x 1 group x 2 sessions
+    assert [row["rollout/resumed_sessions"] for row in rows] == [0.0, 4.0]
+    cursor = json.loads((run_dir / "checkpoints" / "step_2" / "cursor.json").read_text())
+    assert cursor["scenario_position"] == 6 and len(cursor["carried"]) == 2  # 4 drawn at step 1, 2 at step 2
+
+    result = launch([*args, "--resume", *overrides(run_dir, cache_dir, steps=3)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = metrics(run_dir)[-1]
+    assert last["step"] == 3
+    assert last["rollout/resumed_sessions"] == 4.0 and last["rollout/carried_sessions"] == 4.0
+    cursor = json.loads((run_dir / "checkpoints" / "step_3" / "cursor.json").read_text())
+    assert cursor["scenario_position"] == 8 and len(cursor["carried"]) == 2
+
+
 def test_world_size_must_divide_the_groups(tmp_path, cache_dir):
     args = [
         "train",

@@ -16,7 +16,7 @@ from duca_fast.train.loop import Trainer
 from duca_fast.train.task import ScenarioCursor, TwoHorizonRewards
 from duca_fast.train.tasks.sales import SalesRollout, env_factory, micro_batches
 
-from .runs import cli, read_metrics, tiny_overrides
+from .runs import cli, read_metrics, stable, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +282,47 @@ def test_over_sampling_trains_on_the_first_complete_groups(tmp_path, cache_dir):
         "rollout.driver=rounds",
     )
     assert refused.returncode != 0 and "oversample_groups needs env.name=sales and rollout.driver=async" in (
+        refused.stdout + refused.stderr
+    )
+
+
+def test_carry_over_finishes_the_left_groups_next_step_and_resumes_exactly(tmp_path, cache_dir):
+    """rollout.carry_over: the group over-sampling leaves is suspended and finished in the next step (its
+    earlier turns one weight version old); the next step draws one new scenario fewer. A run stopped after
+    step 2 keeps the carried sessions in its checkpoint, and resumed (their customers replayed) gives step 3
+    exactly as the run that never stopped."""
+    carry = ("rollout.oversample_groups=1", "rollout.driver=async", "rollout.carry_over=true",
+             "algo.loss.tis_cap=2.0", "env.max_turns=3")  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+
+    def train(run_dir, steps: int, *flags: str):
+        args = tiny_overrides(run_dir, cache_dir, "vllm", steps)
+        return cli("train", "--config", "configs/demo.yaml", *flags, *args, *carry)
+
+    result = train(straight, 3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(straight)
+    assert [row["rollout/carried_sessions"] for row in rows] == [2.0, 2.0, 2.0]
+    assert [row["rollout/resumed_sessions"] for row in rows] == [0.0, 2.0, 2.0]
+    assert all(row["rollout/aborted_sessions"] == 0.0 and math.isfinite(row["loss/total"]) for row in rows)
+    assert rows[0]["rollout/max_staleness"] == 0.0
+    # A carried session has played at least its first turn by the time two other groups have played all.
+    for row in rows[1:]:
+        assert row["rollout/max_staleness"] == 1.0 and row["rollout/stale_turn_share"] > 0
+    checkpoints = straight / "checkpoints"
+    cursors = [json.loads((checkpoints / f"step_{s}" / "cursor.json").read_text()) for s in (1, 2)]
+    # 3 groups started per step: step 1 draws 3 scenarios, later steps 2 (the carried group is the third).
+    assert [c["scenario_position"] for c in cursors] == [3, 5]
+    assert all(len(c["carried"]) == 1 and len(c["carried"][0]) == 2 for c in cursors)
+
+    result = train(stopped, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = train(stopped, 3, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [stable(row) for row in read_metrics(stopped)] == [stable(row) for row in rows]
+    refused = cli("train", "--config", "configs/demo.yaml", *tiny_overrides(stopped, cache_dir, "vllm", 1),
+                  "rollout.carry_over=true")  # fmt: skip
+    assert refused.returncode != 0 and "rollout.carry_over needs rollout.oversample_groups > 0" in (
         refused.stdout + refused.stderr
     )
 

@@ -311,6 +311,16 @@ class ActsTask:
         loss.backward()
         return {"loss/total": loss.item(), **metrics}
 
+    def carried_groups(self) -> int:
+        return 0  # the twin plays whole steps: no over-sampling, nothing carried
+
+    def carry_state(self) -> None:
+        return None
+
+    def restore_carry(self, state: Any, pool: list[Scenario]) -> None:
+        if state:
+            raise ValueError("the act twin carries no sessions over; this checkpoint is not the twin's")
+
     def sync(self, step: int) -> dict[str, float]:
         return {}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ from duca_fast.train.task import (
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_MODEL_DIR = "tiny-llama-{hidden}"
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_model_dir(config: TrainConfig) -> Path:
@@ -146,15 +149,22 @@ def env_factory(config: TrainConfig, reward_sources=()):
 
 def combine_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """The step's rollout statistics from every rank's: times, rounds and engine steps of the slowest rank,
-    preemptions and aborted sessions summed, the other statistics (shares, sessions in flight, prefix-cache
-    hit rate) averaged over the ranks that have them."""
+    preemptions and aborted, carried and resumed sessions summed, the largest staleness, the other
+    statistics (shares, sessions in flight, prefix-cache hit rate) averaged over the ranks that have them."""
     out: dict[str, float] = {}
     for key in sorted({k for stats in per_rank for k in stats}):
         values = [stats[key] for stats in per_rank if key in stats]
         if key.endswith("_s") or key in ("rollout/rounds", "rollout/engine_steps"):
             out[key] = max(values)
-        elif key in ("rollout/preemptions", "rollout/aborted_sessions"):
+        elif key in (
+            "rollout/preemptions",
+            "rollout/aborted_sessions",
+            "rollout/carried_sessions",
+            "rollout/resumed_sessions",
+        ):
             out[key] = sum(values)
+        elif key == "rollout/max_staleness":
+            out[key] = max(values)
         else:
             out[key] = sum(values) / len(values)
     return out
@@ -348,6 +358,12 @@ class SalesTask:
                 "sharded); launch it without torchrun"
             )
         self.config, self.dist, self.sharded = config, dist, dist.enabled
+        loss = config.algo.loss
+        if config.rollout.carry_over and loss.tis_cap is None and not loss.correction and dist.is_main:
+            logger.warning(
+                "rollout.carry_over without algo.loss.tis_cap or algo.loss.correction: the carried turns, "
+                "sampled by older weights, are trained as if on-policy"
+            )
         model_dir = resolve_model_dir(config) if dist.is_main else None
         barrier(dist)
         model_dir = model_dir or resolve_model_dir(config)
@@ -364,6 +380,56 @@ class SalesTask:
         self.reward_sources = build_reward_sources(config.env.reward_sources)
         self.weight_sync = WeightSync(self.engine)
         self._check_prompts: list[list[int]] = []
+        self.carried = None
+        """``rollout.carry_over``: this rank's sessions carried into the next step (``CarriedSessions``)."""
+
+    # -- carry-over ------------------------------------------------------------------------------------
+
+    def carried_groups(self) -> int:
+        """Groups carried into the next step, over all ranks (every rank carries as many)."""
+        return len(self.carried.groups) * self.dist.world_size if self.carried is not None else 0
+
+    def carry_state(self) -> list[list[dict]] | None:
+        """Every rank's carried sessions as plain data, a list of sessions per group (a collective: every
+        rank calls it); None when the run does not carry over."""
+        if not self.config.rollout.carry_over:
+            return None
+        mine: dict[int, list[dict]] = {}
+        if self.carried is not None:
+            for record in self.carried.records(lambda scenario: scenario.scenario_id):
+                mine.setdefault(record["group"], []).append(record)
+        return [group for part in all_gather_objects(self.dist, list(mine.values())) for group in part]
+
+    def restore_carry(self, groups: list[list[dict]] | None, pool: list[Scenario]) -> None:
+        """Take this rank's share of ``carry_state``'s groups back (any world size that divides them);
+        their environments replay the recorded turns at the next rollout."""
+        from duca_fast.rollout import CarriedSessions
+
+        if not groups:
+            self.carried = None
+            return
+        if len(groups) % self.dist.world_size:
+            raise ConfigError(
+                f"the checkpoint carries {len(groups)} groups over, not divisible by the world size "
+                f"{self.dist.world_size}"
+            )
+        by_id: dict[str, list[Scenario]] = {}
+        for scenario in pool:
+            by_id.setdefault(scenario.scenario_id, []).append(scenario)
+
+        def scenario_of(scenario_id: str) -> Scenario:
+            found = by_id.get(scenario_id, [])
+            if len(found) != 1:
+                raise ConfigError(
+                    f"the checkpoint carries a session of scenario {scenario_id!r}, which the scenario pool "
+                    f"holds {len(found)} times (it must hold it once)"
+                )
+            return found[0]
+
+        share = len(groups) // self.dist.world_size
+        mine = groups[self.dist.rank * share : (self.dist.rank + 1) * share]
+        records = [record for group in mine for record in group]
+        self.carried = CarriedSessions.from_records(records, self.engine.tokenizer, scenario_of)
 
     def _build_critic(self) -> ValueHead:
         """ppo_gae's value head, drawn from its own seed: the policy and the global RNG stay those of every
@@ -387,11 +453,17 @@ class SalesTask:
         )
 
     def rollout(self, step: int, scenarios: list[Scenario]) -> StepRollout:
-        from duca_fast.rollout import RolloutConfig, make_session_specs, rollout
+        """Play ``scenarios`` (the step's new groups, split over the ranks) after the groups carried over
+        from the last step (``rollout.carry_over``): rank r's groups are ``r * B_r ... (r + 1) * B_r - 1``,
+        its carried groups first."""
+        from duca_fast.rollout import RolloutConfig, SessionSpec, rollout
 
         config, dist = self.config, self.dist
-        per_rank = len(scenarios) // dist.world_size
-        mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+        carried = self.carried
+        held = len(carried.groups) if carried is not None else 0
+        new_per_rank = len(scenarios) // dist.world_size
+        first_group = dist.rank * (new_per_rank + held)
+        mine = range(first_group, first_group + held + new_per_rank)
         oversampling = config.rollout.oversample_groups > 0
         rollout_config = RolloutConfig(
             sampling=self._sampling(),
@@ -401,6 +473,8 @@ class SalesTask:
             driver=config.rollout.driver,
             max_sessions_in_flight=config.rollout.max_sessions_in_flight or None,
             complete_groups=(config.rollout.groups_per_step // dist.world_size if oversampling else None),
+            carry_over=config.rollout.carry_over,
+            weight_version=step - 1,  # optimizer steps taken so far: the same labels in a resumed run
         )
         envs = env_factory(config, self.reward_sources)
         customer_seed = derive_seed(config.seed, "customer", step)
@@ -410,9 +484,18 @@ class SalesTask:
                 scenarios, mine, envs, customer_seed, rollout_config
             )
         else:
+            if carried is not None:
+                carried.regrouped({old: first_group + i for i, old in enumerate(carried.groups)})
             # Seeded per session over the whole step, so a rank's sessions are those a single process plays.
-            specs = make_session_specs(scenarios, config.rollout.group_size, seed=customer_seed)
-            batch = rollout(self.engine, envs, [s for s in specs if s.group in mine], rollout_config)
+            size = config.rollout.group_size
+            new = scenarios[dist.rank * new_per_rank : (dist.rank + 1) * new_per_rank]
+            specs = [
+                SessionSpec(scenario, group, customer_seed + group * size + member)
+                for group, scenario in zip(mine[held:], new, strict=True)
+                for member in range(size)
+            ]
+            batch = rollout(self.engine, envs, specs, rollout_config, carried=carried)
+            self.carried = batch.carried
         policy_logprobs, token_fields = None, {}
         if config.algo.name == "otb":
             policy_logprobs, token_fields = self._agent_token_inputs(batch)
