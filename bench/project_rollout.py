@@ -20,7 +20,10 @@ rest wait):
 - ``async``: each session submits its next turn when its customer has answered; every step decodes all
   sequences present;
 - ``async + oversample``: ``--oversample`` extra groups started, the step ends when the needed groups
-  have every session ended.
+  have every session ended (the rest aborted);
+- ``async + oversample + carry-over``: the same, the groups left carried into the next step from where they
+  stopped (a turn being decoded is decoded again; the step also waits for the customers answering when it
+  ends); the mean makespan of ``--steps`` steps after the first.
 
 Usage: python bench/project_rollout.py [--sessions 256 1024] [--group-size 8] [--oversample 0.25]
 """
@@ -33,6 +36,7 @@ import json
 import random
 import sys
 from bisect import bisect_right
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -87,20 +91,38 @@ def async_makespan(
     sessions: list[list[tuple[int, float]]], groups: list[int], needed: int | None, max_num_seqs: int
 ) -> float:
     """Event simulation; ``needed`` groups complete ends the step (None: every session)."""
+    return async_step(sessions, groups, [0] * len(sessions), needed, max_num_seqs, carry=False)[0]
+
+
+def async_step(
+    sessions: list[list[tuple[int, float]]],
+    groups: list[int],
+    start_turn: list[int],
+    needed: int | None,
+    max_num_seqs: int,
+    carry: bool,
+) -> tuple[float, list[int], list[int]]:
+    """One rollout of the async driver from each session's ``start_turn``; returns (makespan, the turn each
+    session reached, the groups that completed in order). ``needed`` groups complete end the step: without
+    ``carry`` at once (the rest aborted), with ``carry`` once the customers answering at that moment have
+    answered (the driver suspends sessions between turns; a turn being decoded is dropped and decoded
+    again in the next step)."""
     clock = 0.0
-    ready = list(range(len(sessions)))  # sessions whose next turn waits to decode
+    turn = list(start_turn)
+    ready = [s for s in range(len(sessions)) if turn[s] < len(sessions[s])]
     decoding: dict[int, int] = {}  # session -> tokens left in its turn
-    turn = [0] * len(sessions)
     answers: list[tuple[float, int]] = []  # (time the customer answers, session)
-    left = {g: groups.count(g) for g in set(groups)}
-    complete = 0
-    while True:
+    left = {g: 0 for g in groups}
+    for s, g in enumerate(groups):
+        left[g] += turn[s] < len(sessions[s])
+    complete = [g for g in dict.fromkeys(groups) if left[g] == 0]  # carried groups already done
+    while needed is None or len(complete) < needed:
         while ready and len(decoding) < max_num_seqs:
             s = ready.pop(0)
             decoding[s] = sessions[s][turn[s]][0]
         if not decoding:
             if not answers:
-                return clock
+                break
             clock = max(clock, answers[0][0])
         else:
             clock += step_seconds(len(decoding))
@@ -113,14 +135,44 @@ def async_makespan(
                     if turn[s] == len(sessions[s]):
                         left[groups[s]] -= 1
                         if left[groups[s]] == 0:
-                            complete += 1
-                            if needed is not None and complete >= needed:
-                                return clock
+                            complete.append(groups[s])
                     else:
                         heapq.heappush(answers, (clock + latency, s))
         while answers and answers[0][0] <= clock:
             _, s = heapq.heappop(answers)
             ready.append(s)
+    if carry and answers:
+        clock = max(clock, max(at for at, _ in answers))
+    return clock, turn, complete
+
+
+def carry_over_makespan(
+    draw: Callable[[int], list[list[tuple[int, float]]]],
+    needed: int,
+    extra: int,
+    group_size: int,
+    steps: int,
+    max_num_seqs: int,
+) -> float:
+    """Mean step makespan over ``steps`` steps (the first left out: nothing is carried into it) of async
+    with over-sampling and carry-over: each step plays the groups carried from the last one from where they
+    stopped, plus new groups up to ``needed + extra``; the first ``needed`` complete groups train."""
+    carried: list[tuple[list[tuple[int, float]], int, int]] = []  # (session, group, turn reached)
+    spans = []
+    next_group = 0
+    for step in range(steps):
+        new_groups = needed + extra - len({g for _, g, _ in carried})
+        fresh = draw(new_groups * group_size)
+        sessions = [s for s, _, _ in carried] + fresh
+        groups = [g for _, g, _ in carried] + [next_group + i // group_size for i in range(len(fresh))]
+        next_group += new_groups
+        start = [t for _, _, t in carried] + [0] * len(fresh)
+        clock, turn, complete = async_step(sessions, groups, start, needed, max_num_seqs, carry=True)
+        chosen = set(complete[:needed])
+        carried = [(s, g, t) for s, g, t in zip(sessions, groups, turn, strict=True) if g not in chosen]
+        if step:
+            spans.append(clock)
+    return sum(spans) / len(spans)
 
 
 def main() -> None:
@@ -133,6 +185,9 @@ def main() -> None:
     )
     parser.add_argument("--customer-scale", type=float, nargs="+", default=[1.0, 0.1])
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument(
+        "--steps", type=int, default=9, help="carry-over: steps simulated (the first is left out)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     recorded = json.loads(args.trace.read_text())
@@ -148,6 +203,12 @@ def main() -> None:
             rounds = rounds_makespan(base, args.max_num_seqs)
             asynchronous = async_makespan(base, groups[: len(base)], None, args.max_num_seqs)
             oversampled = async_makespan(pool, groups, needed, args.max_num_seqs)
+            draws = iter(range(1, 10**6))
+
+            def draw(count: int) -> list[list[tuple[int, float]]]:
+                return draw_sessions(trace, count, args.seed * 1000 + next(draws), scale)
+
+            carried = carry_over_makespan(draw, needed, extra, args.group_size, args.steps, args.max_num_seqs)
             rows.append(
                 {
                     "sessions": count,
@@ -156,15 +217,18 @@ def main() -> None:
                     "async_s": asynchronous,
                     "extra_groups": extra,
                     "async_oversample_s": oversampled,
+                    "async_carry_over_s": carried,
                     "async_vs_rounds": rounds / asynchronous,
                     "oversample_vs_rounds": rounds / oversampled,
+                    "carry_over_vs_rounds": rounds / carried,
                 }
             )
     notes = (
         f"Trace: {args.trace.name} ({len(trace)} sessions, recorded {recorded.get('date')} at commit "
         f"{recorded.get('commit')}; {recorded.get('setting')}). Decode-step model: TPOT_MS in this script "
         f"(vLLM 0.21.0, Llama-3.1-8B fp16, H100). Groups of {args.group_size}, max_num_seqs "
-        f"{args.max_num_seqs}, over-sampling {args.oversample:.0%} extra groups; prefill left out. "
+        f"{args.max_num_seqs}, over-sampling {args.oversample:.0%} extra groups; carry-over: mean of steps 2-"
+        f"{args.steps} (fresh sessions drawn per step); prefill left out. "
         "A projection, not a measurement."
     )
     print(markdown_table(rows))

@@ -1,8 +1,15 @@
-"""The step-makespan simulator of bench/project_rollout.py (rounds, async, async with over-sampling)."""
+"""The step-makespan simulator of bench/project_rollout.py (rounds, async, over-sampling, carry-over)."""
 
 import pytest
 
-from bench.project_rollout import TPOT_MS, async_makespan, rounds_makespan, step_seconds
+from bench.project_rollout import (
+    TPOT_MS,
+    async_makespan,
+    async_step,
+    carry_over_makespan,
+    rounds_makespan,
+    step_seconds,
+)
 
 
 def test_step_model_interpolates_the_published_points():
@@ -38,3 +45,27 @@ def test_max_num_seqs_queues_the_rest():
         2 * step_seconds(2) + 2 * step_seconds(1)
     )
     assert rounds_makespan(sessions, 2) == pytest.approx(2 * step_seconds(2) + 2 * step_seconds(1))
+
+
+def test_a_carried_session_goes_on_from_its_turn_and_the_step_waits_for_answering_customers():
+    # Session 0 carried at its last turn: one 4-token turn left; session 1 starts fresh.
+    clock, turn, complete = async_step([[(4, 0.0)] * 2, [(4, 0.0)] * 3], [0, 1], [1, 0], 1, 256, carry=True)
+    assert clock == pytest.approx(4 * step_seconds(2)) and turn == [2, 1] and complete == [0]
+    # Session 1's customer answers 5 s after its turn: aborting ends the step at once, carrying waits.
+    sessions, groups = [[(2, 0.0)], [(1, 5.0), (1, 0.0)]], [0, 1]
+    aborted = async_step(sessions, groups, [0, 0], 1, 256, carry=False)[0]
+    carried = async_step(sessions, groups, [0, 0], 1, 256, carry=True)[0]
+    assert aborted == pytest.approx(step_seconds(2) + step_seconds(1))
+    assert carried == pytest.approx(step_seconds(2) + 5.0)
+    # A carried group that had already completed is complete before anything decodes.
+    assert async_step(sessions, groups, [1, 0], 1, 256, carry=True)[:3:2] == (0.0, [0])
+
+
+def test_carry_over_trains_the_surplus_group_of_the_last_step_first():
+    """Identical sessions (2 turns of 3 tokens, customers answer at once), 1 group needed, 1 extra: both
+    groups complete together; the surplus one is carried complete, so every other step takes no time."""
+
+    def draw(count):
+        return [[(3, 0.0), (3, 0.0)] for _ in range(count)]
+
+    assert carry_over_makespan(draw, 1, 1, 1, 9, 256) == pytest.approx(6 * step_seconds(2) / 2)
