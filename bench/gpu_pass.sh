@@ -60,6 +60,7 @@ python3 -c "import xdist" 2> /dev/null && workers=(-n 8)
 if want tests; then
     timeout "$TEST_S" python3 -m pytest -q -rfE -p no:cacheprovider "${workers[@]}" --timeout 150 \
         tests/ops tests/native tests/test_advantages.py tests/test_policy_loss.py tests/test_library.py \
+        tests/train/test_offload.py \
         > "$OUT/gpu_tests.txt" 2>&1
     echo "pytest exit $?"
     tail -15 "$OUT/gpu_tests.txt"
@@ -67,13 +68,15 @@ fi
 
 if want train; then
     # 3 steps of the demo config on CUDA: transformers engine (no vLLM in the image), Triton kernels, LoRA,
-    # on a tiny random Llama with SmolLM2's tokenizer (.gpu_carry/tiny_model).
+    # on a tiny random Llama with SmolLM2's tokenizer (.gpu_carry/tiny_model); the optimizer state leaves
+    # the GPU between updates (optim.offload_state: optim/offloaded_mib in the metrics).
     stamp "training loop, 3 steps of the demo config (hf engine)"
     if [[ -d .gpu_carry/tiny_model ]]; then
         PYTHONPATH="$PYTHONPATH:$PWD/.gpu_carry/site" timeout 150 python3 -c \
             "import sys; from duca_fast.cli import main; sys.exit(main(sys.argv[1:]))" train \
             --config configs/demo.yaml model.path=.gpu_carry/tiny_model rollout.engine=hf steps=3 \
-            eval_before_after=false checkpoint_every=0 run_dir="$OUT/train_run" > "$OUT/train.txt" 2>&1
+            optim.offload_state=true eval_before_after=false checkpoint_every=0 run_dir="$OUT/train_run" \
+            > "$OUT/train.txt" 2>&1
         echo "train exit $?"
         tail -4 "$OUT/train.txt"
         [[ -f $OUT/train_run/metrics.jsonl ]] && cp "$OUT/train_run/metrics.jsonl" "$OUT/train_metrics.jsonl"

@@ -232,6 +232,9 @@ class OptimConfig:
     """Linear learning-rate warmup steps."""
     micro_batch_tokens: int = 4096
     """Token budget of one forward/backward (whole sessions are packed up to it)."""
+    offload_state: bool = False
+    """Keep the optimizer state (AdamW's moments) in host memory between updates, so the colocated
+    engine's KV cache has that GPU memory during the rollout (``train/offload.py``; nothing moves on CPU)."""
 
 
 @dataclass

@@ -40,6 +40,7 @@ from duca_fast.train.distributed import (
     init_distributed,
     shutdown,
 )
+from duca_fast.train.offload import OffloadedState, offload_optimizer_state, restore_optimizer_state
 from duca_fast.train.records import RunRecords, strict_json, write_before_after
 from duca_fast.train.rundir import RunDirError, claim_run_dir, release_run_dir
 from duca_fast.train.task import (
@@ -239,6 +240,8 @@ class Trainer:
         self.scenarios = scenario_pool(config)
         self.cursor = ScenarioCursor(len(self.scenarios), config.seed)
         self.start_step = 1
+        self.offloaded: OffloadedState | None = None
+        """The optimizer state ``optim.offload_state`` moved to host memory after the last update."""
         self.failed_streak = 0
         self.step_failed = False
         self.interrupted = False
@@ -361,9 +364,10 @@ class Trainer:
     def update(
         self, played: StepRollout, per_turn: torch.Tensor, per_agent_token: torch.Tensor | None = None
     ) -> dict[str, float]:
-        prepared = self.task.prepare_update(played.data, per_turn, per_agent_token)
+        prepared = self.task.prepare_update(played.data, per_turn, per_agent_token)  # the engine sleeps
         if prepared is None:
             return {"loss/skipped_empty_batch": 1.0}
+        restore_optimizer_state(self.offloaded)
         epochs = self.config.algo.ppo_epochs
         totals: dict[str, float] = {}
         for _ in range(epochs):
@@ -373,7 +377,11 @@ class Trainer:
             self.optimizer.step()
             for key, value in passed.items():
                 totals[key] = totals.get(key, 0.0) + value / epochs
+        self.optimizer.zero_grad(set_to_none=True)  # no gradients held through the sync and the rollout
         self.scheduler.step()
+        if self.config.optim.offload_state:  # before the sync wakes the engine's KV cache
+            self.offloaded = offload_optimizer_state(self.optimizer)
+            totals["optim/offloaded_mib"] = self.offloaded.bytes / 2**20
         return totals
 
     def checkpoint(self, step: int) -> Path:

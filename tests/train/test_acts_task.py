@@ -88,6 +88,21 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert resumed_rows == straight_rows
 
 
+def test_optimizer_state_offload_changes_no_update(tmp_path):
+    """optim.offload_state=true: the loop moves the state out after each update and back before the next;
+    on CPU nothing moves (0 MiB logged) and the run is the same run."""
+    plain = train(tiny_acts_config(tmp_path / "plain", "steps=3"))
+    offloaded = train(tiny_acts_config(tmp_path / "offloaded", "steps=3", "optim.offload_state=true"))
+
+    def untimed(rows):
+        volatile = ("time/", "optim/offloaded")
+        return [{k: v for k, v in row.items() if not k.startswith(volatile)} for row in rows]
+
+    rows = read_metrics(offloaded)
+    assert [row["optim/offloaded_mib"] for row in rows] == [0.0, 0.0, 0.0]
+    assert untimed(rows) == untimed(read_metrics(plain))
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(RunDirError, match="is empty; start without --resume"):
         train(tiny_acts_config(tmp_path / "run"), resume=True)
