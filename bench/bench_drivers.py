@@ -113,17 +113,35 @@ class Traced:
         return env
 
 
+def count_steps(engine) -> list[int]:
+    """Count vLLM's engine steps (scheduling rounds), which both drivers go through: ``LLM.generate`` steps
+    the engine until its requests finish, the async driver's ``poll`` steps it once."""
+    counter = [0]
+    inner = engine._llm.llm_engine
+    step = inner.step
+
+    def counted(*args, **kwargs):
+        counter[0] += 1
+        return step(*args, **kwargs)
+
+    inner.step = counted
+    return counter
+
+
 def measure(engine, env_factory, specs, config, repeats: int) -> dict[str, list]:
     from duca_fast.rollout import rollout
 
     results = {"async": [], "rounds": []}
     rollout(engine, env_factory, specs[:2], config)  # warm-up
+    steps = count_steps(engine)
     for repeat in range(repeats):
         order = ("rounds", "async") if repeat % 2 == 0 else ("async", "rounds")
         for driver in order:
             engine.reset_prefix_cache()
+            steps[0] = 0
             started = time.perf_counter()
             batch = rollout(engine, env_factory, specs, dataclasses.replace(config, driver=driver))
+            batch.stats["bench/engine_steps"] = float(steps[0])
             results[driver].append((time.perf_counter() - started, batch))
     return results
 
@@ -138,6 +156,7 @@ def rows_for(case: str, results: dict[str, list], sessions: int) -> list[dict[st
         failed = max(int(b.failed.sum()) for _, b in runs)
         medians[driver] = seconds
         stats = runs[-1][1].stats
+        steps = stats["bench/engine_steps"]
         rows.append(
             {
                 "customers": case,
@@ -149,6 +168,10 @@ def rows_for(case: str, results: dict[str, list], sessions: int) -> list[dict[st
                 "sessions_per_s": sessions / seconds,
                 "gen_tokens_per_s": tokens / seconds,
                 "engine_idle_share": stats["rollout/engine_idle_share"],
+                # The last run's engine work: vLLM engine steps, time in the engine, mean cost of a step.
+                "engine_steps": steps,
+                "engine_s": stats["rollout/generate_s"],
+                "ms_per_step": 1000 * stats["rollout/generate_s"] / max(steps, 1),
                 "failed_sessions": failed,
                 "speedup_vs_rounds": float("nan"),
             }
@@ -192,6 +215,7 @@ def main() -> None:
         help="policy engine's threads on core 0, the customer server's on core 1 (a customer on its own "
         "hardware, as on a GPU cluster), instead of both sharing every core",
     )
+    parser.add_argument("--name", help="results name (default drivers_cpu, drivers_cpu_pinned with --pin)")
     args = parser.parse_args()
     if args.pin:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"
@@ -242,9 +266,11 @@ def main() -> None:
     )
     print(markdown_table(rows))
     suffix = "_pinned" if args.pin else ""
-    write_results(f"drivers_cpu{suffix}", rows, identity, notes=f"Setting: {setting}.")
+    name = args.name or f"drivers_cpu{suffix}"
+    write_results(name, rows, identity, notes=f"Setting: {setting}.")
     if trace is not None:
-        path = RESULTS_DIR / f"rollout_trace_cpu{suffix}.json"
+        trace_name = f"cpu{suffix}" if args.name is None else args.name
+        path = RESULTS_DIR / f"rollout_trace_{trace_name}.json"
         path.write_text(json.dumps({**identity, "setting": setting, "sessions": trace}, indent=1) + "\n")
         print(f"trace: {path}")
 

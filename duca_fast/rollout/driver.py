@@ -19,7 +19,9 @@ and truncation carries a short reason code, counted in ``RolloutBatch.failure_co
 - ``env_error``: the environment raised anything else, or gave reward names that differ;
 - ``template_error``: the tokenizer's chat template rewrote earlier messages when a new one was added
   (token-in/token-out needs an append-only template); only that session fails;
-- ``empty_turn``: the agent's turn decoded to empty (or whitespace-only) text.
+- ``empty_turn``: the agent's turn decoded to empty (or whitespace-only) text;
+- ``carry_replay``: a carried session read back from a checkpoint whose customer, replaying its recorded
+  agent turns, answered differently (or its environment opened differently) than recorded.
 
 An empty agent turn is a failed turn, not a failed session. The environment never sees it (the sales
 environment rejects empty messages and defines no reward for them, and a made-up reward of 0 would
@@ -187,7 +189,7 @@ class RolloutBatch:
     """Per session, the error that failed it, or None."""
     failure_reasons: list[str | None]
     """Per session, the reason code of its failure ("prompt_too_long", "customer_error", "env_error",
-    "template_error", "empty_turn"), or None."""
+    "template_error", "empty_turn", "carry_replay"), or None."""
     failure_counts: dict[str, int]
     """Failed sessions per reason code (only reasons that occurred), e.g. {"customer_error": 3}."""
     truncation_counts: dict[str, int]
