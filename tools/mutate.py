@@ -494,6 +494,33 @@ MUTANTS = [
         ("tests/rollout/test_allocation.py::test_by_hand_and_priority",),
     ),
     Mutant(
+        "carry-over: an aborted turn's opening tokens kept when its session is suspended",
+        "duca_fast/rollout/driver.py",
+        "state.take_back(length)  # the turn is sampled again, with the weights of its next rollout",
+        "pass",
+        (
+            "tests/rollout/test_async_driver.py::test_carry_over_suspends_the_unfinished_group_and_the_next_rollout_finishes_it",
+        ),
+    ),
+    Mutant(
+        "carry-over: a replayed customer's answers not compared with the recorded ones",
+        "duca_fast/rollout/driver.py",
+        "if result.done or result.customer_message != answer:",
+        "if result.done:",
+        (
+            "tests/rollout/test_async_driver.py::test_carried_sessions_read_back_from_records_replay_and_go_on_alike",
+        ),
+    ),
+    Mutant(
+        "carry-over: the step draws new scenarios for the carried groups too",
+        "duca_fast/train/loop.py",
+        "picked = self.cursor.take(wanted - task.carried_groups())",
+        "picked = self.cursor.take(wanted)",
+        (
+            "tests/train/test_trainer.py::test_carry_over_finishes_the_left_groups_next_step_and_resumes_exactly",
+        ),
+    ),
+    Mutant(
         "reward judge: a session source scored on every turn",
         "duca_fast/env/sales.py",
         'chosen = [s for s in self.reward_sources if s.horizon == "turn" or ends]',
@@ -520,6 +547,7 @@ def run_mutant(mutant: Mutant, timeout: float) -> tuple[bool, float, str]:
         copy = Path(tmp)
         shutil.copytree(ROOT / "duca_fast", copy / "duca_fast", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(ROOT / "tests", copy / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "configs", copy / "configs")  # the trainer tests' configs/*.yaml
         for name in ("pyproject.toml",):
             shutil.copy(ROOT / name, copy / name)
         apply(mutant, copy)
