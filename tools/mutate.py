@@ -351,8 +351,8 @@ MUTANTS = [
     Mutant(
         "async driver: requests in flight at the end are not aborted in the engine",
         "duca_fast/rollout/driver.py",
-        "engine.abort(list(self.waiting))",
-        "engine.abort([])",
+        "            engine.abort(list(self.waiting))",
+        "            engine.abort([])",
         ("tests/rollout/test_async_driver.py",),
     ),
     Mutant(
