@@ -116,6 +116,10 @@ class RolloutConfig:
     ``RolloutBatch.carried``, to be resumed by the next ``rollout(..., carried=...)`` with the weights of
     that time (partial rollouts). A session is suspended between two agent turns: a turn being generated
     is aborted and taken back (it is sampled again on resume), a customer answering finishes first."""
+    max_staleness: int | None = None
+    """carry_over: a left group whose oldest agent turn would be more than this many weight versions old
+    when the next rollout (one version later) resumes it is aborted instead of carried (its sessions
+    counted in ``rollout/aborted_sessions``); None = no bound."""
     weight_version: int | None = None
     """The label recorded on this rollout's agent turns (``RolloutBatch.turn_weight_version``) and against
     which carried turns' staleness is measured; None = the engine's ``weight_version`` (which restarts with
@@ -134,6 +138,8 @@ class RolloutConfig:
             raise ValueError("RolloutConfig.complete_groups (over-sampling) needs driver='async'")
         if self.carry_over and self.complete_groups is None:
             raise ValueError("RolloutConfig.carry_over needs complete_groups (over-sampling)")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError(f"RolloutConfig.max_staleness must be >= 0 or None, got {self.max_staleness}")
         if self.max_sessions_in_flight is not None and self.max_sessions_in_flight < 1:
             raise ValueError(
                 "RolloutConfig.max_sessions_in_flight must be >= 1 or None, got "
@@ -571,9 +577,19 @@ def rollout(
     left = [s for s in states if s.dropped]
     for index, state in enumerate(kept):  # sessions of groups left out by over-sampling go; renumber
         state.index = index
+    if config.carry_over and config.max_staleness is not None:
+        oldest: dict[int, int] = {}
+        for state in left:
+            for turn_version in state.versions:
+                oldest[state.spec.group] = min(oldest.get(state.spec.group, turn_version), turn_version)
+        too_old = {g for g, v in oldest.items() if version + 1 - v > config.max_staleness}
+        aborted = [s for s in left if s.spec.group in too_old]
+        left = [s for s in left if s.spec.group not in too_old]
+    else:
+        aborted = [] if config.carry_over else left
     clock["aborted"] = None
     if config.complete_groups is not None:
-        clock["aborted"] = 0 if config.carry_over else len(left)
+        clock["aborted"] = len(aborted)
     if config.carry_over or carried_in:
         clock["carried"] = len(left) if config.carry_over else 0
         clock["resumed"] = len(carried_in)

@@ -146,6 +146,9 @@ class RolloutSettings:
     keep the sampler log-probs of the weights that sampled them (weight them with ``algo.loss.tis_cap`` or
     ``algo.loss.correction``). The step then draws only as many new scenarios as it needs. Checkpoints
     keep the carried sessions; a resumed run replays their environments (docs/rollout.md)."""
+    carry_max_staleness: int = 4
+    """carry_over: a group whose oldest turn would be more than this many optimizer steps old when resumed
+    is aborted instead of carried again (0 = no bound)."""
     per_request_seeds: bool = True
     """Seed each request (session x turn) so runs reproduce whatever the batching; false: vLLM samples the
     batch at once with its engine seed (docs/rollout.md has the measured cost)."""
@@ -440,6 +443,10 @@ def validate(config: TrainConfig) -> None:
     _require(
         not r.carry_over or r.oversample_groups > 0,
         "rollout.carry_over needs rollout.oversample_groups > 0 (it carries the groups over-sampling leaves)",
+    )
+    _require(
+        r.carry_max_staleness >= 0,
+        f"rollout.carry_max_staleness must be >= 0 (0 = no bound), got {r.carry_max_staleness}",
     )
     _require(
         r.max_sessions_in_flight >= 0,

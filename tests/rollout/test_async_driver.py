@@ -305,6 +305,17 @@ def test_carry_over_suspends_the_unfinished_group_and_the_next_rollout_finishes_
     )
 
 
+def test_carry_over_aborts_a_group_that_would_be_too_stale(engine):
+    """max_staleness bounds how old a carried group's turns may get when resumed (one version later): with 0,
+    the left group, which has played a turn, is aborted instead of carried; with 1 it is carried."""
+    over = dataclasses.replace(CONFIG, max_turns=6, complete_groups=2, carry_over=True, weight_version=4)
+    strict = rollout(engine, EchoCustomer, carry_specs(), dataclasses.replace(over, max_staleness=0))
+    assert len(strict.carried) == 0 and engine.num_pending == 0
+    assert strict.stats["rollout/aborted_sessions"] == 2.0 and strict.stats["rollout/carried_sessions"] == 0.0
+    loose = rollout(engine, EchoCustomer, carry_specs(), dataclasses.replace(over, max_staleness=1))
+    assert len(loose.carried) == 2 and loose.stats["rollout/aborted_sessions"] == 0.0
+
+
 def test_carried_sessions_read_back_from_records_replay_and_go_on_alike(engine, tokenizer):
     """Records (what a checkpoint keeps) -> JSON -> sessions with fresh environments that replay their
     recorded turns: the next rollout is the same as with the live sessions. A customer that answers
@@ -334,6 +345,8 @@ def test_carry_over_options_and_records_are_checked(tokenizer):
 
     with pytest.raises(ValueError, match="carry_over needs complete_groups"):
         RolloutConfig(driver="async", carry_over=True)
+    with pytest.raises(ValueError, match="max_staleness must be >= 0 or None"):
+        RolloutConfig(driver="async", complete_groups=1, carry_over=True, max_staleness=-1)
     record = {"scenario": {"turns": 1}, "group": 0, "seed": 0, "ids": [1, 2], "logprobs": [0.0],
               "local_turn": [-1, -1], "turn_spans": [], "turn_rewards": [], "versions": [],
               "session_rewards": None, "outcome": None, "error": None, "failure_reason": None,

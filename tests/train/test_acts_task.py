@@ -180,6 +180,7 @@ def test_before_after_evaluation_is_written_and_tabulated(tmp_path, capsys):
     ("overrides", "match"),
     [
         (["rollout.group_size=1"], "group_size must be >= 2"),
+        (["rollout.carry_max_staleness=-1"], "carry_max_staleness must be >= 0"),
         (["env.name=sales-act"], "env.name must be one of"),
         (["rollout.groups_per_step=0"], "groups_per_step must be >= 1"),
         (["model.hiden_size=8"], "did you mean 'model.hidden_size'"),

@@ -474,6 +474,7 @@ class SalesTask:
             max_sessions_in_flight=config.rollout.max_sessions_in_flight or None,
             complete_groups=(config.rollout.groups_per_step // dist.world_size if oversampling else None),
             carry_over=config.rollout.carry_over,
+            max_staleness=config.rollout.carry_max_staleness or None,
             weight_version=step - 1,  # optimizer steps taken so far: the same labels in a resumed run
         )
         envs = env_factory(config, self.reward_sources)
