@@ -147,7 +147,7 @@ class RolloutSettings:
     ``algo.loss.correction``). The step then draws only as many new scenarios as it needs. Checkpoints
     keep the carried sessions; a resumed run replays their environments (docs/rollout.md)."""
     carry_max_staleness: int = 4
-    """carry_over: a group whose oldest turn would be more than this many optimizer steps old when resumed
+    """carry_over: a group whose oldest turn would be more than this many steps old when resumed
     is aborted instead of carried again (0 = no bound)."""
     per_request_seeds: bool = True
     """Seed each request (session x turn) so runs reproduce whatever the batching; false: vLLM samples the

@@ -475,7 +475,7 @@ class SalesTask:
             complete_groups=(config.rollout.groups_per_step // dist.world_size if oversampling else None),
             carry_over=config.rollout.carry_over,
             max_staleness=config.rollout.carry_max_staleness or None,
-            weight_version=step - 1,  # optimizer steps taken so far: the same labels in a resumed run
+            weight_version=step - 1,  # weight pushes so far (one a step): the same labels in a resumed run
         )
         envs = env_factory(config, self.reward_sources)
         customer_seed = derive_seed(config.seed, "customer", step)
