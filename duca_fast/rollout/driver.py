@@ -64,13 +64,16 @@ class SessionSpec:
     """Seed passed to ``env.reset``."""
 
 
-def make_session_specs(scenarios: Sequence[Any], group_size: int, seed: int = 0) -> list[SessionSpec]:
-    """B scenarios x G sessions: group b holds G sessions of scenario b with seeds ``seed + b*G + g``."""
+def make_session_specs(
+    scenarios: Sequence[Any], group_size: int, seed: int = 0, first_group: int = 0
+) -> list[SessionSpec]:
+    """B scenarios x G sessions: group ``first_group + b`` holds G sessions of scenario b with seeds
+    ``seed + group * G + g`` (a slice of a longer list of groups gets the seeds that list would give it)."""
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     return [
         SessionSpec(scenario, group, seed + group * group_size + member)
-        for group, scenario in enumerate(scenarios)
+        for group, scenario in enumerate(scenarios, start=first_group)
         for member in range(group_size)
     ]
 

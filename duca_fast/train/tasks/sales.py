@@ -456,7 +456,7 @@ class SalesTask:
         """Play ``scenarios`` (the step's new groups, split over the ranks) after the groups carried over
         from the last step (``rollout.carry_over``): rank r's groups are ``r * B_r ... (r + 1) * B_r - 1``,
         its carried groups first."""
-        from duca_fast.rollout import RolloutConfig, SessionSpec, rollout
+        from duca_fast.rollout import RolloutConfig, make_session_specs, rollout
 
         config, dist = self.config, self.dist
         carried = self.carried
@@ -488,13 +488,8 @@ class SalesTask:
             if carried is not None:
                 carried.regrouped({old: first_group + i for i, old in enumerate(carried.groups)})
             # Seeded per session over the whole step, so a rank's sessions are those a single process plays.
-            size = config.rollout.group_size
             new = scenarios[dist.rank * new_per_rank : (dist.rank + 1) * new_per_rank]
-            specs = [
-                SessionSpec(scenario, group, customer_seed + group * size + member)
-                for group, scenario in zip(mine[held:], new, strict=True)
-                for member in range(size)
-            ]
+            specs = make_session_specs(new, config.rollout.group_size, customer_seed, first_group + held)
             batch = rollout(self.engine, envs, specs, rollout_config, carried=carried)
             self.carried = batch.carried
         policy_logprobs, token_fields = None, {}
